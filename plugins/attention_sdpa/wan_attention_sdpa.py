@@ -1,0 +1,48 @@
+"""Attention through PyTorch's ``scaled_dot_product_attention`` (names ``sdpa``, ``torch``).
+
+Works on every device PyTorch supports, forward and backward. Without ``k_lens`` PyTorch is free
+to pick its fastest kernel (flash / memory-efficient on CUDA); with ``k_lens`` a boolean key mask
+``[B, 1, 1, Lk]`` is passed, which the memory-efficient kernel supports.
+"""
+
+from __future__ import annotations
+
+from wan_kernel import hookimpl
+from wan_kernel.interfaces import AttentionBackend, Availability
+
+
+class SdpaAttention(AttentionBackend):
+    name = "sdpa"
+    aliases = ("torch",)
+    description = "torch.nn.functional.scaled_dot_product_attention (any device, trains)"
+    supports_backward = True
+
+    def availability(self) -> Availability:
+        try:
+            import torch.nn.functional as F
+        except ImportError:  # pragma: no cover - torch is a dependency
+            return Availability.no("torch is not installed")
+        if not hasattr(F, "scaled_dot_product_attention"):
+            return Availability.no("this torch has no scaled_dot_product_attention; install torch>=2.0")
+        return Availability.yes()
+
+    def __call__(self, q, k, v, k_lens=None):
+        import torch
+        import torch.nn.functional as F
+
+        lk = k.shape[1]
+        mask = None
+        if k_lens is not None:
+            k_lens = k_lens.to(device=q.device)
+            keep = torch.arange(lk, device=q.device)[None, :] < k_lens[:, None]  # [B, Lk]
+            if not bool(keep.all()):
+                mask = keep[:, None, None, :]  # [B, 1, 1, Lk], broadcast over heads and queries
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        )  # [B, H, Lq, D]
+        return out.transpose(1, 2).to(q.dtype)  # [B, Lq, H, D]
+
+
+@hookimpl
+def wan_register_attention(register):
+    register(SdpaAttention())
