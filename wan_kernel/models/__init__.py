@@ -1,0 +1,39 @@
+"""The Wan2.1 models and their weight loaders (see ``CONTRACT.md``).
+
+- :func:`load_dit` -> the diffusion transformer (t2v / i2v / flf2v, any size), from
+  ``wan_kernel.models.dit_loading``;
+- :func:`load_vae` -> the 3-D causal VAE, from ``wan_kernel.models.vae_loading``;
+- :func:`load_t5` -> the umt5-xxl text encoder, from ``wan_kernel.models.t5``;
+- :func:`load_clip_vision` -> the CLIP ViT-H/14 image tower, from ``wan_kernel.models.clip``.
+
+Each loader takes a ``.safetensors`` file, a folder of shards or a ``.pth``/``.pt`` file,
+infers the architecture from tensor names and shapes, and accepts ``device=`` and ``dtype=``.
+Names are imported on first use so that ``import wan_kernel.models`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "load_dit": "wan_kernel.models.dit_loading",
+    "load_vae": "wan_kernel.models.vae_loading",
+    "load_t5": "wan_kernel.models.t5",
+    "load_clip_vision": "wan_kernel.models.clip",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wan_kernel.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
