@@ -1,20 +1,25 @@
 """Plugin discovery and the per-concern implementation tables.
 
 Plugins are entry points in the group ``wan_kernel``. Each is loaded on its own: one that fails
-to import is recorded as broken (with its traceback) and only becomes an error when the user
-selects something it would have provided. Every loaded plugin's registry hooks are called once,
-with a ``register`` callable that knows which distribution is registering, so duplicate names
-are reported with both culprits.
+to import, implements a hook that does not exist, or raises while registering is recorded as
+broken (with its traceback) and only becomes an error when the user selects something it would
+have provided. Every loaded plugin's registry hooks are called once, with a ``register`` callable
+that knows which distribution is registering, so duplicate names are reported with both culprits.
+A plugin whose hooks fail keeps none of its registrations.
 
-Environment switches (comma-separated entry-point or distribution names):
+Environment switches (comma-separated entry-point or distribution names; ``-`` and ``_`` and
+case do not matter):
 
 - ``WAN_LOAD_PLUGINS``: load only these plugins (set it empty to load none).
 - ``WAN_DISABLE_PLUGINS``: skip these plugins.
+
+This module does not import torch; availability probes of the plugins may.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as importlib_metadata
+import inspect
 import os
 import traceback
 from typing import Any, Callable, Iterable, Mapping
@@ -54,6 +59,7 @@ CONCERN_DISTRIBUTIONS: dict[str, str] = {
     "cfg_schedule": "wan-cfg-schedules",
     "timestep_sampling": "wan-timestep-sampling",
 }
+"""First-party distributions that provide every implementation of a concern."""
 
 
 def _normalise(name: str) -> str:
@@ -64,6 +70,11 @@ def _split_env(value: str | None) -> set[str] | None:
     if value is None:
         return None
     return {_normalise(part) for part in value.split(",") if part.strip()}
+
+
+def _install_hint(distribution: str) -> str:
+    folder = distribution.removeprefix("wan-").replace("-", "_")
+    return f"pip install {distribution} (or, from a checkout, pip install -e plugins/{folder})"
 
 
 @attrs.define
@@ -81,6 +92,21 @@ class PluginRecord:
     def broken(self) -> bool:
         return self.error is not None
 
+    @property
+    def label(self) -> str:
+        """``distribution version`` as shown to users."""
+        return f"{self.distribution} {self.version}".strip()
+
+
+@attrs.frozen
+class SkippedPlugin:
+    """An entry point that a switch (``WAN_LOAD_PLUGINS``/``WAN_DISABLE_PLUGINS``) left out."""
+
+    name: str
+    distribution: str
+    version: str
+    reason: str
+
 
 @attrs.frozen
 class Registered:
@@ -90,6 +116,7 @@ class Registered:
     impl: Any
     plugin: str
     distribution: str
+    version: str = ""
 
     @property
     def name(self) -> str:
@@ -110,8 +137,19 @@ class Registered:
         return Availability(bool(ok), str(reason))
 
 
+class _PluginFailure(Exception):
+    """Internal: a plugin module is unusable; the message says why."""
+
+
 class PluginManager:
-    """Discovers plugins and keeps one implementation table per concern."""
+    """Discovers plugins and keeps one implementation table per concern.
+
+    ``records`` lists every loaded or broken plugin in discovery order, ``skipped`` the entry
+    points the environment switches left out, ``tables[concern]`` maps names to
+    :class:`Registered`, ``aliases[concern]`` maps aliases to names, and ``duplicates`` holds one
+    :class:`~wan_kernel.errors.DuplicatePluginNameError` per clash (the first registration keeps
+    the name in the table, but selecting a clashing name raises the error).
+    """
 
     def __init__(
         self,
@@ -126,34 +164,41 @@ class PluginManager:
         self._pm = pluggy.PluginManager(PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
         self.records: list[PluginRecord] = []
+        self.skipped: list[SkippedPlugin] = []
         self.tables: dict[str, dict[str, Registered]] = {concern: {} for concern in CONCERNS}
         self.aliases: dict[str, dict[str, str]] = {concern: {} for concern in CONCERNS}
         self.duplicates: list[DuplicatePluginNameError] = []
+        self._modules: dict[int, object] = {}  # id(record) -> loaded module
         if load_entry_points:
             self._load_entry_points()
         for name, module in extra_plugins:
-            self._register_module(name, module, PluginRecord(name, name, "", getattr(module, "__name__", name)))
+            record = PluginRecord(name, name, "", getattr(module, "__name__", name))
+            self._register_module(module, record)
         self._collect()
 
     # -- discovery ----------------------------------------------------------------------------
 
-    def _selected(self, entry_point_name: str, distribution: str) -> bool:
+    def _skip_reason(self, entry_point_name: str, distribution: str) -> str | None:
         names = {_normalise(entry_point_name), _normalise(distribution)}
         if self._only is not None and not names & self._only:
-            return False
-        return not names & self._disabled
+            return f"not listed in {LOAD_ENV}"
+        if names & self._disabled:
+            return f"listed in {DISABLE_ENV}"
+        return None
 
     def _load_entry_points(self) -> None:
         seen: set[tuple[str, str]] = set()
         for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
             dist = ep.dist
-            dist_name = dist.metadata["Name"] if dist is not None else "unknown"
-            version = dist.version if dist is not None else ""
+            dist_name = (dist.metadata["Name"] if dist is not None else None) or "unknown"
+            version = (dist.version if dist is not None else None) or ""
             key = (_normalise(dist_name), ep.name)
-            if key in seen:
+            if key in seen:  # the same distribution found twice on sys.path: the first one wins
                 continue
             seen.add(key)
-            if not self._selected(ep.name, dist_name):
+            reason = self._skip_reason(ep.name, dist_name)
+            if reason is not None:
+                self.skipped.append(SkippedPlugin(ep.name, dist_name, version, reason))
                 continue
             record = PluginRecord(ep.name, dist_name, version, ep.value)
             try:
@@ -161,82 +206,119 @@ class PluginManager:
             except BaseException as exc:  # noqa: BLE001 - a broken plugin must not stop discovery
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
-                record.error = f"{type(exc).__name__}: {exc}"
-                record.traceback = traceback.format_exc()
+                self._mark_broken(record, f"failed to import {ep.value}: {type(exc).__name__}: {exc}")
                 self.records.append(record)
                 continue
-            self._register_module(ep.name, module, record)
+            self._register_module(module, record)
 
-    def _register_module(self, name: str, module: object, record: PluginRecord) -> None:
+    def _mark_broken(self, record: PluginRecord, message: str) -> None:
+        record.error = message
+        record.traceback = traceback.format_exc()
+
+    def _register_module(self, module: object, record: PluginRecord) -> None:
+        self.records.append(record)
+        plugin_name = f"{record.distribution}:{record.name}:{len(self.records)}"
         try:
-            self._pm.register(module, name=name)
-            unknown = [
-                impl.function.__name__
-                for hook in self._pm.hook.__dict__.values()
-                if isinstance(hook, pluggy.HookCaller) and not hook.has_spec()
-                for impl in hook.get_hookimpls()
-                if impl.plugin is module
-            ]
+            self._check_unmarked_hooks(module)
+            try:
+                self._pm.register(module, name=plugin_name)
+            except pluggy.PluginValidationError as exc:
+                raise _PluginFailure(f"has a hook with the wrong signature: {exc}") from exc
+            except ValueError as exc:  # the same module under two entry points
+                raise _PluginFailure(str(exc).splitlines()[0]) from exc
+            callers = self._pm.get_hookcallers(module) or []
+            unknown = sorted(c.name for c in callers if not c.has_spec())
             if unknown:
                 self._pm.unregister(module)
-                raise ValueError(
-                    f"implements unknown hook(s) {', '.join(sorted(unknown))}; known hooks: "
-                    + ", ".join(sorted(hookspecs.REGISTRY_HOOKS.values()))
+                raise _PluginFailure(
+                    f"implements unknown hook(s) {', '.join(unknown)}; known hooks: "
+                    + ", ".join(hookspecs.REGISTRY_HOOKS.values())
                 )
-        except Exception as exc:
-            record.error = f"{type(exc).__name__}: {exc}"
-            record.traceback = traceback.format_exc()
-        self.records.append(record)
+            if not callers:
+                self._pm.unregister(module)
+                raise _PluginFailure(
+                    "implements no hook: mark functions named after a hook ("
+                    + ", ".join(hookspecs.REGISTRY_HOOKS.values())
+                    + ") with @wan_kernel.hookimpl"
+                )
+            wrappers = sorted(c.name for c in callers for i in c.get_hookimpls() if i.plugin is module and (i.hookwrapper or i.wrapper))
+            if wrappers:
+                self._pm.unregister(module)
+                raise _PluginFailure(f"registry hooks cannot be wrappers: {', '.join(wrappers)}")
+        except _PluginFailure as exc:
+            self._mark_broken(record, str(exc))
+            return
+        except Exception as exc:  # anything else pluggy raises while registering
+            self._mark_broken(record, f"{type(exc).__name__}: {exc}")
+            return
+        self._modules[id(record)] = module
+
+    @staticmethod
+    def _check_unmarked_hooks(module: object) -> None:
+        marker = PROJECT_NAME + "_impl"
+        for hook_name in hookspecs.REGISTRY_HOOKS.values():
+            attr = inspect.getattr_static(module, hook_name, None)
+            if callable(attr) and not hasattr(attr, marker):
+                raise _PluginFailure(f"defines {hook_name} but it is not marked @wan_kernel.hookimpl")
 
     def _collect(self) -> None:
-        by_plugin = {r.name: r for r in self.records}
-        for concern, hook_name in hookspecs.REGISTRY_HOOKS.items():
-            caller = getattr(self._pm.hook, hook_name)
-            # pluggy returns hookimpls last-registered-first; register in discovery order instead
-            for hookimpl in reversed(caller.get_hookimpls()):
-                record = by_plugin.get(hookimpl.plugin_name)
-                if record is None or record.broken:
-                    continue
-                register = self._make_register(concern, record)
-                try:
-                    hookimpl.function(register=register)
-                except Exception as exc:
-                    record.error = f"{hook_name} failed: {type(exc).__name__}: {exc}"
-                    record.traceback = traceback.format_exc()
-                    table = self.tables[concern]
-                    for key in [k for k, v in table.items() if v.plugin == record.name]:
-                        del table[key]
+        """Call each loaded plugin's registry hooks; keep its registrations only if all succeed."""
+        for record in self.records:
+            module = self._modules.get(id(record))
+            if module is None or record.broken:
+                continue
+            staged: list[tuple[str, object]] = []
+            for concern, hook_name in hookspecs.REGISTRY_HOOKS.items():
+                for hookimpl in getattr(self._pm.hook, hook_name).get_hookimpls():
+                    if hookimpl.plugin is not module:
+                        continue
+                    register = self._make_register(concern, staged)
+                    try:
+                        hookimpl.function(*[register for _ in hookimpl.argnames])
+                    except Exception as exc:
+                        self._mark_broken(record, f"{hook_name} failed: {type(exc).__name__}: {exc}")
+                        break
+                if record.broken:
+                    break
+            if record.broken:
+                self._pm.unregister(module)
+                continue
+            for concern, impl in staged:
+                self._add(concern, impl, record)
 
-    def _make_register(self, concern: str, record: PluginRecord) -> Callable[[object], None]:
+    def _make_register(self, concern: str, staged: list[tuple[str, object]]) -> Callable[[object], None]:
         interface = CONCERNS[concern]
+        required = sorted(getattr(interface, "__abstractmethods__", ()))
 
         def register(impl: object) -> None:
             name = getattr(impl, "name", None)
-            if not isinstance(name, str) or not name:
+            if not isinstance(name, str) or not name.strip():
                 raise TypeError(f"{concern} implementation {impl!r} has no string `name`")
-            if not callable(getattr(impl, "availability", None)):
+            missing = [m for m in ("availability", *required) if not callable(getattr(impl, m, None))]
+            if missing:
                 raise TypeError(
-                    f"{concern} implementation {name!r} has no availability() method "
+                    f"{concern} implementation {name!r} lacks {', '.join(missing)} "
                     f"(subclass wan_kernel.interfaces.{interface.__name__})"
                 )
-            entry = Registered(concern, impl, record.name, record.distribution)
-            for key in (name, *entry.aliases):
-                existing = self._owner(concern, key)
-                if existing is not None:
-                    self.duplicates.append(
-                        DuplicatePluginNameError(concern, key, existing.distribution, record.distribution)
-                    )
-                    continue
-                if key == name:
-                    self.tables[concern][key] = entry
-                else:
-                    self.aliases[concern][key] = name
-            if name not in self.tables[concern]:
-                return
-            # make sure an alias registered before under this name does not shadow it
-            self.aliases[concern].pop(name, None)
+            aliases = getattr(impl, "aliases", ()) or ()
+            if isinstance(aliases, str) or not all(isinstance(a, str) and a for a in aliases):
+                raise TypeError(f"{concern} implementation {name!r}: `aliases` must be a tuple of strings")
+            staged.append((concern, impl))
 
         return register
+
+    def _add(self, concern: str, impl: Any, record: PluginRecord) -> None:
+        entry = Registered(concern, impl, record.name, record.distribution, record.version)
+        for key in dict.fromkeys((entry.name, *entry.aliases)):
+            existing = self._owner(concern, key)
+            if existing is not None:
+                self.duplicates.append(
+                    DuplicatePluginNameError(concern, key, existing.distribution, record.distribution)
+                )
+            elif key == entry.name:
+                self.tables[concern][key] = entry
+            else:
+                self.aliases[concern][key] = entry.name
 
     def _owner(self, concern: str, key: str) -> Registered | None:
         if key in self.tables[concern]:
@@ -257,35 +339,50 @@ class PluginManager:
         return sorted([*self.tables[concern], *self.aliases[concern]])
 
     def broken(self) -> list[PluginRecord]:
+        """The plugins that failed to import or to register, in discovery order."""
         return [r for r in self.records if r.broken]
 
     def lookup(self, concern: str, name: str) -> Registered:
-        """The registration selected by ``name``, available or not; raises if unknown."""
+        """The registration selected by ``name``, available or not.
+
+        Raises :class:`DuplicatePluginNameError` when two plugins claim ``name``,
+        :class:`BrokenPluginError` when the plugin that would provide it failed to load, and
+        :class:`UnknownPluginError` (with the known names and an install hint) otherwise.
+        """
         self._check_concern(concern)
+        if not isinstance(name, str) or not name.strip():
+            raise UnknownPluginError(concern, repr(name), self.names(concern))
+        candidates = list(dict.fromkeys((name, name.strip().lower())))
         for duplicate in self.duplicates:
-            if duplicate.concern == concern and duplicate.name == name:
+            if duplicate.concern == concern and duplicate.name in candidates:
                 raise duplicate
-        entry = self._owner(concern, name)
-        if entry is not None:
-            return entry
-        provider = FIRST_PARTY_PROVIDERS.get((concern, name))
-        broken = self._broken_provider(provider)
+        for key in candidates:
+            entry = self._owner(concern, key)
+            if entry is not None:
+                return entry
+        broken = self._broken_provider(concern, name.strip().lower())
         if broken is not None:
-            raise BrokenPluginError(
-                f"{concern} implementation {name!r} comes from {broken.distribution}, which failed to "
-                f"load: {broken.error}\n{broken.traceback or ''}".rstrip()
+            error = BrokenPluginError(
+                f"{concern} implementation {name!r} comes from {broken.label}, which failed to load: "
+                f"{broken.error}. Reinstall or fix it (pip install --force-reinstall {broken.distribution}), "
+                f"or disable it with {DISABLE_ENV}={broken.distribution}."
             )
-        hint = None
+            error.plugin = broken.name  # type: ignore[attr-defined]
+            error.distribution = broken.distribution  # type: ignore[attr-defined]
+            error.plugin_traceback = broken.traceback  # type: ignore[attr-defined]
+            raise error
+        raise UnknownPluginError(concern, name, self.names(concern), self._unknown_hint(concern, name))
+
+    def _unknown_hint(self, concern: str, name: str) -> str | None:
+        provider = FIRST_PARTY_PROVIDERS.get((concern, name.strip().lower()))
         if provider:
-            folder = provider.removeprefix("wan-").replace("-", "_")
-            hint = f"It is provided by {provider}: pip install {provider} (or pip install -e plugins/{folder})."
-        elif self.broken():
-            names = ", ".join(f"{r.distribution} ({r.error})" for r in self.broken())
-            hint = f"These plugins failed to load and may provide it: {names}."
-        elif concern in CONCERN_DISTRIBUTIONS and not self.tables[concern]:
-            dist = CONCERN_DISTRIBUTIONS[concern]
-            hint = f"Install {dist}: pip install {dist}."
-        raise UnknownPluginError(concern, name, self.names(concern), hint)
+            return f"It is provided by {provider}: {_install_hint(provider)}."
+        if concern in CONCERN_DISTRIBUTIONS and not self.tables[concern]:
+            return f"Install {CONCERN_DISTRIBUTIONS[concern]}: {_install_hint(CONCERN_DISTRIBUTIONS[concern])}."
+        if self.broken():
+            names = "; ".join(f"{r.label} ({r.error})" for r in self.broken())
+            return f"These plugins failed to load and may provide it: {names}."
+        return "Run `wan plugins` to see what is installed."
 
     def get(self, concern: str, name: str) -> Any:
         """The implementation object selected by ``name``, checked to be available here."""
@@ -299,11 +396,17 @@ class PluginManager:
             raise PluginUnavailableError(concern, entry.name, reason, entry.distribution)
         return entry.impl
 
-    def _broken_provider(self, distribution: str | None) -> PluginRecord | None:
-        if distribution is None:
-            return None
+    def _broken_provider(self, concern: str, name: str) -> PluginRecord | None:
+        """The broken plugin that would have provided ``name``, judged by distribution naming."""
+        expected = {
+            FIRST_PARTY_PROVIDERS.get((concern, name)),
+            CONCERN_DISTRIBUTIONS.get(concern),
+            f"wan-{concern}-{name}",
+        }
+        expected = {_normalise(e) for e in expected if e}
+        entry_names = {_normalise(f"{concern}-{name}"), _normalise(name)}
         for record in self.broken():
-            if _normalise(record.distribution) == _normalise(distribution):
+            if _normalise(record.distribution) in expected or _normalise(record.name) in entry_names:
                 return record
         return None
 
@@ -314,48 +417,99 @@ class PluginManager:
 
     # -- description --------------------------------------------------------------------------
 
-    def describe(self) -> dict[str, Any]:
-        """Everything ``wan plugins --json`` prints."""
+    def describe(self, *, tracebacks: bool = False) -> dict[str, Any]:
+        """Everything ``wan plugins --json`` prints (tracebacks of broken plugins on request).
+
+        Shape::
+
+            {"entry_point_group": "wan_kernel",
+             "switches": {"WAN_LOAD_PLUGINS": [...] | None, "WAN_DISABLE_PLUGINS": [...]},
+             "plugins": [{"plugin", "distribution", "version", "module", "broken", "error",
+                          ["traceback",] "implementations": {concern: [impl, ...]}}, ...],
+             "concerns": {concern: [impl + {"plugin", "distribution", "version"}, ...]},
+             "broken": [{"plugin", "distribution", "version", "module", "error"}, ...],
+             "skipped": [{"plugin", "distribution", "version", "reason"}, ...],
+             "duplicates": [{"concern", "name", "distributions": [first, second], "message"}, ...]}
+
+        where ``impl`` is ``{"name", "aliases", "description", "available", "reason"}``; every
+        implementation's ``availability()`` is probed once.
+        """
+        per_plugin: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        concerns: dict[str, list[dict[str, Any]]] = {}
+        for concern, table in self.tables.items():
+            concerns[concern] = []
+            for entry in table.values():
+                availability = entry.availability()
+                impl = {
+                    "name": entry.name,
+                    "aliases": list(entry.aliases),
+                    "description": str(getattr(entry.impl, "description", "") or ""),
+                    "available": availability.ok,
+                    "reason": availability.reason,
+                }
+                per_plugin.setdefault(entry.plugin + "\0" + entry.distribution, {}).setdefault(
+                    concern, []
+                ).append(impl)
+                concerns[concern].append(
+                    {**impl, "plugin": entry.plugin, "distribution": entry.distribution, "version": entry.version}
+                )
         plugins = []
         for record in self.records:
-            implementations: dict[str, list[dict[str, Any]]] = {}
-            for concern, table in self.tables.items():
-                for entry in table.values():
-                    if entry.plugin != record.name:
-                        continue
-                    availability = entry.availability()
-                    implementations.setdefault(concern, []).append(
-                        {
-                            "name": entry.name,
-                            "aliases": list(entry.aliases),
-                            "description": getattr(entry.impl, "description", ""),
-                            "available": availability.ok,
-                            "reason": availability.reason,
-                        }
-                    )
-            plugins.append(
-                {
-                    "plugin": record.name,
-                    "distribution": record.distribution,
-                    "version": record.version,
-                    "module": record.module,
-                    "broken": record.broken,
-                    "error": record.error,
-                    "implementations": implementations,
-                }
-            )
+            item: dict[str, Any] = {
+                "plugin": record.name,
+                "distribution": record.distribution,
+                "version": record.version,
+                "module": record.module,
+                "broken": record.broken,
+                "error": record.error,
+            }
+            if tracebacks:
+                item["traceback"] = record.traceback
+            item["implementations"] = per_plugin.get(record.name + "\0" + record.distribution, {})
+            plugins.append(item)
         return {
             "entry_point_group": ENTRY_POINT_GROUP,
+            "switches": {
+                LOAD_ENV: sorted(self._only) if self._only is not None else None,
+                DISABLE_ENV: sorted(self._disabled),
+            },
             "plugins": plugins,
-            "duplicates": [str(d) for d in self.duplicates],
+            "concerns": concerns,
+            "broken": [
+                {
+                    "plugin": r.name,
+                    "distribution": r.distribution,
+                    "version": r.version,
+                    "module": r.module,
+                    "error": r.error,
+                    **({"traceback": r.traceback} if tracebacks else {}),
+                }
+                for r in self.broken()
+            ],
+            "skipped": [
+                {"plugin": s.name, "distribution": s.distribution, "version": s.version, "reason": s.reason}
+                for s in self.skipped
+            ],
+            "duplicates": [
+                {"concern": d.concern, "name": d.name, "distributions": list(d.distributions), "message": str(d)}
+                for d in self.duplicates
+            ],
         }
+
+
+def install_hints(concern: str) -> list[str]:
+    """The first-party distributions that provide implementations of ``concern``."""
+    found = [dist for (c, _), dist in FIRST_PARTY_PROVIDERS.items() if c == concern]
+    if concern in CONCERN_DISTRIBUTIONS:
+        found.append(CONCERN_DISTRIBUTIONS[concern])
+    return list(dict.fromkeys(found))
 
 
 _manager: PluginManager | None = None
 
 
 def get_plugin_manager(*, reload: bool = False) -> PluginManager:
-    """The process-wide plugin manager (discovered on first use)."""
+    """The process-wide plugin manager (discovered on first use; ``reload=True`` rediscovers)."""
     global _manager
     if _manager is None or reload:
         _manager = PluginManager()
