@@ -1,0 +1,288 @@
+"""Reading input images and writing (and reading back) what ``wan generate`` produces.
+
+- Images in: any format PIL reads; EXIF orientation applied; transparency flattened onto a solid
+  background (white by default, since most cut-out images are drawn on white; ``black`` on
+  request) so the model never sees undefined RGB under transparent pixels.
+- Videos out: mp4, H.264, yuv420p, through PyAV; the prompt and settings go into the container
+  metadata (``comment`` holds the settings as JSON, ``title`` the prompt).
+- Images out: one PNG per frame, the settings JSON in a PNG text chunk.
+- Latents out: safetensors ``{"latent": [16, F, H/8, W/8]}`` with the settings as string metadata.
+
+Every write is atomic: the file (or folder of frames) is written under a temporary name in the
+destination folder and moved into place with :func:`os.replace`, so an error or an interrupt
+never leaves a half-written output at the requested path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from wan_kernel.errors import InputError
+
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
+METADATA_KEY = "wan_settings"
+
+
+# --------------------------------------------------------------------------------------------
+# Input images
+# --------------------------------------------------------------------------------------------
+
+
+def read_image(path: str | os.PathLike, *, background: str = "white"):
+    """Open an image as an RGB ``PIL.Image``, upright (EXIF orientation) and without alpha.
+
+    Transparent and semi-transparent pixels are composited onto ``background`` (``white`` or
+    ``black``). Raises :class:`InputError` for a missing or unreadable file.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if background not in BACKGROUNDS:
+        raise InputError(f"unknown image background {background!r}; use one of {', '.join(BACKGROUNDS)}")
+    if not path.is_file():
+        raise InputError(f"image not found: {path}")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from None
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*BACKGROUNDS[background], 255))
+        canvas.alpha_composite(rgba)
+        image = canvas
+    return image.convert("RGB")
+
+
+def image_to_tensor(image):
+    """PIL RGB image -> float32 tensor ``[3, H, W]`` in ``[-1, 1]`` (as ``TF.to_tensor(x)*2-1``)."""
+    import torch
+
+    array = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    return tensor.sub_(0.5).div_(0.5)
+
+
+def video_to_uint8(video) -> np.ndarray:
+    """Decoded video ``[3, F, H, W]`` in ``[-1, 1]`` -> ``uint8`` frames ``[F, H, W, 3]``."""
+    import torch
+
+    frames = ((video.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success move it onto ``path``, else delete it.
+
+    For ``directory=True`` the temporary is a folder; it replaces ``path`` if that does not exist
+    or is an empty folder (a non-empty one is an :class:`InputError`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if directory:
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise InputError(f"output folder {path} already exists and is not empty")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory and path.is_dir():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def _metadata_text(metadata: Mapping[str, Any]) -> str:
+    return json.dumps(metadata, ensure_ascii=False, sort_keys=True, default=str)
+
+
+# --------------------------------------------------------------------------------------------
+# Video
+# --------------------------------------------------------------------------------------------
+
+
+def write_video(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    *,
+    fps: int = 16,
+    metadata: Mapping[str, Any] | None = None,
+    crf: int = 17,
+) -> Path:
+    """Write ``uint8`` frames ``[F, H, W, 3]`` as an H.264 yuv420p mp4 (atomically).
+
+    ``metadata`` is stored as JSON in the container's ``comment`` and ``wan_settings`` tags; its
+    ``prompt`` (if any) also as ``title``. Height and width must be even (yuv420p).
+    """
+    import av
+
+    frames = np.ascontiguousarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames [F, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+    count, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise InputError(f"mp4 (yuv420p) needs even sizes, got {width}x{height}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        container = av.open(str(tmp), mode="w", format="mp4", options={"movflags": "use_metadata_tags"})
+        try:
+            if metadata:
+                text = _metadata_text(metadata)
+                container.metadata["comment"] = text
+                container.metadata[METADATA_KEY] = text
+                if metadata.get("prompt"):
+                    container.metadata["title"] = str(metadata["prompt"])
+            stream = container.add_stream("libx264", rate=int(fps))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for index in range(count):
+                frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        finally:
+            container.close()
+    return path
+
+
+def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float, dict[str, Any]]:
+    """Decode an mp4: ``(frames uint8 [F, H, W, 3], fps, settings dict)`` (``{}`` without ours)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate) if stream.average_rate else 0.0
+        text = container.metadata.get(METADATA_KEY) or container.metadata.get("comment") or ""
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    try:
+        settings = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        settings = {}
+    return np.stack(frames) if frames else np.zeros((0, 0, 0, 3), np.uint8), fps, settings
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+
+def _png_info(metadata: Mapping[str, Any] | None):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    if metadata:
+        info.add_itxt(METADATA_KEY, _metadata_text(metadata))
+        if metadata.get("prompt"):
+            info.add_itxt("prompt", str(metadata["prompt"]))
+    return info
+
+
+def write_image(path: str | os.PathLike, frame: np.ndarray, *, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write one ``uint8`` frame ``[H, W, 3]`` as PNG (atomically), settings in a text chunk."""
+    from PIL import Image
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(frame)).save(tmp, format="PNG", pnginfo=_png_info(metadata))
+    return path
+
+
+def write_frames(folder: str | os.PathLike, frames: np.ndarray, *, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write frames ``[F, H, W, 3]`` as ``folder/frame_00000.png``... (the folder appears whole)."""
+    from PIL import Image
+
+    folder = Path(folder)
+    info = _png_info(metadata)
+    with atomic_path(folder, directory=True) as tmp:
+        for index, frame in enumerate(frames):
+            Image.fromarray(np.ascontiguousarray(frame)).save(tmp / f"frame_{index:05d}.png", format="PNG", pnginfo=info)
+    return folder
+
+
+def read_png_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings dict stored in a PNG written by :func:`write_image` (``{}`` if none)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.info.get(METADATA_KEY, "")
+    return json.loads(text) if text else {}
+
+
+# --------------------------------------------------------------------------------------------
+# Latents
+# --------------------------------------------------------------------------------------------
+
+
+def save_latent(path: str | os.PathLike, latent, *, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Save a latent ``[16, F, H/8, W/8]`` as safetensors with string metadata (atomically).
+
+    Each metadata value is stored as JSON text under its key.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {str(k): json.dumps(v, ensure_ascii=False, default=str) for k, v in (metadata or {}).items()}
+    with atomic_path(path) as tmp:
+        save_file({"latent": latent.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
+    return path
+
+
+def load_latent(path: str | os.PathLike):
+    """Load a latent saved by :func:`save_latent`: ``(latent [16, F, H/8, W/8], metadata dict)``.
+
+    Raises :class:`InputError` for a missing file or one without a ``latent`` tensor.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"latent file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            raw = handle.metadata() or {}
+            if "latent" in keys:
+                latent = handle.get_tensor("latent")
+            elif len(keys) == 1:
+                latent = handle.get_tensor(keys[0])
+            else:
+                raise InputError(f"{path} holds no 'latent' tensor (keys: {', '.join(keys) or 'none'})")
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"cannot read latent file {path}: {exc}") from None
+    if latent.ndim == 5 and latent.shape[0] == 1:
+        latent = latent[0]
+    if latent.ndim != 4:
+        raise InputError(f"{path}: expected a latent [16, F, H/8, W/8], got shape {tuple(latent.shape)}")
+    metadata: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            metadata[key] = json.loads(value)
+        except json.JSONDecodeError:
+            metadata[key] = value
+    return latent.float(), metadata
