@@ -56,7 +56,9 @@ def _check_steps(step: int, num_steps: int) -> None:
     if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
         raise InputError(f"the number of denoising steps must be a positive integer, got {num_steps!r}.")
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or not 0 <= step < num_steps:
-        raise InputError(f"step must be an integer in [0, {num_steps - 1}] for {num_steps} steps, got {step!r}.")
+        raise InputError(
+            f"step must be an integer in [0, {num_steps - 1}] for {num_steps} steps, got {step!r}."
+        )
 
 
 def _check_ratio(apply_ratio: float | None) -> None:
@@ -66,7 +68,8 @@ def _check_ratio(apply_ratio: float | None) -> None:
         raise InputError(f"cfg_apply_ratio must be a number in [0, 1], got {apply_ratio!r}.")
     if not 0.0 <= float(apply_ratio) <= 1.0:  # also rejects NaN
         raise InputError(
-            f"cfg_apply_ratio must be in [0, 1] (the share of steps that apply guidance), got {apply_ratio!r}."
+            f"cfg_apply_ratio must be in [0, 1] (the share of steps that apply guidance), "
+            f"got {apply_ratio!r}."
         )
 
 

@@ -114,7 +114,8 @@ def validate_config(config: TimestepSamplingConfig) -> tuple[float, float]:
         raise InputError(f"expected a TimestepSamplingConfig, got {type(config).__name__}.")
     if config.weighting_scheme not in WEIGHTING_SCHEMES:
         raise InputError(
-            f"unknown weighting_scheme {config.weighting_scheme!r}; choose one of: {', '.join(WEIGHTING_SCHEMES)}."
+            f"unknown weighting_scheme {config.weighting_scheme!r}; "
+            f"choose one of: {', '.join(WEIGHTING_SCHEMES)}."
         )
     total = config.num_train_timesteps
     if isinstance(total, bool) or not isinstance(total, numbers.Integral) or total < 1:
