@@ -1,0 +1,242 @@
+"""``load_dit``: build a Wan2.1 DiT from a weight file, whatever its layout, size or dtype.
+
+Steps: read the tensors (memory-mapped for safetensors); detect the key layout (official,
+ComfyUI-prefixed, diffusers) and rename to the official names; infer the config from the shapes
+(heads: ``num_heads=`` > ``config.json`` beside the weights > ``dim // 128``); build the model on
+the ``meta`` device in the target dtype; let a quantizer swap modules and quantize the tensors;
+then cast each tensor on its own to the dtype its parameter declares, move it to ``device`` and
+adopt it with ``load_state_dict(assign=True)``. No second full copy of the weights is made.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from wan_kernel.errors import InputError, PluginError, WeightsError
+from wan_kernel.models.dit import WanDiT
+from wan_kernel.models.dit_config import MODEL_TYPE_WORDS, PRESETS, DiTConfig, infer_dit_config
+from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
+from wan_kernel.models.weights import config_beside, describe_keys, guess_model_kind, load_state_dict
+
+__all__ = ["load_dit", "dit_state_dict_from", "dit_state_dict_to", "TASKS", "resolve_dtype"]
+
+TASKS: dict[str, tuple[str, DiTConfig | None]] = {
+    **{name: (preset.model_type, preset) for name, preset in PRESETS.items()},
+    "t2v": ("t2v", None),
+    "i2v": ("i2v", None),
+    "flf2v": ("flf2v", None),
+}
+"""Task names ``load_dit(task=...)`` checks the weights against: model type and (if sized) preset."""
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KEEP_FP32 = ("modulation",)
+"""Parameters (by last name) kept in float32 whatever ``dtype`` is: the modulation tables are
+added to the float32 time embedding, as in the official code."""
+SCALED_FP8_MARKERS = ("scaled_fp8",)
+SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``torch.float32``/``bfloat16``/``float16`` from a dtype or its name (``"bf16"``); ``None`` stays."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        key = dtype.lower().removeprefix("torch.")
+        if key not in DTYPE_NAMES:
+            raise InputError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+        dtype = DTYPE_NAMES[key]
+    if dtype not in COMPUTE_DTYPES:
+        raise InputError(f"the DiT runs in float32, bfloat16 or float16, not {dtype} (use quant= for fp8)")
+    return dtype
+
+
+def _file_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype holding most of the floating-point elements; fp8 and others map to bfloat16."""
+    counts: dict[torch.dtype, int] = {}
+    for t in sd.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    dominant = max(counts, key=counts.get) if counts else torch.bfloat16
+    return dominant if dominant in COMPUTE_DTYPES else torch.bfloat16
+
+
+def _resolve_attention(attention: str | Callable, manager) -> Callable:
+    if isinstance(attention, str):
+        from wan_kernel.plugins import resolve
+
+        return resolve("attention", attention, manager=manager)
+    if callable(attention):
+        return attention
+    raise InputError(f"attention must be a backend name (e.g. 'sdpa') or a callable, got {attention!r}")
+
+
+def _resolve_quantizer(quant: Any, manager) -> Any:
+    if quant is None:
+        return None
+    if isinstance(quant, str):
+        from wan_kernel.plugins import resolve
+
+        quant = resolve("quantization", quant, manager=manager)
+    if not (callable(getattr(quant, "convert_for_runtime", None)) and callable(getattr(quant, "quantize_state_dict", None))):
+        raise InputError(f"quant must be a quantization plugin name (e.g. 'fp8') or a Quantizer, got {quant!r}")
+    targets = getattr(quant, "supported_targets", ("dit",))
+    if "dit" not in targets:
+        raise PluginError(
+            f"quantization {getattr(quant, 'name', quant)!r} does not support the DiT (it handles: {', '.join(targets)})"
+        )
+    return quant
+
+
+def _check_kind(path: Path, keys: list[str]) -> str:
+    """The layout of a DiT file, or a WeightsError saying what the file is instead."""
+    kind = guess_model_kind(keys)
+    layout = detect_layout(keys) if kind == "a Wan DiT" else None
+    if layout is None:
+        raise WeightsError(
+            f"{path} looks like {kind}, not a Wan2.1 DiT (its tensors: {describe_keys(keys, 3)}); "
+            "pass the diffusion model weights (the official diffusion_pytorch_model*.safetensors, "
+            "a ComfyUI wan2.1_*.safetensors or a diffusers transformer folder)"
+        )
+    return layout
+
+
+def _check_task(path: Path, config: DiTConfig, task: str) -> None:
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    model_type, preset = TASKS[task]
+    what = config.describe()
+    if config.model_type != model_type:
+        raise WeightsError(
+            f"{path}: this file is {what}, but the task {task} needs a {MODEL_TYPE_WORDS[model_type]} DiT"
+        )
+    if preset is not None and (config.dim, config.num_layers) != (preset.dim, preset.num_layers):
+        raise WeightsError(
+            f"{path}: this file is {what}, but the task {task} needs dim {preset.dim} with "
+            f"{preset.num_layers} layers; pick the task that matches the file's size"
+        )
+
+
+def _dequantize_scaled_fp8(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Fold ``X.scale_weight`` into ``X.weight`` (scaled-fp8 files loaded without a quantizer)."""
+    for key in [k for k in sd if k.endswith(".scale_weight")]:
+        weight_key = key[: -len(".scale_weight")] + ".weight"
+        if weight_key in sd:
+            sd[weight_key] = (sd[weight_key].float() * sd[key].float()).to(dtype)
+    return {
+        k: v for k, v in sd.items() if not k.endswith(SCALE_SUFFIXES) and k not in SCALED_FP8_MARKERS
+    }
+
+
+def _set_dtypes(model: nn.Module, dtype: torch.dtype) -> None:
+    """Put every parameter of the (meta) model in ``dtype``, the modulation tables in float32."""
+    model.to(dtype)
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and name in KEEP_FP32:
+                module._parameters[name] = nn.Parameter(param.detach().float(), requires_grad=param.requires_grad)
+
+
+def _check_keys(path: Path, layout: str, sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, missing_only: bool = False) -> None:
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise WeightsError(
+            f"{path}: the {layout}-layout DiT file lacks {len(missing)} tensor(s) the model needs: "
+            f"{describe_keys(missing)}; the file is incomplete or from another model"
+        )
+    if missing_only:
+        return
+    unexpected = [k for k in sd if k not in expected]
+    if unexpected:
+        raise WeightsError(
+            f"{path}: the {layout}-layout DiT file has {len(unexpected)} tensor(s) a Wan2.1 DiT does not have: "
+            f"{describe_keys(unexpected)}; it is another model or a variant this loader does not support"
+        )
+    for key, ref in expected.items():
+        if tuple(sd[key].shape) != tuple(ref.shape):
+            raise WeightsError(
+                f"{path}: tensor {key!r} has shape {list(sd[key].shape)}, but the DiT inferred from the file "
+                f"needs {list(ref.shape)}; the file mixes tensors of different models"
+            )
+
+
+def load_dit(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    num_heads: int | None = None,
+    quant: Any = None,
+    attention: str | Callable = "sdpa",
+    task: str | None = None,
+    plugin_manager=None,
+) -> WanDiT:
+    """Load a Wan2.1 DiT (t2v / i2v / flf2v, any size) from a file, a folder of shards or a ``.pth``.
+
+    :param path: ``.safetensors`` file, folder of ``.safetensors`` shards, or ``.pth``/``.pt``; the
+        official, ComfyUI-prefixed or diffusers ``WanTransformer3DModel`` key layout.
+    :param device: where the weights go.
+    :param dtype: compute dtype (float32 / bfloat16 / float16, or a name); ``None``: the dtype most
+        of the file's weights have (fp8 files: bfloat16). The ``modulation`` tables stay float32.
+    :param num_heads: attention heads; else ``config.json`` beside the weights; else ``dim // 128``.
+    :param quant: a quantization plugin name (``fp8``, ``fp8_scaled``) or a ``Quantizer`` object.
+    :param attention: an attention plugin name (default ``sdpa``) or a callable ``fn(q, k, v, k_lens)``.
+    :param task: optional task name (``t2v-14B``, ``i2v-14B``, ``t2v-1.3B``, ``t2v``, ...): the file must fit it.
+    :param plugin_manager: the ``PluginManager`` to resolve names with (default: the process-wide one).
+    :returns: the model in eval mode with ``requires_grad`` off (training turns on what it trains).
+    :raises WeightsError: the file is missing, unreadable, another kind of model, incomplete, or wrong for ``task``.
+    """
+    path = Path(path).expanduser()
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    attention_fn = _resolve_attention(attention, plugin_manager)
+    quantizer = _resolve_quantizer(quant, plugin_manager)
+
+    raw = load_state_dict(path, what="DiT")
+    layout = _check_kind(path, list(raw))
+    sd = dit_state_dict_from(layout, raw)
+    del raw
+    try:
+        config = infer_dit_config(sd, num_heads=num_heads, config_json=config_beside(path))
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
+    if task is not None:
+        _check_task(path, config, task)
+    if dtype is None:
+        dtype = _file_dtype(sd)
+
+    with torch.device("meta"):
+        model = WanDiT(config, attention=attention_fn)
+    _set_dtypes(model, dtype)
+    _check_keys(path, layout, sd, model.state_dict(), missing_only=quantizer is not None)
+
+    if quantizer is None:
+        sd = _dequantize_scaled_fp8(sd, dtype)
+    else:
+        model = quantizer.convert_for_runtime(model, target="dit")
+        sd = quantizer.quantize_state_dict(sd, target="dit", device=device)
+    expected = model.state_dict()
+    _check_keys(path, layout, sd, expected)
+
+    for key, ref in expected.items():  # one tensor at a time: never two full copies
+        sd[key] = sd[key].to(device=device, dtype=ref.dtype)
+    model.load_state_dict(sd, strict=True, assign=True)
+    del sd
+    left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left_on_meta:
+        raise WeightsError(f"{path}: no weights were loaded for {describe_keys(left_on_meta)}")
+    return model.eval().requires_grad_(False)
