@@ -1,0 +1,316 @@
+"""FlashAttention backends: ``flash2`` (alias ``flash``) and ``flash3``.
+
+Both call the library's *varlen* kernel, which takes the whole batch as one packed sequence per
+tensor plus ``cu_seqlens`` (cumulative lengths, int32 ``[B + 1]``) saying where each sample
+starts. Queries are never masked, so every sample keeps all ``Lq`` query rows
+(``cu_seqlens_q = [0, Lq, 2 Lq, ...]``); keys are packed down to their first ``k_lens[b]`` rows
+(``cu_seqlens_k`` from ``k_lens``), so masked keys are never read. Without padding the packing
+is a free reshape.
+
+- ``flash2``: ``flash_attn.flash_attn_varlen_func`` (FlashAttention-2, ``pip install flash-attn``),
+  Ampere or newer (sm80+), forward and backward.
+- ``flash3``: ``flash_attn_interface.flash_attn_varlen_func`` (FlashAttention-3, built from the
+  ``hopper/`` folder of the flash-attention repository), Hopper (sm90) only, forward and backward.
+
+The kernels take fp16/bf16 only: fp32 inputs are cast to bf16 and the result back to fp32. Head
+dims must be multiples of 8 up to 256. The library is imported when the backend is selected or
+first called, never when the plugin is discovered.
+
+The packing helpers (``key_lengths``, ``cu_seqlens``, ``pack_varlen``, ``varlen_attention``)
+are plain torch so they are tested on CPU with a stand-in kernel.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+import importlib.util
+import itertools
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Sequence
+
+from wan_kernel import hookimpl
+from wan_kernel.errors import InputError, PluginUnavailableError
+from wan_kernel.interfaces import AttentionBackend, Availability
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+DISTRIBUTION = "wan-attention-flash"
+MAX_HEAD_DIM = 256
+
+VarlenKernel = Callable[..., "torch.Tensor"]
+"""``kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> out``.
+
+``q`` is ``[Tq, H, D]``, ``k``/``v`` are ``[Tk, H, D]`` (samples packed one after the other),
+``cu_seqlens_*`` int32 ``[B + 1]``, ``max_seqlen_*`` Python ints; ``out`` is ``[Tq, H, D]``.
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Pure-torch packing (no flash-attn needed)
+# --------------------------------------------------------------------------------------------
+
+
+def key_lengths(k_lens: "torch.Tensor | Sequence[int] | None", batch: int, k_len: int) -> list[int] | None:
+    """``k_lens`` as a list of ints checked to lie in ``1..k_len``; ``None`` when no key is masked."""
+    if k_lens is None:
+        return None
+    import torch
+
+    k_lens = torch.as_tensor(k_lens)
+    if k_lens.dim() != 1 or k_lens.shape[0] != batch or k_lens.is_floating_point():
+        raise InputError(
+            f"k_lens must be an integer tensor of {batch} key lengths (one per sample), "
+            f"got {k_lens.dtype} of shape {tuple(k_lens.shape)}"
+        )
+    lengths = [int(n) for n in k_lens.tolist()]
+    if any(not 1 <= n <= k_len for n in lengths):
+        raise InputError(f"k_lens must lie between 1 and the key length {k_len}, got {lengths}")
+    if all(n == k_len for n in lengths):
+        return None
+    return lengths
+
+
+def cu_seqlens(lengths: Sequence[int], device: Any = "cpu") -> "torch.Tensor":
+    """Cumulative sequence lengths ``[0, n0, n0 + n1, ...]`` as int32 ``[B + 1]`` (what varlen kernels take)."""
+    import torch
+
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+class VarlenBatch(NamedTuple):
+    """A batch packed for a varlen kernel."""
+
+    q: "torch.Tensor"  # [B * Lq, H, D]
+    k: "torch.Tensor"  # [sum(k_lens), H, D]
+    v: "torch.Tensor"  # [sum(k_lens), H, D]
+    cu_seqlens_q: "torch.Tensor"  # [B + 1] int32
+    cu_seqlens_k: "torch.Tensor"  # [B + 1] int32
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def pack_varlen(
+    q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", lengths: Sequence[int] | None
+) -> VarlenBatch:
+    """Pack ``q`` ``[B, Lq, H, D]`` whole and ``k``/``v`` ``[B, Lk, H, D]`` cut to ``lengths``.
+
+    ``lengths`` is the output of :func:`key_lengths` (``None``: every key is used, and the keys
+    are reshaped without a copy).
+    """
+    import torch
+
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    q_packed = q.reshape(b * lq, h, d)  # [B * Lq, H, D]
+    if lengths is None:
+        lengths = [lk] * b
+        k_packed = k.reshape(b * lk, h, d)  # [B * Lk, H, D]
+        v_packed = v.reshape(b * lk, h, d)
+    else:
+        k_packed = torch.cat([k[i, :n] for i, n in enumerate(lengths)])  # [sum(k_lens), H, D]
+        v_packed = torch.cat([v[i, :n] for i, n in enumerate(lengths)])
+    return VarlenBatch(
+        q=q_packed,
+        k=k_packed,
+        v=v_packed,
+        cu_seqlens_q=cu_seqlens([lq] * b, q.device),
+        cu_seqlens_k=cu_seqlens(lengths, q.device),
+        max_seqlen_q=lq,
+        max_seqlen_k=max(lengths),
+    )
+
+
+def varlen_attention(
+    q: "torch.Tensor",
+    k: "torch.Tensor",
+    v: "torch.Tensor",
+    k_lens: "torch.Tensor | None",
+    *,
+    kernel: VarlenKernel,
+) -> "torch.Tensor":
+    """Attention in Wan's layout through a varlen ``kernel``; ``[B, Lq, H, D]`` out, ``q``'s dtype."""
+    b, lq, h, d = q.shape
+    batch = pack_varlen(q, k, v, key_lengths(k_lens, b, k.shape[1]))
+    out = kernel(
+        batch.q, batch.k, batch.v, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q, batch.max_seqlen_k
+    )  # [B * Lq, H, D]
+    return out.reshape(b, lq, h, d)
+
+
+def half_precision(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor"):
+    """``q``, ``k``, ``v`` in the kernel dtype: ``q``'s if fp16/bf16, else bf16."""
+    import torch
+
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def check_inputs(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", *, backend: str) -> None:
+    """Shapes ``[B, L, H, D]`` that agree, floating point, on CUDA; else a clear ``InputError``."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise InputError(
+            f"{backend} attention takes q, k, v shaped [batch, length, heads, head_dim]; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise InputError(
+            f"{backend} attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must share "
+            "batch, heads and head_dim, and k and v must have the same shape"
+        )
+    if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
+        raise InputError(f"{backend} attention takes floating-point tensors, got {q.dtype}, {k.dtype}, {v.dtype}")
+    devices = {t.device for t in (q, k, v)}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        raise InputError(
+            f"{backend} attention runs on CUDA tensors only, got tensors on "
+            f"{', '.join(sorted(str(d) for d in devices))}; move the model to a GPU, or use the sdpa "
+            "attention backend, which runs on any device"
+        )
+
+
+def check_head_dim(head_dim: int, *, backend: str) -> None:
+    """FlashAttention handles head dims that are multiples of 8, up to 256."""
+    if head_dim % 8 != 0 or not 8 <= head_dim <= MAX_HEAD_DIM:
+        raise InputError(
+            f"{backend} attention supports head dims that are multiples of 8 up to {MAX_HEAD_DIM}; got "
+            f"{head_dim}. Use the sdpa attention backend for this model"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The backends
+# --------------------------------------------------------------------------------------------
+
+
+class _FlashVarlenAttention(AttentionBackend):
+    """Shared body of ``flash2`` and ``flash3``; subclasses say which module and which GPUs."""
+
+    module_name: ClassVar[str]
+    library: ClassVar[str]
+    supports_backward = True
+
+    def __init__(self) -> None:
+        self._kernel: VarlenKernel | None = None
+
+    # -- availability ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def capability_problem(self, capability: tuple[int, int]) -> str | None:
+        """Why a GPU of this compute capability cannot run the kernel (``None``: it can)."""
+
+    def judge(
+        self, *, library_found: bool, cuda_available: bool, capability: tuple[int, int] | None
+    ) -> Availability:
+        """The availability verdict from what was probed (a pure function, tested on CPU)."""
+        problems = []
+        if not library_found:
+            problems.append(f"{self.library} is not installed (no module {self.module_name!r}); {self.install_hint}")
+        if not cuda_available:
+            problems.append("it needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False)")
+        elif capability is not None:
+            problem = self.capability_problem(capability)
+            if problem:
+                problems.append(problem)
+        return Availability.no("; ".join(problems)) if problems else Availability.yes()
+
+    def availability(self) -> Availability:
+        if self._kernel is not None:
+            return Availability.yes()
+        import torch
+
+        try:
+            found = importlib.util.find_spec(self.module_name) is not None
+        except (ImportError, ValueError):
+            found = False
+        cuda = torch.cuda.is_available()
+        capability = tuple(torch.cuda.get_device_capability()) if cuda else None
+        verdict = self.judge(library_found=found, cuda_available=cuda, capability=capability)
+        if not verdict.ok:
+            return verdict
+        try:
+            self._kernel = self.load_kernel()
+        except Exception as exc:  # a wheel built for another torch fails here (undefined symbol)
+            return Availability.no(
+                f"{self.module_name} is installed but fails to import ({type(exc).__name__}: {exc}); it was "
+                f"probably built for another torch or CUDA version than torch {torch.__version__}: "
+                f"reinstall it against this torch ({self.install_hint})"
+            )
+        return verdict
+
+    def load_kernel(self) -> VarlenKernel:
+        """Import the library and return its varlen function wrapped as a :data:`VarlenKernel`."""
+        function = importlib.import_module(self.module_name).flash_attn_varlen_func
+
+        def kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+            out = function(
+                q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                softmax_scale=q.shape[-1] ** -0.5, causal=False,
+            )
+            # FlashAttention-3 builds before mid-2025 return (out, softmax_lse)
+            return out[0] if isinstance(out, tuple) else out
+
+        return kernel
+
+    def kernel(self) -> VarlenKernel:
+        """The loaded kernel; raises ``PluginUnavailableError`` saying what to install when it cannot run."""
+        if self._kernel is None:
+            verdict = self.availability()
+            if not verdict.ok:
+                raise PluginUnavailableError("attention", self.name, verdict.reason, DISTRIBUTION)
+        assert self._kernel is not None
+        return self._kernel
+
+    # -- the call -------------------------------------------------------------------------------
+
+    def __call__(self, q, k, v, k_lens=None):
+        """``q`` ``[B, Lq, H, D]``, ``k``/``v`` ``[B, Lk, H, D]`` on CUDA -> ``[B, Lq, H, D]`` in ``q``'s dtype."""
+        check_inputs(q, k, v, backend=self.name)
+        check_head_dim(q.shape[-1], backend=self.name)
+        kernel = self.kernel()
+        qh, kh, vh = half_precision(q, k, v)
+        return varlen_attention(qh, kh, vh, k_lens, kernel=kernel).to(q.dtype)
+
+
+class FlashAttention2(_FlashVarlenAttention):
+    name = "flash2"
+    aliases = ("flash",)
+    description = "FlashAttention-2 varlen kernels (CUDA sm80+, trains; pip install flash-attn)"
+    install_hint = "on a CUDA machine: pip install flash-attn --no-build-isolation"
+    module_name = "flash_attn"
+    library = "flash-attn (FlashAttention-2)"
+
+    def capability_problem(self, capability):
+        if tuple(capability) < (8, 0):
+            major, minor = capability
+            return (
+                f"FlashAttention-2 needs an Ampere or newer GPU (compute capability 8.0+), this one is "
+                f"sm{major}{minor}; use the xformers or sdpa backend"
+            )
+        return None
+
+
+class FlashAttention3(_FlashVarlenAttention):
+    name = "flash3"
+    description = "FlashAttention-3 varlen kernels (Hopper sm90 only, trains; build flash-attention/hopper)"
+    install_hint = (
+        "build FlashAttention-3 on the Hopper machine: git clone https://github.com/Dao-AILab/flash-attention "
+        "&& cd flash-attention/hopper && python setup.py install"
+    )
+    module_name = "flash_attn_interface"
+    library = "FlashAttention-3"
+
+    def capability_problem(self, capability):
+        if tuple(capability)[0] != 9:
+            major, minor = capability
+            return (
+                f"FlashAttention-3 runs on Hopper GPUs only (H100/H800, compute capability 9.0), this one is "
+                f"sm{major}{minor}; use flash2 instead"
+            )
+        return None
+
+
+@hookimpl
+def wan_register_attention(register):
+    register(FlashAttention2())
+    register(FlashAttention3())
