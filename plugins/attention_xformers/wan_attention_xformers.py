@@ -1,0 +1,213 @@
+"""Attention through xformers' ``memory_efficient_attention`` (name ``xformers``).
+
+xformers takes Wan's ``[B, L, H, D]`` layout as it is. Without key padding the batch goes to the
+kernel in one call with no mask. With padding (``k_lens[b] < Lk`` for some sample) the batch is
+packed into a single sequence of batch size 1: the queries of every sample one after the other
+(``B * Lq`` rows, never masked) and the keys/values cut to their first ``k_lens[b]`` rows, and a
+``BlockDiagonalMask.from_seqlens(q_seqlen=[Lq] * B, kv_seqlen=k_lens)`` lets each sample's
+queries see only its own valid keys. Forward and backward, on any CUDA GPU xformers supports.
+
+fp32 inputs are cast to bf16 (like the other fused backends; Wan runs in bf16) and the result
+back to fp32. xformers is imported when the backend is selected or first called, never when the
+plugin is discovered. The packing helpers are plain torch, tested on CPU with a stand-in kernel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from wan_kernel import hookimpl
+from wan_kernel.errors import InputError, PluginUnavailableError
+from wan_kernel.interfaces import AttentionBackend, Availability
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    import torch
+
+DISTRIBUTION = "wan-attention-xformers"
+
+BlockDiagonalKernel = Callable[..., "torch.Tensor"]
+"""``kernel(q, k, v, q_seqlen, kv_seqlen) -> out``, tensors ``[B, L, H, D]``.
+
+With ``q_seqlen``/``kv_seqlen`` ``None`` it is plain batched attention; with two lists of ints the
+batch size is 1 and the sequences are packed: query block ``i`` (``q_seqlen[i]`` rows) attends
+only to key block ``i`` (``kv_seqlen[i]`` rows).
+"""
+
+
+# --------------------------------------------------------------------------------------------
+# Pure-torch packing (no xformers needed)
+# --------------------------------------------------------------------------------------------
+
+
+def key_lengths(k_lens: "torch.Tensor | Sequence[int] | None", batch: int, k_len: int) -> list[int] | None:
+    """``k_lens`` as a list of ints checked to lie in ``1..k_len``; ``None`` when no key is masked."""
+    if k_lens is None:
+        return None
+    import torch
+
+    k_lens = torch.as_tensor(k_lens)
+    if k_lens.dim() != 1 or k_lens.shape[0] != batch or k_lens.is_floating_point():
+        raise InputError(
+            f"k_lens must be an integer tensor of {batch} key lengths (one per sample), "
+            f"got {k_lens.dtype} of shape {tuple(k_lens.shape)}"
+        )
+    lengths = [int(n) for n in k_lens.tolist()]
+    if any(not 1 <= n <= k_len for n in lengths):
+        raise InputError(f"k_lens must lie between 1 and the key length {k_len}, got {lengths}")
+    if all(n == k_len for n in lengths):
+        return None
+    return lengths
+
+
+def pack_block_diagonal(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", lengths: Sequence[int]):
+    """Pack a padded batch into one sequence: ``(q1, k1, v1, q_seqlen, kv_seqlen)``.
+
+    ``q1`` is ``[1, B * Lq, H, D]`` (every query row), ``k1``/``v1`` are ``[1, sum(lengths), H, D]``
+    (each sample's first ``lengths[b]`` keys), ``q_seqlen = [Lq] * B``, ``kv_seqlen = lengths``.
+    """
+    import torch
+
+    b, lq, h, d = q.shape
+    q1 = q.reshape(1, b * lq, h, d)  # [1, B * Lq, H, D]
+    k1 = torch.cat([k[i, :n] for i, n in enumerate(lengths)])[None]  # [1, sum(k_lens), H, D]
+    v1 = torch.cat([v[i, :n] for i, n in enumerate(lengths)])[None]
+    return q1, k1, v1, [lq] * b, list(lengths)
+
+
+def block_diagonal_attention(
+    q: "torch.Tensor",
+    k: "torch.Tensor",
+    v: "torch.Tensor",
+    k_lens: "torch.Tensor | None",
+    *,
+    kernel: BlockDiagonalKernel,
+) -> "torch.Tensor":
+    """Attention in Wan's layout through ``kernel``; ``[B, Lq, H, D]`` out, in the kernel's dtype."""
+    b, lq, h, d = q.shape
+    lengths = key_lengths(k_lens, b, k.shape[1])
+    if lengths is None:
+        return kernel(q, k, v, None, None)  # [B, Lq, H, D], nothing masked
+    q1, k1, v1, q_seqlen, kv_seqlen = pack_block_diagonal(q, k, v, lengths)
+    out = kernel(q1, k1, v1, q_seqlen, kv_seqlen)  # [1, B * Lq, H, D]
+    return out.reshape(b, lq, h, d)
+
+
+def half_precision(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor"):
+    """``q``, ``k``, ``v`` in the kernel dtype: ``q``'s if fp16/bf16, else bf16."""
+    import torch
+
+    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def check_inputs(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", *, backend: str) -> None:
+    """Shapes ``[B, L, H, D]`` that agree, floating point, on CUDA; else a clear ``InputError``."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise InputError(
+            f"{backend} attention takes q, k, v shaped [batch, length, heads, head_dim]; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise InputError(
+            f"{backend} attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must share "
+            "batch, heads and head_dim, and k and v must have the same shape"
+        )
+    if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
+        raise InputError(f"{backend} attention takes floating-point tensors, got {q.dtype}, {k.dtype}, {v.dtype}")
+    devices = {t.device for t in (q, k, v)}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        raise InputError(
+            f"{backend} attention runs on CUDA tensors only, got tensors on "
+            f"{', '.join(sorted(str(d) for d in devices))}; move the model to a GPU, or use the sdpa "
+            "attention backend, which runs on any device"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------------------------
+
+
+class XformersAttention(AttentionBackend):
+    name = "xformers"
+    description = "xformers memory_efficient_attention (CUDA, trains; pip install xformers)"
+    install_hint = (
+        "on a CUDA machine: pip install xformers --index-url https://download.pytorch.org/whl/cu<XY> "
+        "(cu<XY> = your torch's CUDA build, e.g. cu128; the xformers wheel must match your torch version)"
+    )
+    supports_backward = True
+
+    def __init__(self) -> None:
+        self._kernel: BlockDiagonalKernel | None = None
+
+    def judge(
+        self, *, library_found: bool, cuda_available: bool, capability: tuple[int, int] | None = None
+    ) -> Availability:
+        """The availability verdict from what was probed (a pure function, tested on CPU)."""
+        problems = []
+        if not library_found:
+            problems.append(f"xformers is not installed; {self.install_hint}")
+        if not cuda_available:
+            problems.append("it needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False)")
+        return Availability.no("; ".join(problems)) if problems else Availability.yes()
+
+    def availability(self) -> Availability:
+        if self._kernel is not None:
+            return Availability.yes()
+        import torch
+
+        try:
+            found = importlib.util.find_spec("xformers") is not None
+        except (ImportError, ValueError):
+            found = False
+        verdict = self.judge(library_found=found, cuda_available=torch.cuda.is_available())
+        if not verdict.ok:
+            return verdict
+        try:
+            self._kernel = self.load_kernel()
+        except Exception as exc:  # a wheel built for another torch fails here
+            return Availability.no(
+                f"xformers is installed but fails to import ({type(exc).__name__}: {exc}); it was probably "
+                f"built for another torch than torch {torch.__version__}: reinstall it ({self.install_hint})"
+            )
+        return verdict
+
+    def load_kernel(self) -> BlockDiagonalKernel:
+        """Import xformers and wrap ``memory_efficient_attention`` as a :data:`BlockDiagonalKernel`."""
+        from xformers.ops import memory_efficient_attention
+        from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+
+        # older xformers build the mask on the CPU and have no device argument
+        takes_device = "device" in inspect.signature(BlockDiagonalMask.from_seqlens).parameters
+
+        def kernel(q, k, v, q_seqlen, kv_seqlen):
+            bias = None
+            if q_seqlen is not None:
+                where = {"device": q.device} if takes_device else {}
+                bias = BlockDiagonalMask.from_seqlens(q_seqlen, kv_seqlen, **where)
+            return memory_efficient_attention(q, k, v, attn_bias=bias)
+
+        return kernel
+
+    def kernel(self) -> BlockDiagonalKernel:
+        """The loaded kernel; raises ``PluginUnavailableError`` saying what to install when it cannot run."""
+        if self._kernel is None:
+            verdict = self.availability()
+            if not verdict.ok:
+                raise PluginUnavailableError("attention", self.name, verdict.reason, DISTRIBUTION)
+        assert self._kernel is not None
+        return self._kernel
+
+    def __call__(self, q, k, v, k_lens=None):
+        """``q`` ``[B, Lq, H, D]``, ``k``/``v`` ``[B, Lk, H, D]`` on CUDA -> ``[B, Lq, H, D]`` in ``q``'s dtype."""
+        check_inputs(q, k, v, backend=self.name)
+        kernel = self.kernel()
+        qh, kh, vh = half_precision(q, k, v)
+        return block_diagonal_attention(qh, kh, vh, k_lens, kernel=kernel).to(q.dtype)
+
+
+@hookimpl
+def wan_register_attention(register):
+    register(XformersAttention())
