@@ -377,9 +377,10 @@ class Decoder3d(nn.Module):
 
 
 def _encoder_chunks(frames: int) -> Iterator[slice]:
-    """The first frame alone, then groups of ``TEMPORAL_STRIDE`` frames."""
+    """The first frame alone, then whole groups of ``TEMPORAL_STRIDE`` frames (a partial tail is dropped, as officially)."""
     yield slice(0, 1)
-    for start in range(1, frames, TEMPORAL_STRIDE):
+    for i in range((frames - 1) // TEMPORAL_STRIDE):
+        start = 1 + TEMPORAL_STRIDE * i
         yield slice(start, start + TEMPORAL_STRIDE)
 
 
