@@ -44,7 +44,14 @@ def assert_close(actual, name, case):
 
 def test_config_read_off_the_weights(t5):
     cfg = t5.config
-    assert (cfg.vocab_size, cfg.d_model, cfg.d_kv, cfg.d_ff, cfg.num_layers, cfg.num_heads) == (256, 32, 8, 64, 2, 4)
+    assert (cfg.vocab_size, cfg.d_model, cfg.d_kv, cfg.d_ff, cfg.num_layers, cfg.num_heads) == (
+        256,
+        32,
+        8,
+        64,
+        2,
+        4,
+    )
     assert cfg.relative_attention_num_buckets == 32 and cfg.relative_attention_max_distance == 128
     assert cfg.dense_act_fn == "gelu_new" and cfg.is_gated_act
     # every block owns its relative position table (umt5, shared_pos=False)
@@ -113,7 +120,10 @@ def test_hf_layout_resave_loads_and_matches(t5, case, tmp_path):
     state = _hf_state(t5)
     save_file(state, tmp_path / "hf.safetensors")
     # without the "encoder." prefix and with the embedding under embed_tokens, as some exports do
-    bare = {("embed_tokens.weight" if k == "shared.weight" else k.removeprefix("encoder.")): v for k, v in state.items()}
+    bare = {
+        ("embed_tokens.weight" if k == "shared.weight" else k.removeprefix("encoder.")): v
+        for k, v in state.items()
+    }
     save_file(bare, tmp_path / "bare.safetensors")
     # a full T5 with decoder tensors and an outer prefix: the decoder is ignored
     full = {f"text_encoder.{k}": v for k, v in state.items()}
@@ -227,9 +237,9 @@ def test_local_tokenizer_folder_loads(tmp_path):
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(
-        tmp_path
-    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(tmp_path)
     tok = load_tokenizer(tmp_path)
     batch = tok(["a cat"], padding="max_length", truncation=True, max_length=5, return_tensors="pt")
     assert batch["input_ids"].tolist() == [[3, 4, 1, 0, 0]]

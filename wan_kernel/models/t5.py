@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 import torch
@@ -92,12 +92,16 @@ class T5Spec:
 
 
 #: The real model Wan2.1 uses (official ``umt5_xxl``).
-UMT5_XXL = T5Spec(vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24, num_buckets=32)
+UMT5_XXL = T5Spec(
+    vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24, num_buckets=32
+)
 
 
 def _anchor_prefix(keys: Sequence[str], anchor: str) -> str | None:
-    """The text before ``anchor`` in the key that ends with it (shortest such key; decoders skipped), if any."""
-    hits = sorted((k for k in keys if k.endswith(anchor) and not k[: -len(anchor)].endswith("decoder.")), key=len)
+    """The text before ``anchor`` in the shortest key ending with it (decoder keys skipped), if any."""
+    hits = sorted(
+        (k for k in keys if k.endswith(anchor) and not k[: -len(anchor)].endswith("decoder.")), key=len
+    )
     return hits[0][: -len(anchor)] if hits else None
 
 
@@ -155,7 +159,7 @@ def _dequantize_fp8(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[
 
 
 def t5_state_to_hf(state: Mapping[str, torch.Tensor], *, source: str = "weights") -> dict[str, torch.Tensor]:
-    """Any accepted layout (official, HF with/without ``encoder.``, outer prefixes) -> ``UMT5EncoderModel`` keys.
+    """Any accepted layout (official, HF with/without ``encoder.``, outer prefixes) -> HF keys.
 
     Raises :class:`WeightsError` saying what the file looks like when it is no umt5 encoder.
     """
@@ -185,15 +189,23 @@ def t5_state_to_hf(state: Mapping[str, torch.Tensor], *, source: str = "weights"
 def infer_t5_spec(state: Mapping[str, torch.Tensor], *, source: str = "weights") -> T5Spec:
     """Read the encoder's sizes off ``UMT5EncoderModel``-layout tensors."""
     if "shared.weight" not in state:
-        raise WeightsError(f"{source}: the token embedding (shared.weight / token_embedding.weight) is missing")
+        raise WeightsError(
+            f"{source}: the token embedding (shared.weight / token_embedding.weight) is missing"
+        )
     block_ids = {int(m.group(1)) for k in state if (m := re.match(r"encoder\.block\.(\d+)\.", k))}
     num_layers = max(block_ids) + 1
     if block_ids != set(range(num_layers)):
         raise WeightsError(f"{source}: encoder blocks are missing: found {sorted(block_ids)}")
     attn = "encoder.block.{}.layer.0.SelfAttention."
-    missing_tables = [i for i in range(num_layers) if attn.format(i) + "relative_attention_bias.weight" not in state]
+    missing_tables = [
+        i for i in range(num_layers) if attn.format(i) + "relative_attention_bias.weight" not in state
+    ]
     if missing_tables:
-        kind = "a T5 v1.1 encoder (one position table, in block 0)" if missing_tables == list(range(1, num_layers)) else "damaged"
+        kind = (
+            "a T5 v1.1 encoder (one position table, in block 0)"
+            if missing_tables == list(range(1, num_layers))
+            else "damaged"
+        )
         raise WeightsError(
             f"{source}: blocks {missing_tables[:5]} have no relative position table; the file looks {kind}. "
             "Wan uses umt5-xxl, where every block has its own table."
@@ -251,7 +263,9 @@ def build_t5(spec: T5Spec, state: Mapping[str, torch.Tensor], *, source: str = "
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
-        raise WeightsError(f"{source}: tensor shapes do not fit a umt5 encoder ({str(exc).splitlines()[-1].strip()})") from None
+        raise WeightsError(
+            f"{source}: tensor shapes do not fit a umt5 encoder ({str(exc).splitlines()[-1].strip()})"
+        ) from None
     return model.eval().requires_grad_(False)
 
 
@@ -270,7 +284,10 @@ def load_t5(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtyp
     target = dtype or _default_dtype(state)
     if any(v.dtype in _FP8 for v in state.values()):
         state = _dequantize_fp8(state, target)
-    state = {k: v.to(device=device, dtype=target) if v.is_floating_point() else v.to(device) for k, v in state.items()}
+    state = {
+        k: v.to(device=device, dtype=target) if v.is_floating_point() else v.to(device)
+        for k, v in state.items()
+    }
     return build_t5(spec, state, source=str(path))
 
 
@@ -279,7 +296,12 @@ def _last_hidden(output) -> torch.Tensor:
 
 
 def encode_prompts(
-    t5, tokenizer, prompts: str | Sequence[str], device: str | torch.device | None = None, *, seq_len: int = TEXT_LEN
+    t5,
+    tokenizer,
+    prompts: str | Sequence[str],
+    device: str | torch.device | None = None,
+    *,
+    seq_len: int = TEXT_LEN,
 ) -> list[torch.Tensor]:
     """Prompt embeddings the way Wan's ``T5EncoderModel.__call__`` makes them.
 
@@ -315,7 +337,8 @@ def encode_prompts(
     vocab = getattr(getattr(t5, "config", None), "vocab_size", None)
     if vocab is not None and int(ids.max()) >= vocab:
         raise InputError(
-            f"the tokenizer produced id {int(ids.max())} but the text encoder has only {vocab} token embeddings; "
+            f"the tokenizer produced id {int(ids.max())} but the text encoder has only {vocab} "
+            "token embeddings; "
             "use the tokenizer that belongs to this encoder (google/umt5-xxl for Wan2.1)"
         )
     lengths = mask.gt(0).sum(dim=1).tolist()

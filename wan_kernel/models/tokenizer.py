@@ -17,8 +17,8 @@ from __future__ import annotations
 import html
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -46,7 +46,7 @@ def clean_prompt(text: str) -> str:
 
 
 class TokenBatch(dict):
-    """``input_ids`` and ``attention_mask``, readable as keys or attributes (like transformers' BatchEncoding)."""
+    """``input_ids`` and ``attention_mask``, as keys or attributes (like transformers' BatchEncoding)."""
 
     def __getattr__(self, name: str):
         try:
@@ -126,7 +126,8 @@ class ByteTokenizer:
         if len({len(r) for r in rows}) > 1:
             raise InputError("texts of different lengths need padding=True or padding='max_length'")
         return TokenBatch(
-            input_ids=torch.tensor(rows, dtype=torch.long), attention_mask=torch.tensor(masks, dtype=torch.long)
+            input_ids=torch.tensor(rows, dtype=torch.long),
+            attention_mask=torch.tensor(masks, dtype=torch.long),
         )
 
 
@@ -134,13 +135,17 @@ BUILTIN_TOKENIZERS = {"bytes": ByteTokenizer}
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def _how_to_provide(name: str) -> str:
     return (
-        f"Download the tokenizer folder {name} once (e.g. `hf download {name} --local-dir umt5-xxl-tokenizer`; "
-        "the official Wan2.1 release also ships it as google/umt5-xxl/) and pass its path with --t5_tokenizer PATH, "
+        f"Download the tokenizer folder {name} once "
+        f"(e.g. `hf download {name} --local-dir umt5-xxl-tokenizer`; the official Wan2.1 release "
+        "also ships it as google/umt5-xxl/) and pass its path with --t5_tokenizer PATH, "
         "or put it in the Hugging Face cache. For a demo without downloads use --t5_tokenizer builtin:bytes "
         "(only with a tiny test encoder)."
     )
@@ -170,8 +175,12 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_TOKENIZER):
     try:
         return AutoTokenizer.from_pretrained(str(path) if local else name, local_files_only=offline or local)
     except Exception as exc:  # hub, network, missing-file and parse errors all mean "not available here"
-        where = f"the folder {path}" if local else f"{name!r} ({'offline mode: only the local cache is used' if offline else 'not in the cache and not downloadable'})"
+        if local:
+            where = f"the folder {path}"
+        elif offline:
+            where = f"{name!r} (offline mode: only the local cache is used)"
+        else:
+            where = f"{name!r} (not in the cache and not downloadable)"
         reason = str(exc).strip().splitlines()[0].rstrip(". ") if str(exc).strip() else type(exc).__name__
-        raise WeightsError(
-            f"could not load the T5 tokenizer from {where}: {reason}. {_how_to_provide(name if not local else DEFAULT_TOKENIZER)}"
-        ) from exc
+        guidance = _how_to_provide(DEFAULT_TOKENIZER if local else name)
+        raise WeightsError(f"could not load the T5 tokenizer from {where}: {reason}. {guidance}") from exc
