@@ -375,6 +375,11 @@ class PluginManager:
 
     def _unknown_hint(self, concern: str, name: str) -> str | None:
         provider = FIRST_PARTY_PROVIDERS.get((concern, name.strip().lower()))
+        expected = {_normalise(d) for d in (provider, CONCERN_DISTRIBUTIONS.get(concern)) if d}
+        expected.add(_normalise(f"wan-{concern}-{name}"))
+        for skipped in self.skipped:
+            if _normalise(skipped.distribution) in expected:
+                return f"{skipped.distribution} is installed but was skipped ({skipped.reason})."
         if provider:
             return f"It is provided by {provider}: {_install_hint(provider)}."
         if concern in CONCERN_DISTRIBUTIONS and not self.tables[concern]:
