@@ -102,8 +102,10 @@ def _diffusers_folder(root: Path, official_state) -> Path:
     folder = root / "vae"
     folder.mkdir(parents=True)
     converted = vae_state_dict_to("diffusers", official_state)
-    save_file({k: v.contiguous() for k, v in converted.items()}, str(folder / "diffusion_pytorch_model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan", "base_dim": 8, "z_dim": 16}))
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in converted.items()}, str(weights))
+    config = {"_class_name": "AutoencoderKLWan", "base_dim": 8, "z_dim": 16}
+    (folder / "config.json").write_text(json.dumps(config))
     return folder
 
 
@@ -258,7 +260,9 @@ def test_encode_rejects_integer_pixels(vae):
         vae.encode(torch.zeros(1, 3, 1, 8, 8, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize(("shape", "message"), [((1, 4, 2, 2, 2), "16 latent channels"), ((16, 2, 2, 2), "5-D")])
+@pytest.mark.parametrize(
+    ("shape", "message"), [((1, 4, 2, 2, 2), "16 latent channels"), ((16, 2, 2, 2), "5-D")]
+)
 def test_decode_rejects_bad_latents(vae, shape, message):
     with pytest.raises(InputError, match=message):
         vae.decode(torch.zeros(shape))

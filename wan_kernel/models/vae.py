@@ -301,7 +301,9 @@ def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, cache: FeatureCache) -> 
 
 
 def _head(out_dim: int, channels: int) -> nn.Sequential:
-    return nn.Sequential(RMSNorm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, channels, 3, padding=1))
+    return nn.Sequential(
+        RMSNorm(out_dim, images=False), nn.SiLU(), CausalConv3d(out_dim, channels, 3, padding=1)
+    )
 
 
 def _run_head(head: nn.Sequential, x: torch.Tensor, cache: FeatureCache) -> torch.Tensor:
@@ -328,7 +330,8 @@ class Encoder3d(nn.Module):
                 blocks.append(ResidualBlock(in_dim, out_dim, dropout))
                 in_dim = out_dim
             if i != last:
-                blocks.append(Resample(out_dim, "downsample3d" if config.temporal_downsample[i] else "downsample2d"))
+                mode = "downsample3d" if config.temporal_downsample[i] else "downsample2d"
+                blocks.append(Resample(out_dim, mode))
         self.downsamples = nn.Sequential(*blocks)
 
         width = dims[-1]
@@ -353,7 +356,9 @@ class Decoder3d(nn.Module):
         dims = [config.dim * m for m in (mult[-1], *reversed(mult))]  # real: 384, 384, 384, 192, 96
         self.conv1 = CausalConv3d(config.z_dim, dims[0], 3, padding=1)
         self.middle = nn.Sequential(
-            ResidualBlock(dims[0], dims[0], dropout), AttentionBlock(dims[0]), ResidualBlock(dims[0], dims[0], dropout)
+            ResidualBlock(dims[0], dims[0], dropout),
+            AttentionBlock(dims[0]),
+            ResidualBlock(dims[0], dims[0], dropout),
         )
 
         blocks: list[nn.Module] = []
@@ -365,7 +370,8 @@ class Decoder3d(nn.Module):
                 blocks.append(ResidualBlock(in_dim, out_dim, dropout))
                 in_dim = out_dim
             if i != last:
-                blocks.append(Resample(out_dim, "upsample3d" if config.temporal_upsample[i] else "upsample2d"))
+                mode = "upsample3d" if config.temporal_upsample[i] else "upsample2d"
+                blocks.append(Resample(out_dim, mode))
         self.upsamples = nn.Sequential(*blocks)
         self.head = _head(dims[-1], 3)
 
@@ -377,7 +383,10 @@ class Decoder3d(nn.Module):
 
 
 def _encoder_chunks(frames: int) -> Iterator[slice]:
-    """The first frame alone, then whole groups of ``TEMPORAL_STRIDE`` frames (a partial tail is dropped, as officially)."""
+    """The first frame alone, then whole groups of ``TEMPORAL_STRIDE`` frames.
+
+    A partial trailing group is dropped, as in the official loop.
+    """
     yield slice(0, 1)
     for i in range((frames - 1) // TEMPORAL_STRIDE):
         start = 1 + TEMPORAL_STRIDE * i
@@ -413,7 +422,7 @@ class WanVAEModel(nn.Module):
         return mu, log_var
 
     def decode_raw(self, z: torch.Tensor, *, cache_device: torch.device | str | None = None) -> torch.Tensor:
-        """Un-normalised ``z`` ``[B, z_dim, T, h, w]`` -> pixels ``[B, 3, 1 + 4(T-1), 8h, 8w]``, not clamped."""
+        """Un-normalised ``z`` ``[B, z_dim, T, h, w]`` -> unclamped pixels ``[B, 3, 1 + 4(T-1), 8h, 8w]``."""
         cache = FeatureCache(cache_device)
         x = self.conv2(z)
         outputs = []
@@ -512,7 +521,9 @@ def _check_video(video: object) -> None:
     if not video.is_floating_point():
         raise InputError(f"VAE encode takes floating-point pixels in [-1, 1], got dtype {video.dtype}")
     if c != 3:
-        raise InputError(f"VAE encode takes 3 colour channels (RGB) on axis 1, got {c} (shape {tuple(video.shape)})")
+        raise InputError(
+            f"VAE encode takes 3 colour channels (RGB) on axis 1, got {c} (shape {tuple(video.shape)})"
+        )
     if b == 0:
         raise InputError("VAE encode got an empty batch")
     if f < 1 or (f - 1) % TEMPORAL_STRIDE:
@@ -539,6 +550,8 @@ def _check_latents(latents: object, z_dim: int) -> None:
         raise InputError(f"VAE decode takes floating-point latents, got dtype {latents.dtype}")
     b, c, t, h, w = latents.shape
     if c != z_dim:
-        raise InputError(f"VAE decode takes {z_dim} latent channels on axis 1, got {c} (shape {tuple(latents.shape)})")
+        raise InputError(
+            f"VAE decode takes {z_dim} latent channels on axis 1, got {c} (shape {tuple(latents.shape)})"
+        )
     if b == 0 or t == 0 or h == 0 or w == 0:
         raise InputError(f"VAE decode got empty latents of shape {tuple(latents.shape)}")

@@ -14,7 +14,8 @@ Layouts, as ``vae_state_dict_to(layout, sd)`` (official -> layout) and
   to ``norm_out``/``conv_out``, ``middle.{0,1,2}`` to ``mid_block.{resnets.0, attentions.0,
   resnets.1}``, ``encoder.downsamples.N`` to ``encoder.down_blocks.N``, and regroups the decoder's
   flat ``upsamples.N`` into ``up_blocks.I.resnets.K`` / ``up_blocks.I.upsamplers.0``; inside residual
-  blocks ``residual.{0,2,3,6}`` / ``shortcut`` become ``norm1``/``conv1``/``norm2``/``conv2``/``conv_shortcut``.
+  blocks ``residual.{0,2,3,6}`` / ``shortcut`` become ``norm1``/``conv1``/``norm2``/``conv2``/
+  ``conv_shortcut``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _replace_prefix(rest: str, table: dict[str, str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 def _official_upsample_groups(keys: list[str]) -> dict[int, str]:
-    """Flat ``decoder.upsamples.N`` index -> diffusers ``up_blocks.I.resnets.K`` / ``up_blocks.I.upsamplers.0``."""
+    """Flat ``decoder.upsamples.N`` index -> ``up_blocks.I.resnets.K.`` / ``up_blocks.I.upsamplers.0.``."""
     index_re = re.compile(r"decoder\.upsamples\.(\d+)\.(.*)")
     is_resample: dict[int, bool] = {}
     for key in keys:
@@ -95,7 +96,8 @@ def _key_to_diffusers(key: str, upsample_groups: dict[int, str]) -> str:
     if side == "encoder" and (m := re.fullmatch(r"downsamples\.(\d+)\.(.*)", rest)):
         return f"encoder.down_blocks.{m.group(1)}.{_replace_prefix(m.group(2), _RESIDUAL_TO_DIFFUSERS)}"
     if side == "decoder" and (m := re.fullmatch(r"upsamples\.(\d+)\.(.*)", rest)):
-        return f"decoder.{upsample_groups[int(m.group(1))]}{_replace_prefix(m.group(2), _RESIDUAL_TO_DIFFUSERS)}"
+        block = upsample_groups[int(m.group(1))]
+        return f"decoder.{block}{_replace_prefix(m.group(2), _RESIDUAL_TO_DIFFUSERS)}"
     return f"{side}.{_replace_prefix(rest, _SIDE_TO_DIFFUSERS)}"
 
 
@@ -134,7 +136,8 @@ def _key_from_diffusers(key: str, upsample_indices: dict[tuple[int, int], int]) 
         return f"encoder.downsamples.{m.group(1)}.{_replace_prefix(m.group(2), _RESIDUAL_FROM_DIFFUSERS)}"
     if m := _UP_BLOCK_RE.fullmatch(key):
         module = (int(m.group(1)), int(m.group(3)) if m.group(3) is not None else -1)
-        return f"decoder.upsamples.{upsample_indices[module]}.{_replace_prefix(m.group(4), _RESIDUAL_FROM_DIFFUSERS)}"
+        index = upsample_indices[module]
+        return f"decoder.upsamples.{index}.{_replace_prefix(m.group(4), _RESIDUAL_FROM_DIFFUSERS)}"
     return f"{side}.{_replace_prefix(rest, _SIDE_FROM_DIFFUSERS)}"
 
 
@@ -169,7 +172,9 @@ def vae_state_dict_from(layout: str, state: dict[str, torch.Tensor]) -> dict[str
 
 def detect_vae_layout(keys) -> str:
     """``diffusers`` when the names are ``AutoencoderKLWan``'s, else ``official``."""
-    markers = ("quant_conv.", "post_quant_conv.", "encoder.conv_in.", "decoder.conv_in.", "decoder.up_blocks.")
+    markers = (
+        "quant_conv.", "post_quant_conv.", "encoder.conv_in.", "decoder.conv_in.", "decoder.up_blocks."
+    )  # fmt: skip
     return "diffusers" if any(k.startswith(markers) for k in keys) else "official"
 
 
@@ -219,8 +224,11 @@ def _check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Pa
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = expected.keys() - state.keys()
     unexpected = state.keys() - expected.keys()
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in sorted(expected.keys() & state.keys())
-             if tuple(state[k].shape) != expected[k]]  # fmt: skip
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
+        for k in sorted(expected.keys() & state.keys())
+        if tuple(state[k].shape) != expected[k]
+    ]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensor(s): {describe_keys(missing)}")
@@ -231,7 +239,8 @@ def _check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Pa
     if problems:
         raise WeightsError(
             f"{path}: not a complete Wan2.1 VAE ({'; '.join(problems)}). "
-            "Use the official Wan2.1_VAE.pth, ComfyUI's wan_2.1_vae.safetensors or a diffusers AutoencoderKLWan folder."
+            "Use the official Wan2.1_VAE.pth, ComfyUI's wan_2.1_vae.safetensors "
+            "or a diffusers AutoencoderKLWan folder."
         )
 
 
