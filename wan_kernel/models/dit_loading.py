@@ -222,13 +222,14 @@ def load_dit(
     with torch.device("meta"):
         model = WanDiT(config, attention=attention_fn)
     _set_dtypes(model, dtype)
-    _check_keys(path, layout, sd, model.state_dict(), missing_only=quantizer is not None)
-
     if quantizer is None:
         sd = _dequantize_scaled_fp8(sd, dtype)
     else:
+        # every tensor of the plain model must be there (perhaps already quantized) ...
+        _check_keys(path, layout, sd, model.state_dict(), missing_only=True)
         model = quantizer.convert_for_runtime(model, target="dit")
         sd = quantizer.quantize_state_dict(sd, target="dit", device=device)
+    # ... and the (converted) model must get exactly the tensors it declares
     expected = model.state_dict()
     _check_keys(path, layout, sd, expected)
 

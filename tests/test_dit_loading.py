@@ -1,0 +1,366 @@
+"""``load_dit``: every key layout, file form and dtype, the quantizer seam, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from wan_kernel import hookimpl
+from wan_kernel.errors import InputError, PluginError, WeightsError
+from wan_kernel.interfaces import Quantizer
+from wan_kernel.models.dit import WanDiT
+from wan_kernel.models.dit_config import DiTConfig
+from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
+from wan_kernel.models.dit_loading import load_dit
+from wan_kernel.plugins import PluginManager
+from wan_attention_sdpa import SdpaAttention
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
+
+T2V = FIXTURES / "dit_t2v"
+I2V = FIXTURES / "dit_i2v"
+BF16_RMS_REL = 0.012  # the bound documented in tests/test_dit.py
+
+
+def case(folder: Path) -> tuple[dict, dict]:
+    return json.loads((folder / "case.json").read_text()), load_file(folder / "case.safetensors")
+
+
+def run(model: WanDiT, tensors: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(
+            tensors["x"], tensors["t"], list(tensors["context"]), clip_fea=tensors.get("clip_fea"), y=tensors.get("y")
+        )
+
+
+def assert_matches_case(model: WanDiT, folder: Path) -> None:
+    meta, tensors = case(folder)
+    tol = meta["tolerance"]["per_output"]["out"]
+    out = run(model, tensors)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, tensors["out"], atol=tol["atol"], rtol=tol["rtol"])
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "weights.safetensors")
+
+
+# --------------------------------------------------------------------------------------------
+# layouts and file forms
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("folder", [T2V, I2V], ids=["t2v", "i2v"])
+def test_official_file_with_config_beside(folder):
+    model = load_dit(folder / "weights.safetensors")  # heads from config.json, attention "sdpa" plugin
+    assert model.config.num_heads == 2
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert_matches_case(model, folder)
+
+
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", "diffusion_model."])
+def test_comfyui_prefixed(tmp_path, prefix):
+    sd = {prefix + k: v for k, v in weights(I2V).items()}
+    assert detect_layout(sd) == "comfyui"
+    save_file(sd, tmp_path / "wan2.1_i2v.safetensors")
+    model = load_dit(tmp_path / "wan2.1_i2v.safetensors", num_heads=2, attention=SdpaAttention())
+    assert_matches_case(model, I2V)
+
+
+@pytest.mark.parametrize("folder", [T2V, I2V], ids=["t2v", "i2v"])
+def test_diffusers_layout_with_diffusers_config(tmp_path, folder):
+    sd = dit_state_dict_to("diffusers", weights(folder))
+    assert detect_layout(sd) == "diffusers" and "blocks.0.attn1.to_q.weight" in sd
+    target = tmp_path / "transformer"
+    target.mkdir()
+    save_file(sd, target / "diffusion_pytorch_model.safetensors")
+    (target / "config.json").write_text(
+        json.dumps({"_class_name": "WanTransformer3DModel", "num_attention_heads": 2, "attention_head_dim": 32})
+    )
+    model = load_dit(target)
+    assert model.config.num_heads == 2
+    assert_matches_case(model, folder)
+
+
+def test_diffusers_fused_projections(tmp_path):
+    sd = dit_state_dict_to("diffusers", weights(I2V))
+    for i in range(2):
+        p = f"blocks.{i}."
+        for part in ("weight", "bias"):
+            sd[f"{p}attn1.to_qkv.{part}"] = torch.cat([sd.pop(f"{p}attn1.to_{n}.{part}") for n in "qkv"])
+            sd[f"{p}attn2.to_kv.{part}"] = torch.cat([sd.pop(f"{p}attn2.to_{n}.{part}") for n in "kv"])
+            sd[f"{p}attn2.to_added_kv.{part}"] = torch.cat(
+                [sd.pop(f"{p}attn2.add_{n}_proj.{part}") for n in "kv"]
+            )
+    save_file(sd, tmp_path / "fused.safetensors")
+    assert_matches_case(load_dit(tmp_path / "fused.safetensors", num_heads=2), I2V)
+
+
+@pytest.mark.parametrize("with_index", [True, False])
+def test_sharded_folder(tmp_path, with_index):
+    sd = weights(T2V)
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, part in shards.items():
+        save_file({k: sd[k] for k in part}, tmp_path / name)
+    if with_index:
+        weight_map = {k: name for name, part in shards.items() for k in part}
+        (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shutil.copy(T2V / "config.json", tmp_path / "config.json")
+    assert_matches_case(load_dit(tmp_path), T2V)
+
+
+def test_pth_file(tmp_path):
+    torch.save(weights(T2V), tmp_path / "dit.pth")
+    assert_matches_case(load_dit(tmp_path / "dit.pth", num_heads=2), T2V)
+
+
+def test_layout_converters_round_trip():
+    sd = weights(I2V)
+    for layout in ("official", "comfyui", "diffusers"):
+        there = dit_state_dict_to(layout, sd)
+        assert detect_layout(there) == layout
+        back = dit_state_dict_from(layout, there)
+        assert back.keys() == sd.keys() and all(back[k] is sd[k] for k in sd)
+    with pytest.raises(InputError, match="unknown DiT key layout"):
+        dit_state_dict_to("kohya", sd)
+
+
+# --------------------------------------------------------------------------------------------
+# dtypes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_files_load_in_their_dtype(tmp_path, file_dtype):
+    save_file({k: v.to(file_dtype) for k, v in weights(T2V).items()}, tmp_path / "dit.safetensors")
+    model = load_dit(tmp_path / "dit.safetensors", num_heads=2)
+    assert model.compute_dtype == file_dtype
+    assert model.blocks[0].ffn[0].weight.dtype == file_dtype
+    assert model.blocks[0].modulation.dtype == torch.float32 and model.head.modulation.dtype == torch.float32
+    _, tensors = case(T2V)
+    out, expected = run(model, tensors), tensors["out"]
+    assert (out - expected).pow(2).mean().sqrt() < BF16_RMS_REL * expected.pow(2).mean().sqrt()
+
+
+def test_dtype_argument_casts_per_tensor():
+    model = load_dit(T2V / "weights.safetensors", dtype="bf16")
+    assert model.patch_embedding.weight.dtype == torch.bfloat16
+    assert model.blocks[1].modulation.dtype == torch.float32
+    assert model.blocks[1].modulation.equal(weights(T2V)["blocks.1.modulation"])  # kept exact
+    with pytest.raises(InputError, match="unknown dtype"):
+        load_dit(T2V / "weights.safetensors", dtype="int4")
+
+
+def test_fp8_file_without_quantizer_upcasts(tmp_path):
+    sd = weights(T2V)
+    fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in sd.items()}
+    save_file(fp8, tmp_path / "dit_fp8.safetensors")
+    model = load_dit(tmp_path / "dit_fp8.safetensors", num_heads=2)
+    assert model.compute_dtype == torch.bfloat16
+    loaded = model.state_dict()
+    for k, v in fp8.items():
+        assert torch.equal(loaded[k].float(), v.float()), k  # e4m3 values are exact in bf16 / fp32
+    _, tensors = case(T2V)
+    assert torch.isfinite(run(model, tensors)).all()
+    assert load_dit(tmp_path / "dit_fp8.safetensors", num_heads=2, dtype=torch.float16).compute_dtype == torch.float16
+
+
+def test_scaled_fp8_file_is_dequantized(tmp_path):
+    sd = weights(T2V)
+    stored: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
+    for k, v in sd.items():
+        if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2:
+            scale = v.abs().max() / 448.0
+            stored[k] = (v / scale).to(torch.float8_e4m3fn)
+            stored[k[: -len("weight")] + "scale_weight"] = scale.reshape(1)
+        else:
+            stored[k] = v
+    save_file(stored, tmp_path / "dit_scaled.safetensors")
+    model = load_dit(tmp_path / "dit_scaled.safetensors", num_heads=2, dtype=torch.float32)
+    q = model.blocks[0].self_attn.q.weight
+    expected = stored["blocks.0.self_attn.q.weight"].float() * stored["blocks.0.self_attn.q.scale_weight"]
+    assert torch.equal(q, expected)
+    _, tensors = case(T2V)
+    out = run(model, tensors)
+    assert (out - tensors["out"]).abs().max() < 0.1 * tensors["out"].abs().max()
+
+
+# --------------------------------------------------------------------------------------------
+# the quantizer seam
+# --------------------------------------------------------------------------------------------
+
+
+class Int8Linear(nn.Module):
+    """A toy weight-only int8 linear: ``weight`` int8, per-row ``scale`` float32."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        out_f, in_f = linear.weight.shape
+        device = linear.weight.device
+        self.register_buffer("weight", torch.empty(out_f, in_f, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_f, 1, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.empty(out_f, dtype=linear.bias.dtype, device=device), requires_grad=False)
+
+    def forward(self, x):
+        return F.linear(x, (self.weight.float() * self.scale).to(x.dtype), self.bias.to(x.dtype))
+
+
+class FakeInt8(Quantizer):
+    name = "fake_int8"
+    supported_targets = ("dit",)
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def convert_for_runtime(self, model, *, target):
+        self.calls.append(("convert", target, model.patch_embedding.weight.device.type, model.compute_dtype))
+        for block in model.blocks:
+            block.ffn[0] = Int8Linear(block.ffn[0])
+            block.ffn[2] = Int8Linear(block.ffn[2])
+        return model
+
+    def quantize_state_dict(self, state_dict, *, target, device="cpu"):
+        self.calls.append(("quantize", target, str(device)))
+        for key in [k for k in state_dict if ".ffn." in k and k.endswith(".weight")]:
+            w = state_dict[key].float()
+            scale = w.abs().amax(dim=1, keepdim=True) / 127
+            state_dict[key] = torch.round(w / scale).to(torch.int8)
+            state_dict[key[: -len("weight")] + "scale"] = scale
+        return state_dict
+
+
+def test_quantizer_by_name_through_plugins():
+    quantizer = FakeInt8()
+    module = types.ModuleType("fake_quant_plugin")
+
+    @hookimpl
+    def wan_register_quantization(register):
+        register(quantizer)
+
+    @hookimpl
+    def wan_register_attention(register):
+        register(SdpaAttention())
+
+    module.wan_register_quantization = wan_register_quantization
+    module.wan_register_attention = wan_register_attention
+    pm = PluginManager(load_entry_points=False, extra_plugins=[("fake", module)], environ={})
+    model = load_dit(T2V / "weights.safetensors", quant="fake_int8", attention="sdpa", plugin_manager=pm)
+    assert quantizer.calls == [("convert", "dit", "meta", torch.float32), ("quantize", "dit", "cpu")]
+    ffn = model.blocks[1].ffn[2]
+    assert isinstance(ffn, Int8Linear) and ffn.weight.dtype == torch.int8 and ffn.scale.dtype == torch.float32
+    _, tensors = case(T2V)
+    out, expected = run(model, tensors), tensors["out"]
+    err = (out - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()
+    assert 1e-5 < err < 0.05  # quantized, and still the same model
+
+
+def test_quantizer_object_and_wrong_target():
+    quantizer = FakeInt8()
+    model = load_dit(T2V / "weights.safetensors", quant=quantizer, dtype="bf16", attention=SdpaAttention())
+    assert quantizer.calls[0] == ("convert", "dit", "meta", torch.bfloat16)
+    assert model.blocks[0].ffn[0].bias.dtype == torch.bfloat16
+    t5_only = FakeInt8()
+    t5_only.supported_targets = ("t5",)
+    with pytest.raises(PluginError, match="does not support the DiT"):
+        load_dit(T2V / "weights.safetensors", quant=t5_only)
+    with pytest.raises(InputError, match="quant must be"):
+        load_dit(T2V / "weights.safetensors", quant=42)
+
+
+# --------------------------------------------------------------------------------------------
+# heads
+# --------------------------------------------------------------------------------------------
+
+
+def test_num_heads_resolution_order(tmp_path):
+    cfg = DiTConfig(dim=256, ffn_dim=32, num_heads=2, num_layers=1, text_dim=16)
+    save_file(WanDiT(cfg, attention=SdpaAttention()).state_dict(), tmp_path / "dit.safetensors")
+    path = tmp_path / "dit.safetensors"
+    assert load_dit(path).config.num_heads == 2  # dim // 128
+    (tmp_path / "config.json").write_text(json.dumps({"dim": 256, "num_heads": 4, "model_type": "t2v"}))
+    assert load_dit(path).config.num_heads == 4  # config.json beside
+    assert load_dit(path, num_heads=8).config.num_heads == 8  # keyword wins
+    (tmp_path / "config.json").write_text(json.dumps({"dim": 5120, "num_heads": 40}))
+    assert load_dit(path).config.num_heads == 2  # a config.json for another model is ignored
+    with pytest.raises(WeightsError, match="num_heads=3"):
+        load_dit(path, num_heads=3)
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        load_dit(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("folder", "kind"), [("vae", "a Wan VAE"), ("t5", "a T5 text encoder"), ("clip_visual", "a CLIP model")]
+)
+def test_other_models_are_refused(folder, kind):
+    with pytest.raises(WeightsError, match=f"looks like {kind}, not a Wan2.1 DiT"):
+        load_dit(FIXTURES / folder / "weights.safetensors")
+
+
+def test_lora_is_refused(tmp_path):
+    lora = {
+        "diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.zeros(4, 64),
+        "diffusion_model.blocks.0.self_attn.q.lora_B.weight": torch.zeros(64, 4),
+    }
+    save_file(lora, tmp_path / "lora.safetensors")
+    with pytest.raises(WeightsError, match="looks like a LoRA file"):
+        load_dit(tmp_path / "lora.safetensors")
+
+
+def _save(tmp_path: Path, sd: dict) -> Path:
+    save_file(sd, tmp_path / "dit.safetensors")
+    return tmp_path / "dit.safetensors"
+
+
+def test_missing_keys(tmp_path):
+    sd = weights(T2V)
+    del sd["blocks.1.ffn.2.bias"], sd["head.modulation"]
+    with pytest.raises(WeightsError, match=r"lacks 2 tensor\(s\).*blocks\.1\.ffn\.2\.bias, head\.modulation"):
+        load_dit(_save(tmp_path, sd), num_heads=2)
+
+
+def test_unexpected_keys(tmp_path):
+    sd = weights(T2V)
+    sd["blocks.0.self_attn.extra.weight"] = torch.zeros(3)
+    with pytest.raises(WeightsError, match=r"does not have: blocks\.0\.self_attn\.extra\.weight"):
+        load_dit(_save(tmp_path, sd), num_heads=2)
+
+
+def test_shape_mismatch(tmp_path):
+    sd = weights(T2V)
+    sd["blocks.1.self_attn.q.weight"] = torch.zeros(64, 32)
+    with pytest.raises(WeightsError, match=r"'blocks\.1\.self_attn\.q\.weight' has shape \[64, 32\].*needs \[64, 64\]"):
+        load_dit(_save(tmp_path, sd), num_heads=2)
+
+
+def test_task_check():
+    with pytest.raises(WeightsError, match="image-to-video DiT .*in_dim 36.*task t2v-14B needs a text-to-video DiT"):
+        load_dit(I2V / "weights.safetensors", task="t2v-14B")
+    with pytest.raises(WeightsError, match="task i2v-14B needs dim 5120 with 40 layers"):
+        load_dit(I2V / "weights.safetensors", task="i2v-14B")
+    assert load_dit(I2V / "weights.safetensors", task="i2v").config.model_type == "i2v"
+    with pytest.raises(InputError, match="unknown task"):
+        load_dit(I2V / "weights.safetensors", task="v2v")
+
+
+def test_unknown_attention_name():
+    with pytest.raises(PluginError, match="no-such-attention"):
+        load_dit(T2V / "weights.safetensors", attention="no-such-attention")
