@@ -186,3 +186,17 @@ def test_attention_backend_is_used(case):
     model = load_clip_vision(CASE / "weights.safetensors", num_heads=HEADS, attention=attention)
     assert_close(model.features(tensors["x"]), "out", case)
     assert calls == [torch.Size([1, 17, HEADS, 16])] * 3  # all blocks but the last
+
+
+@pytest.mark.cuda
+def test_cuda_float32_and_bf16(case):
+    _, tensors = case
+    x = tensors["x"].cuda()
+    model = load_clip_vision(CASE / "weights.safetensors", num_heads=HEADS, device="cuda")
+    torch.testing.assert_close(model.features(x).cpu(), tensors["out"], atol=1e-3, rtol=1e-3)
+    frame = tensors["frame_0"].transpose(0, 1).cuda()
+    torch.testing.assert_close(model.encode_images(frame).cpu(), tensors["visual_out"], atol=1e-3, rtol=1e-3)
+    model = load_clip_vision(
+        CASE / "weights.safetensors", num_heads=HEADS, device="cuda", dtype=torch.bfloat16
+    )
+    assert (model.features(x).float().cpu() - tensors["out"]).abs().max() < BF16_MAX_ABS

@@ -244,3 +244,16 @@ def test_local_tokenizer_folder_loads(tmp_path):
     batch = tok(["a cat"], padding="max_length", truncation=True, max_length=5, return_tensors="pt")
     assert batch["input_ids"].tolist() == [[3, 4, 1, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0]]
+
+
+@pytest.mark.cuda
+def test_cuda_float32_and_bf16(case):
+    _, tensors = case
+    ids, mask = tensors["ids"].cuda(), tensors["mask"].cuda()
+    real = tensors["mask"].bool()
+    model = load_t5(CASE / "weights.safetensors", device="cuda")
+    hidden = model(ids, mask).last_hidden_state.cpu()
+    torch.testing.assert_close(hidden, tensors["hidden"], atol=1e-3, rtol=1e-3)  # other kernels, same math
+    model = load_t5(CASE / "weights.safetensors", device="cuda", dtype=torch.bfloat16)
+    err = (model(ids, mask).last_hidden_state.float().cpu() - tensors["hidden"])[real]
+    assert err.abs().max() < BF16_MAX_ABS

@@ -156,7 +156,7 @@ class ClipVisionTower(nn.Module):
         """Tokens entering the first block: ``[B, 3, S, S]`` -> ``[B, 1 + (S/14)^2, width]``."""
         self._check_pixels(pixels)
         w = self.patch_embedding.weight
-        x = self.patch_embedding(pixels.to(w.dtype)).flatten(2).transpose(1, 2)  # [B, N, C]
+        x = self.patch_embedding(pixels.to(w.device, w.dtype)).flatten(2).transpose(1, 2)  # [B, N, C]
         x = torch.cat([self.cls_embedding.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1 + N, C]
         return self.pre_norm(x + self.pos_embedding)
 
