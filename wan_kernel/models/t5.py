@@ -245,6 +245,8 @@ def build_t5(spec: T5Spec, state: Mapping[str, torch.Tensor], *, source: str = "
     from transformers import UMT5EncoderModel
 
     config = spec.to_config()
+    # sdpa: float32 results equal eager's to 1.4e-6, and in bf16 it is nearer the official code (which
+    # takes its softmax in float32) than transformers' eager path (bf16 softmax): max err 0.077 vs 0.10
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
