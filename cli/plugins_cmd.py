@@ -8,6 +8,8 @@ line on stderr), so CI can run ``wan plugins`` as a health check.
 from __future__ import annotations
 
 import json
+import shutil
+import textwrap
 from typing import Any
 
 import click
@@ -39,10 +41,21 @@ def render(info: dict[str, Any], *, verbose: bool = False) -> str:
         rows = [["name", "aliases", "available", "from", "description"]]
         for impl in impls:
             available = "yes" if impl["available"] else "no"
-            note = impl["description"] if impl["available"] else f"not available: {impl['reason']}"
             source = f"{impl['distribution']} {impl['version']}".strip()
-            rows.append([impl["name"], ", ".join(impl["aliases"]) or "-", available, source, note])
-        out.extend(_table(rows))
+            rows.append([impl["name"], ", ".join(impl["aliases"]) or "-", available, source, impl["description"]])
+        reasons = {i + 1: impl["reason"] for i, impl in enumerate(impls) if not impl["available"]}
+        for i, line in enumerate(_table(rows)):
+            out.append(line)
+            if i in reasons:  # why not, wrapped under its row
+                out.extend(
+                    textwrap.wrap(
+                        f"not available: {reasons[i] or 'no reason given'}",
+                        width=max(60, shutil.get_terminal_size((100, 24)).columns - 1),
+                        initial_indent="      ",
+                        subsequent_indent="        ",
+                        break_on_hyphens=False,
+                    )
+                )
     out.append("")
     out.append(click.style(f"plugins (entry-point group {info['entry_point_group']!r})", bold=True))
     rows = [["distribution", "version", "entry point", "provides"]]
