@@ -21,6 +21,12 @@ _EXPORTS = {
     "load_vae": "wan_kernel.models.vae_loading",
     "load_t5": "wan_kernel.models.t5",
     "load_clip_vision": "wan_kernel.models.clip",
+    "load_tokenizer": "wan_kernel.models.tokenizer",
+    "encode_prompts": "wan_kernel.models.t5",
+    "vae_state_dict_to": "wan_kernel.models.vae_loading",
+    "vae_state_dict_from": "wan_kernel.models.vae_loading",
+    "dit_state_dict_to": "wan_kernel.models.dit_keys",
+    "dit_state_dict_from": "wan_kernel.models.dit_keys",
 }
 
 __all__ = list(_EXPORTS)
