@@ -72,7 +72,7 @@ def key_lengths(k_lens: "torch.Tensor | Sequence[int] | None", batch: int, k_len
 
 
 def cu_seqlens(lengths: Sequence[int], device: Any = "cpu") -> "torch.Tensor":
-    """Cumulative sequence lengths ``[0, n0, n0 + n1, ...]`` as int32 ``[B + 1]`` (what varlen kernels take)."""
+    """Cumulative lengths ``[0, n0, n0 + n1, ...]``, int32 ``[B + 1]``, as varlen kernels take them."""
     import torch
 
     return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
@@ -133,7 +133,8 @@ def varlen_attention(
     b, lq, h, d = q.shape
     batch = pack_varlen(q, k, v, key_lengths(k_lens, b, k.shape[1]))
     out = kernel(
-        batch.q, batch.k, batch.v, batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q, batch.max_seqlen_k
+        batch.q, batch.k, batch.v,
+        batch.cu_seqlens_q, batch.cu_seqlens_k, batch.max_seqlen_q, batch.max_seqlen_k,
     )  # [B * Lq, H, D]
     return out.reshape(b, lq, h, d)
 
@@ -159,7 +160,9 @@ def check_inputs(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", *, bac
             "batch, heads and head_dim, and k and v must have the same shape"
         )
     if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
-        raise InputError(f"{backend} attention takes floating-point tensors, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise InputError(
+            f"{backend} attention takes floating-point tensors, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     devices = {t.device for t in (q, k, v)}
     if len(devices) != 1 or next(iter(devices)).type != "cuda":
         raise InputError(
@@ -205,7 +208,9 @@ class _FlashVarlenAttention(AttentionBackend):
         """The availability verdict from what was probed (a pure function, tested on CPU)."""
         problems = []
         if not library_found:
-            problems.append(f"{self.library} is not installed (no module {self.module_name!r}); {self.install_hint}")
+            problems.append(
+                f"{self.library} is not installed (no module {self.module_name!r}); {self.install_hint}"
+            )
         if not cuda_available:
             problems.append("it needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False)")
         elif capability is not None:
@@ -264,7 +269,10 @@ class _FlashVarlenAttention(AttentionBackend):
     # -- the call -------------------------------------------------------------------------------
 
     def __call__(self, q, k, v, k_lens=None):
-        """``q`` ``[B, Lq, H, D]``, ``k``/``v`` ``[B, Lk, H, D]`` on CUDA -> ``[B, Lq, H, D]`` in ``q``'s dtype."""
+        """Attention of ``q`` ``[B, Lq, H, D]`` over ``k``/``v`` ``[B, Lk, H, D]`` (CUDA tensors).
+
+        Returns ``[B, Lq, H, D]`` in ``q``'s dtype; keys at index ``>= k_lens[b]`` get no weight.
+        """
         check_inputs(q, k, v, backend=self.name)
         check_head_dim(q.shape[-1], backend=self.name)
         kernel = self.kernel()
@@ -294,8 +302,9 @@ class FlashAttention3(_FlashVarlenAttention):
     name = "flash3"
     description = "FlashAttention-3 varlen kernels (Hopper sm90 only, trains; build flash-attention/hopper)"
     install_hint = (
-        "build FlashAttention-3 on the Hopper machine: git clone https://github.com/Dao-AILab/flash-attention "
-        "&& cd flash-attention/hopper && python setup.py install"
+        "build FlashAttention-3 on the Hopper machine: "
+        "git clone https://github.com/Dao-AILab/flash-attention && "
+        "cd flash-attention/hopper && python setup.py install"
     )
     module_name = "flash_attn_interface"
     library = "FlashAttention-3"

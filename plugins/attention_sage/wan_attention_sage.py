@@ -119,7 +119,9 @@ def check_inputs(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", *, bac
             "batch, heads and head_dim, and k and v must have the same shape"
         )
     if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
-        raise InputError(f"{backend} attention takes floating-point tensors, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise InputError(
+            f"{backend} attention takes floating-point tensors, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     devices = {t.device for t in (q, k, v)}
     if len(devices) != 1 or next(iter(devices)).type != "cuda":
         raise InputError(
@@ -234,7 +236,10 @@ class SageAttention(AttentionBackend):
         return self._kernel
 
     def __call__(self, q, k, v, k_lens=None):
-        """``q`` ``[B, Lq, H, D]``, ``k``/``v`` ``[B, Lk, H, D]`` on CUDA -> ``[B, Lq, H, D]`` in ``q``'s dtype."""
+        """Attention of ``q`` ``[B, Lq, H, D]`` over ``k``/``v`` ``[B, Lk, H, D]`` (CUDA tensors).
+
+        Returns ``[B, Lq, H, D]`` in ``q``'s dtype; keys at index ``>= k_lens[b]`` get no weight.
+        """
         check_inference_only(q, k, v)
         check_inputs(q, k, v, backend=self.name)
         check_head_dim(q.shape[-1], backend=self.name)

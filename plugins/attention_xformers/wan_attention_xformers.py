@@ -115,7 +115,9 @@ def check_inputs(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", *, bac
             "batch, heads and head_dim, and k and v must have the same shape"
         )
     if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
-        raise InputError(f"{backend} attention takes floating-point tensors, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise InputError(
+            f"{backend} attention takes floating-point tensors, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     devices = {t.device for t in (q, k, v)}
     if len(devices) != 1 or next(iter(devices)).type != "cuda":
         raise InputError(
@@ -201,7 +203,10 @@ class XformersAttention(AttentionBackend):
         return self._kernel
 
     def __call__(self, q, k, v, k_lens=None):
-        """``q`` ``[B, Lq, H, D]``, ``k``/``v`` ``[B, Lk, H, D]`` on CUDA -> ``[B, Lq, H, D]`` in ``q``'s dtype."""
+        """Attention of ``q`` ``[B, Lq, H, D]`` over ``k``/``v`` ``[B, Lk, H, D]`` (CUDA tensors).
+
+        Returns ``[B, Lq, H, D]`` in ``q``'s dtype; keys at index ``>= k_lens[b]`` get no weight.
+        """
         check_inputs(q, k, v, backend=self.name)
         kernel = self.kernel()
         qh, kh, vh = half_precision(q, k, v)

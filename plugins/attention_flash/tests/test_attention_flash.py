@@ -43,7 +43,8 @@ def reference_varlen_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     k_lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
     assert max_seqlen_q == max(q_lens) and max_seqlen_k == max(k_lens)
     outs = []
-    for qs, qe, ks, ke in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k[:-1].tolist(), cu_seqlens_k[1:].tolist()):
+    q_starts, k_starts = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for qs, qe, ks, ke in zip(q_starts[:-1], q_starts[1:], k_starts[:-1], k_starts[1:]):
         outs.append(reference_attention(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke])[0])  # [Lq_i, H, D]
     return torch.cat(outs)
 
@@ -68,12 +69,16 @@ def _flash2_ready() -> bool:
 def test_varlen_packing_matches_reference_forward_and_backward():
     # every default case (k_lens with padding, none, one key, odd lengths), and gradients: keys
     # past k_lens must get exactly zero gradient through the packing
-    check_attention_backend(VarlenOnCpu(), device="cpu", dtypes=(torch.float32,), cases=default_cases(long=False))
+    check_attention_backend(
+        VarlenOnCpu(), device="cpu", dtypes=(torch.float32,), cases=default_cases(long=False)
+    )
 
 
 def test_varlen_packing_in_half_precision():
     cases = [AttentionCase("k_lens", 3, 40, 56, 2, 64, (56, 5, 31))]
-    check_attention_backend(VarlenOnCpu(), device="cpu", dtypes=(torch.bfloat16, torch.float16), cases=cases, check_backward=False)
+    check_attention_backend(
+        VarlenOnCpu(), device="cpu", dtypes=(torch.bfloat16, torch.float16), cases=cases, check_backward=False
+    )
 
 
 def test_cu_seqlens_are_int32_cumulative():
@@ -141,7 +146,8 @@ def test_cpu_tensors_get_a_clear_error():
 
 
 def test_entry_module_imports_no_library():
-    code = "import sys, wan_attention_flash; print(sorted(m for m in ('flash_attn', 'flash_attn_interface', 'torch') if m in sys.modules))"
+    heavy = ("flash_attn", "flash_attn_interface", "torch")
+    code = f"import sys, wan_attention_flash; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -177,7 +183,8 @@ def test_verdicts_name_library_cuda_and_gpu():
     f2, f3 = FlashAttention2(), FlashAttention3()
     none = f2.judge(library_found=False, cuda_available=False, capability=None)
     assert not none.ok and "pip install flash-attn" in none.reason and "CUDA GPU" in none.reason
-    assert "flash-attention/hopper" in f3.judge(library_found=False, cuda_available=True, capability=(9, 0)).reason
+    no_fa3 = f3.judge(library_found=False, cuda_available=True, capability=(9, 0))
+    assert "flash-attention/hopper" in no_fa3.reason
     turing = f2.judge(library_found=True, cuda_available=True, capability=(7, 5))
     assert not turing.ok and "8.0" in turing.reason and "sm75" in turing.reason
     assert f2.judge(library_found=True, cuda_available=True, capability=(8, 0)).ok

@@ -66,13 +66,16 @@ class BlockDiagonalOnCpu:
 
 def test_block_diagonal_packing_matches_reference_forward_and_backward():
     # every default case, and gradients: keys past k_lens must get exactly zero gradient
-    check_attention_backend(BlockDiagonalOnCpu(), device="cpu", dtypes=(torch.float32,), cases=default_cases(long=False))
+    check_attention_backend(
+        BlockDiagonalOnCpu(), device="cpu", dtypes=(torch.float32,), cases=default_cases(long=False)
+    )
 
 
 def test_block_diagonal_packing_in_half_precision():
     cases = [AttentionCase("k_lens", 3, 40, 56, 2, 64, (56, 5, 31))]
     check_attention_backend(
-        BlockDiagonalOnCpu(), device="cpu", dtypes=(torch.bfloat16, torch.float16), cases=cases, check_backward=False
+        BlockDiagonalOnCpu(), device="cpu", dtypes=(torch.bfloat16, torch.float16), cases=cases,
+        check_backward=False,
     )
 
 
@@ -123,7 +126,8 @@ def test_mismatched_shapes_get_a_clear_error():
 
 
 def test_entry_module_imports_no_library():
-    code = "import sys, wan_attention_xformers; print(sorted(m for m in ('xformers', 'torch') if m in sys.modules))"
+    heavy = ("xformers", "torch")
+    code = f"import sys, wan_attention_xformers; print(sorted(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
