@@ -387,6 +387,17 @@ def test_denoise_input_errors():
         denoise(lambda x, t: x, torch.zeros(1, 4, dtype=torch.int64), solver="euler", steps=3, shift=5.0)
     with pytest.raises(InputError, match="order"):
         denoise(lambda x, t: x, noise, solver="unipc", steps=3, shift=5.0, order=4)
+    with pytest.raises(InputError, match="sigma 1"):
+        denoise(lambda x, t: x, noise, solver="unipc", sigmas=[1.0, 0.5, 0.2], order=3)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_custom_sigmas_from_one_stay_finite(solver, order):
+    sigmas = [0.999 if solver == "unipc" and order == 3 else 1.0, 0.7, 0.4, 0.2, 0.1]
+    out = denoise(lambda x, t: torch.tanh(x) - 0.3 * x, torch.randn(1, 8),
+                  solver=solver, sigmas=sigmas, order=order)
+    assert torch.isfinite(out).all()
 
 
 def test_half_precision_noise_is_carried_in_float32():
@@ -525,4 +536,5 @@ def test_cfg_velocity_errors():
     with pytest.raises(InputError, match="applies"):
         make_cfg_velocity(model, {"context": ctx}, {"context": ctx}, 5.0, object(), 2)
     with pytest.raises(InputError, match="same argument names"):
-        make_cfg_velocity(model, {"context": ctx, "y": None}, {"context": ctx}, 5.0, None, 2, batched_cfg=True)
+        make_cfg_velocity(model, {"context": ctx, "y": None}, {"context": ctx}, 5.0, None, 2,
+                          batched_cfg=True)

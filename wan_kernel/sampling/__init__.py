@@ -20,7 +20,7 @@ import torch
 from wan_kernel.errors import InputError
 from wan_kernel.sampling.dpm import DPMSolverPP
 from wan_kernel.sampling.euler import EulerSolver
-from wan_kernel.sampling.guidance import combine_cfg, guided_velocity, make_cfg_velocity
+from wan_kernel.sampling.guidance import CfgVelocity, combine_cfg, guided_velocity, make_cfg_velocity
 from wan_kernel.sampling.schedule import (
     SOLVER_ALIASES,
     SOLVERS,
@@ -34,6 +34,7 @@ from wan_kernel.sampling.unipc import UniPCSolver
 __all__ = [
     "SOLVERS",
     "SOLVER_ALIASES",
+    "CfgVelocity",
     "DPMSolverPP",
     "EulerSolver",
     "Schedule",
@@ -102,7 +103,9 @@ def denoise(
     if not isinstance(noise, torch.Tensor):
         raise InputError(f"noise must be a torch.Tensor; got {type(noise).__name__}.")
     if noise.dim() < 1 or noise.shape[0] == 0:
-        raise InputError(f"noise must have a batch dimension first, [B, ...]; got shape {tuple(noise.shape)}.")
+        raise InputError(
+            f"noise must have a batch dimension first, [B, ...]; got shape {tuple(noise.shape)}."
+        )
     if not noise.is_floating_point():
         raise InputError(f"noise must be a floating-point tensor; got {noise.dtype}.")
     if not callable(velocity_fn):
@@ -112,6 +115,12 @@ def denoise(
     del generator  # deterministic ODE solvers (documented above)
 
     schedule = make_schedule(solver, steps, shift, sigmas=sigmas, timesteps=timesteps)
+    if schedule.solver == "unipc" and order == 3 and schedule.num_steps > 2 and schedule.sigmas[0] >= 1:
+        raise InputError(
+            "UniPC of order 3 cannot start at sigma 1 (its log-SNR is -inf there and the corrector's "
+            "linear system breaks down); start the sigmas below 1 (the built-in grid starts at 0.999) "
+            "or use order 2."
+        )
     stepper = make_solver(schedule, order=order)
     n = schedule.num_steps
     batch = noise.shape[0]
@@ -123,7 +132,9 @@ def denoise(
         v = velocity_fn(x, t)
         if not isinstance(v, torch.Tensor) or v.shape != x.shape:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise InputError(f"velocity_fn returned {got} at step {i}; expected a tensor of shape {tuple(x.shape)}.")
+            raise InputError(
+                f"velocity_fn returned {got} at step {i}; expected a tensor of shape {tuple(x.shape)}."
+            )
         x = stepper.step(i, x, v.to(torch.float32))
         if callback is not None:
             callback(i, n, t, x)

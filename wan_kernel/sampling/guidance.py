@@ -175,7 +175,8 @@ def make_cfg_velocity(
         raise InputError(f"apply_ratio must be in [0, 1]; got {apply_ratio!r}.")
     if cfg_schedule is not None and not callable(getattr(cfg_schedule, "applies", None)):
         raise InputError(
-            f"cfg_schedule must have applies(step, num_steps, apply_ratio); got {type(cfg_schedule).__name__}."
+            "cfg_schedule must have applies(step, num_steps, apply_ratio); "
+            f"got {type(cfg_schedule).__name__}."
         )
     if uncond_args is not None and batched_cfg and set(cond_args) != set(uncond_args):
         raise InputError(

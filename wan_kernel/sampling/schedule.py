@@ -175,7 +175,8 @@ def _custom_schedule(
         raise InputError(f"{what} must be strictly decreasing (from noise to data); got {given!r}.")
     if steps is not None and int(steps) != values.numel():
         raise InputError(
-            f"steps={steps} does not match the {values.numel()} {what} given; leave steps out or make them agree."
+            f"steps={steps} does not match the {values.numel()} {what} given; "
+            "leave steps out or make them agree."
         )
     s = values.numpy()
     if timesteps is not None:
