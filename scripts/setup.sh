@@ -48,8 +48,17 @@ if [ "$with_test" = 1 ]; then
 fi
 "${pip[@]}" "${targets[@]}"
 
+# The CUDA attention plugins: with --test, install the plugins alone (their libraries need a
+# GPU build) so their CPU tests run and they report themselves unavailable; with --gpu, install
+# them with their libraries.
+gpu_plugins=(attention_xformers attention_sage attention_flash)
+if [ "$with_test" = 1 ] && [ "$with_gpu" = 0 ]; then
+  for name in "${gpu_plugins[@]}"; do
+    [ -f "plugins/$name/pyproject.toml" ] && "${pip[@]}" --no-deps -e "plugins/$name"
+  done
+fi
 if [ "$with_gpu" = 1 ]; then
-  for name in attention_xformers attention_sage attention_flash; do
+  for name in "${gpu_plugins[@]}"; do
     [ -f "plugins/$name/pyproject.toml" ] && "${pip[@]}" -e "plugins/$name" \
       || echo "setup.sh: plugins/$name could not be installed with its library here; see its README" >&2
   done
