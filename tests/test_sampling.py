@@ -529,6 +529,10 @@ def test_cfg_velocity_errors():
     velocity.reset()
     velocity(torch.ones(1, 3), torch.zeros(1))
     assert velocity.forwards == 2
+    schedule = EveryOther()
+    passthrough = make_cfg_velocity(model, {"context": ctx}, {"context": ctx}, 5.0, schedule, 2, apply_ratio=None)
+    passthrough(torch.ones(1, 3), torch.zeros(1))
+    assert schedule.calls == [(0, 2, None)]
     with pytest.raises(InputError, match="apply_ratio"):
         make_cfg_velocity(model, {"context": ctx}, {"context": ctx}, 5.0, None, 2, apply_ratio=1.5)
     with pytest.raises(InputError, match="num_steps"):
@@ -538,3 +542,21 @@ def test_cfg_velocity_errors():
     with pytest.raises(InputError, match="same argument names"):
         make_cfg_velocity(model, {"context": ctx, "y": None}, {"context": ctx}, 5.0, None, 2,
                           batched_cfg=True)
+
+
+def test_cfg_velocity_follows_an_installed_cfg_schedule_plugin():
+    from wan_kernel.errors import PluginError
+    from wan_kernel.plugins import resolve
+
+    try:
+        schedule = resolve("cfg_schedule", "late")
+    except PluginError as error:
+        pytest.skip(f"no 'late' CFG schedule installed: {error}")
+    model = FakeModel()
+    ctx = [torch.full((3, 4), 0.1)]
+    velocity = make_cfg_velocity(model, {"context": ctx}, {"context": [torch.zeros(2, 4)]}, 5.0, schedule, 10,
+                                 apply_ratio=0.3)
+    denoise(velocity, torch.ones(1, 3), solver="unipc", steps=10, shift=5.0)
+    pattern = schedule.pattern(10, 0.3)
+    assert "".join("A" if a else "S" for a in velocity.applied) == pattern
+    assert velocity.forwards == 10 + pattern.count("A")

@@ -75,7 +75,7 @@ class CfgVelocity:
         cfg_schedule: Any | None,
         num_steps: int,
         *,
-        apply_ratio: float = 1.0,
+        apply_ratio: float | None = 1.0,
         batched_cfg: bool = False,
     ):
         self.model_call = model_call
@@ -140,7 +140,7 @@ def make_cfg_velocity(
     cfg_schedule: Any | None = None,
     num_steps: int | None = None,
     *,
-    apply_ratio: float = 1.0,
+    apply_ratio: float | None = 1.0,
     batched_cfg: bool = False,
 ) -> CfgVelocity:
     """Build the guided ``velocity_fn(x, t)`` for a run of ``num_steps`` denoising steps.
@@ -153,7 +153,8 @@ def make_cfg_velocity(
     :param cfg_schedule: an object with ``applies(step, num_steps, apply_ratio) -> bool`` (a
         :class:`~wan_kernel.interfaces.CfgSchedule`), or ``None`` to guide every step.
     :param num_steps: the number of denoising steps (as given to ``denoise``).
-    :param apply_ratio: the share of steps the schedule guides (0..1), passed to it.
+    :param apply_ratio: the share of steps the schedule guides (0..1), passed to it as is;
+        ``None`` (no ratio given by the user) is passed through for the schedule to interpret.
     :param batched_cfg: run cond and uncond as one forward of batch ``2B`` (tensors are
         concatenated on dim 0, lists joined, identical plain values passed once).
     """
@@ -167,12 +168,14 @@ def make_cfg_velocity(
         raise InputError(f"guidance_scale must be a number; got {guidance_scale!r}.") from None
     if not math.isfinite(scale):
         raise InputError(f"guidance_scale must be finite; got {guidance_scale!r}.")
-    try:
-        ratio = float(apply_ratio)
-    except (TypeError, ValueError):
-        raise InputError(f"apply_ratio must be a number in [0, 1]; got {apply_ratio!r}.") from None
-    if not 0.0 <= ratio <= 1.0:
-        raise InputError(f"apply_ratio must be in [0, 1]; got {apply_ratio!r}.")
+    ratio = None
+    if apply_ratio is not None:
+        try:
+            ratio = float(apply_ratio)
+        except (TypeError, ValueError):
+            raise InputError(f"apply_ratio must be a number in [0, 1]; got {apply_ratio!r}.") from None
+        if not 0.0 <= ratio <= 1.0:  # also rejects NaN
+            raise InputError(f"apply_ratio must be in [0, 1]; got {apply_ratio!r}.")
     if cfg_schedule is not None and not callable(getattr(cfg_schedule, "applies", None)):
         raise InputError(
             "cfg_schedule must have applies(step, num_steps, apply_ratio); "
