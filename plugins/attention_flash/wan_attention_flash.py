@@ -303,7 +303,7 @@ class FlashAttention3(_FlashVarlenAttention):
     description = "FlashAttention-3 varlen kernels (Hopper sm90 only, trains; build flash-attention/hopper)"
     install_hint = (
         "build FlashAttention-3 on the Hopper machine: "
-        "git clone https://github.com/Dao-AILab/flash-attention && "
+        "clone the Dao-AILab/flash-attention repository, then "
         "cd flash-attention/hopper && python setup.py install"
     )
     module_name = "flash_attn_interface"

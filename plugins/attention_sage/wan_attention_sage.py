@@ -149,7 +149,7 @@ class SageAttention(AttentionBackend):
     description = "SageAttention 8-bit kernels (CUDA sm80+, inference only; pip install sageattention)"
     install_hint = (
         "on a CUDA machine: pip install sageattention (1.x, Triton kernels), or build SageAttention 2 "
-        "from https://github.com/thu-ml/SageAttention for its faster CUDA kernels"
+        "from the thu-ml/SageAttention repository for its faster CUDA kernels"
     )
     supports_backward = False
 

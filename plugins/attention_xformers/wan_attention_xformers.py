@@ -136,7 +136,7 @@ class XformersAttention(AttentionBackend):
     name = "xformers"
     description = "xformers memory_efficient_attention (CUDA, trains; pip install xformers)"
     install_hint = (
-        "on a CUDA machine: pip install xformers --index-url https://download.pytorch.org/whl/cu<XY> "
+        "on a CUDA machine: pip install xformers from the PyTorch wheel index of your CUDA build "
         "(cu<XY> = your torch's CUDA build, e.g. cu128; the xformers wheel must match your torch version)"
     )
     supports_backward = True
