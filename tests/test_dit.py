@@ -15,15 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from wan_attention_sdpa import SdpaAttention
 
 from wan_kernel.errors import InputError
 from wan_kernel.models.dit import WanDiT, rope_tables, sinusoidal_embedding
 from wan_kernel.models.dit_config import PRESETS, DiTConfig, infer_dit_config
 from wan_kernel.testing.attention import reference_attention
-from wan_attention_sdpa import SdpaAttention
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
+needs_fixtures = pytest.mark.skipif(
+    not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}"
+)
 
 BF16_RMS_REL = 0.012
 BF16_MAX_REL = 0.02
@@ -32,15 +34,15 @@ ATTENTIONS = {"sdpa": SdpaAttention(), "reference": reference_attention}
 
 
 def tiny_config(model_type: str = "t2v", **overrides) -> DiTConfig:
-    base = dict(
-        model_type=model_type,
-        dim=32,
-        ffn_dim=48,
-        num_heads=2,
-        num_layers=2,
-        in_dim=16 if model_type == "t2v" else 36,
-        text_dim=24,
-    )
+    base = {
+        "model_type": model_type,
+        "dim": 32,
+        "ffn_dim": 48,
+        "num_heads": 2,
+        "num_layers": 2,
+        "in_dim": 16 if model_type == "t2v" else 36,
+        "text_dim": 24,
+    }
     base.update(overrides)
     return DiTConfig(**base)
 
@@ -122,11 +124,11 @@ def test_i2v_matches_official(attention):
 @needs_fixtures
 @pytest.mark.parametrize("name", ["dit_t2v", "dit_i2v"])
 def test_bf16_close_to_float32_reference(name):
-    model, case, tensors = fixture_model(name)
-    model.to(torch.bfloat16)
-    for block in [*model.blocks, model.head]:
-        block.modulation.data = block.modulation.data.float()
-    assert model.compute_dtype == torch.bfloat16
+    from wan_kernel.models.dit_loading import load_dit
+
+    model = load_dit(FIXTURES / name / "weights.safetensors", dtype=torch.bfloat16, attention=SdpaAttention())
+    assert model.compute_dtype == torch.bfloat16 and model.blocks[0].modulation.dtype == torch.float32
+    _, tensors = load_case(name)[:2]
     out = run_case(model, tensors)
     expected = tensors["out"]
     assert out.dtype == torch.float32

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from wan_attention_sdpa import SdpaAttention
 
 from wan_kernel import hookimpl
 from wan_kernel.errors import InputError, PluginError, WeightsError
@@ -21,7 +22,6 @@ from wan_kernel.models.dit_config import DiTConfig
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
 from wan_kernel.models.dit_loading import load_dit
 from wan_kernel.plugins import PluginManager
-from wan_attention_sdpa import SdpaAttention
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
@@ -38,7 +38,11 @@ def case(folder: Path) -> tuple[dict, dict]:
 def run(model: WanDiT, tensors: dict) -> torch.Tensor:
     with torch.no_grad():
         return model(
-            tensors["x"], tensors["t"], list(tensors["context"]), clip_fea=tensors.get("clip_fea"), y=tensors.get("y")
+            tensors["x"],
+            tensors["t"],
+            list(tensors["context"]),
+            clip_fea=tensors.get("clip_fea"),
+            y=tensors.get("y"),
         )
 
 
@@ -85,7 +89,9 @@ def test_diffusers_layout_with_diffusers_config(tmp_path, folder):
     target.mkdir()
     save_file(sd, target / "diffusion_pytorch_model.safetensors")
     (target / "config.json").write_text(
-        json.dumps({"_class_name": "WanTransformer3DModel", "num_attention_heads": 2, "attention_head_dim": 32})
+        json.dumps(
+            {"_class_name": "WanTransformer3DModel", "num_attention_heads": 2, "attention_head_dim": 32}
+        )
     )
     model = load_dit(target)
     assert model.config.num_heads == 2
@@ -115,7 +121,9 @@ def test_sharded_folder(tmp_path, with_index):
         save_file({k: sd[k] for k in part}, tmp_path / name)
     if with_index:
         weight_map = {k: name for name, part in shards.items() for k in part}
-        (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": weight_map})
+        )
     shutil.copy(T2V / "config.json", tmp_path / "config.json")
     assert_matches_case(load_dit(tmp_path), T2V)
 
@@ -173,7 +181,10 @@ def test_fp8_file_without_quantizer_upcasts(tmp_path):
         assert torch.equal(loaded[k].float(), v.float()), k  # e4m3 values are exact in bf16 / fp32
     _, tensors = case(T2V)
     assert torch.isfinite(run(model, tensors)).all()
-    assert load_dit(tmp_path / "dit_fp8.safetensors", num_heads=2, dtype=torch.float16).compute_dtype == torch.float16
+    assert (
+        load_dit(tmp_path / "dit_fp8.safetensors", num_heads=2, dtype=torch.float16).compute_dtype
+        == torch.float16
+    )
 
 
 def test_scaled_fp8_file_is_dequantized(tmp_path):
@@ -210,7 +221,9 @@ class Int8Linear(nn.Module):
         device = linear.weight.device
         self.register_buffer("weight", torch.empty(out_f, in_f, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_f, 1, dtype=torch.float32, device=device))
-        self.bias = nn.Parameter(torch.empty(out_f, dtype=linear.bias.dtype, device=device), requires_grad=False)
+        self.bias = nn.Parameter(
+            torch.empty(out_f, dtype=linear.bias.dtype, device=device), requires_grad=False
+        )
 
     def forward(self, x):
         return F.linear(x, (self.weight.float() * self.scale).to(x.dtype), self.bias.to(x.dtype))
@@ -347,12 +360,16 @@ def test_unexpected_keys(tmp_path):
 def test_shape_mismatch(tmp_path):
     sd = weights(T2V)
     sd["blocks.1.self_attn.q.weight"] = torch.zeros(64, 32)
-    with pytest.raises(WeightsError, match=r"'blocks\.1\.self_attn\.q\.weight' has shape \[64, 32\].*needs \[64, 64\]"):
+    with pytest.raises(
+        WeightsError, match=r"'blocks\.1\.self_attn\.q\.weight' has shape \[64, 32\].*needs \[64, 64\]"
+    ):
         load_dit(_save(tmp_path, sd), num_heads=2)
 
 
 def test_task_check():
-    with pytest.raises(WeightsError, match="image-to-video DiT .*in_dim 36.*task t2v-14B needs a text-to-video DiT"):
+    with pytest.raises(
+        WeightsError, match="image-to-video DiT .*in_dim 36.*task t2v-14B needs a text-to-video DiT"
+    ):
         load_dit(I2V / "weights.safetensors", task="t2v-14B")
     with pytest.raises(WeightsError, match="task i2v-14B needs dim 5120 with 40 layers"):
         load_dit(I2V / "weights.safetensors", task="i2v-14B")

@@ -27,8 +27,7 @@ semantics) held by the model; no plugin lookup happens in ``forward``.
 from __future__ import annotations
 
 import contextlib
-import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -205,7 +204,9 @@ class CrossAttention(nn.Module):
     its output is added to the text branch's before the output projection.
     """
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6, image: bool = False):
+    def __init__(
+        self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6, image: bool = False
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -229,7 +230,10 @@ class CrossAttention(nn.Module):
         attention: AttentionFn,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        """``x`` ``[B, L, C]``, ``context`` ``[B, 512, C]``, ``context_img`` ``[B, 257(x2), C]`` -> ``[B, L, C]``."""
+        """``x`` ``[B, L, C]``, ``context`` ``[B, 512, C]``, ``context_img`` ``[B, 257(x2), C]``.
+
+        Returns ``[B, L, C]`` in ``dtype``.
+        """
         b, n, d = x.shape[0], self.num_heads, self.head_dim
         x = x.to(dtype)
         q = self.norm_q(self.q(x)).view(b, -1, n, d).to(dtype)  # [B, L, H, D]
@@ -258,7 +262,9 @@ class DiTBlock(nn.Module):
         self.norm1 = LayerNorm(dim, eps)
         self.self_attn = SelfAttention(dim, config.num_heads, config.qk_norm, eps)
         self.norm3 = LayerNorm(dim, eps, elementwise_affine=True) if config.cross_attn_norm else nn.Identity()
-        self.cross_attn = CrossAttention(dim, config.num_heads, config.qk_norm, eps, image=config.has_image_input)
+        self.cross_attn = CrossAttention(
+            dim, config.num_heads, config.qk_norm, eps, image=config.has_image_input
+        )
         self.norm2 = LayerNorm(dim, eps)
         self.ffn = nn.Sequential(
             nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
@@ -276,9 +282,11 @@ class DiTBlock(nn.Module):
         attention: AttentionFn,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        """``x`` ``[B, L, C]`` (float32 after the first block), ``e`` ``[B, 6, C]`` float32 -> ``[B, L, C]`` float32."""
+        """``x`` ``[B, L, C]`` (float32 after block 0), ``e`` ``[B, 6, C]`` -> ``[B, L, C]`` float32."""
         with _fp32_region(x.device):
-            shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).chunk(6, dim=1)
+            shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).chunk(
+                6, dim=1
+            )
         y = self.self_attn(self.norm1(x).float() * (1 + scale_sa) + shift_sa, rope, k_lens, attention, dtype)
         with _fp32_region(x.device):
             x = x + y * gate_sa  # [B, L, C] float32
@@ -290,7 +298,7 @@ class DiTBlock(nn.Module):
 
 
 class Head(nn.Module):
-    """Output head: LayerNorm, 2-way modulation (shift, scale), Linear to ``out_dim * prod(patch)``; float32."""
+    """Output head: LayerNorm, 2-way modulation (shift, scale), Linear to ``out_dim * prod(patch)``."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -360,7 +368,9 @@ class WanDiT(nn.Module):
         super().__init__()
         self.config = config
         dim = config.dim
-        self.patch_embedding = nn.Conv3d(config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size)
+        self.patch_embedding = nn.Conv3d(
+            config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size
+        )
         self.text_embedding = nn.Sequential(
             nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
         )
@@ -444,7 +454,8 @@ class WanDiT(nn.Module):
             or a zero-padded tensor ``[B, L, text_dim]``; padded to 512 rows with zeros, all attended.
         :param clip_fea: CLIP features ``[B, 257, 1280]`` (i2v) or ``[2B, 257, 1280]`` /
             ``[B, 514, 1280]`` (flf2v: first and last frame of each sample, in that order).
-        :param y: conditioning ``[B, C_y, F, H, W]`` concatenated to ``x`` on channels (i2v: mask + image latents).
+        :param y: conditioning ``[B, C_y, F, H, W]`` concatenated to ``x`` on channels
+            (i2v: mask + image latents).
         :param seq_len: pad the token sequence to this length (the official ``seq_len``); the padded
             keys are masked and the padded rows dropped, so the output does not change.
         :returns: ``[B, out_dim, F, H, W]`` float32.
@@ -519,7 +530,9 @@ class WanDiT(nn.Module):
             if size % p:
                 raise InputError(f"latent {axis} = {size} is not a multiple of the patch size {p}")
             if size // p > ROPE_MAX_POSITIONS:
-                raise InputError(f"latent {axis} = {size} gives more than {ROPE_MAX_POSITIONS} patches (RoPE table)")
+                raise InputError(
+                    f"latent {axis} = {size} gives more than {ROPE_MAX_POSITIONS} patches (RoPE table)"
+                )
         if cfg.has_image_input and y is None:
             raise InputError(f"this {cfg.model_type} DiT needs y (mask + image latents) and clip_fea")
         if y is not None and (y.ndim != 5 or y.shape[0] != b or y.shape[2:] != x.shape[2:]):
@@ -570,7 +583,9 @@ class WanDiT(nn.Module):
             raise InputError(f"clip_fea must be [B, 257, {IMAGE_DIM}], got {list(clip_fea.shape)}")
         tokens = cfg.image_tokens
         if clip_fea.shape[0] * clip_fea.shape[1] != b * tokens:
-            expected = "[B, 257, 1280]" if tokens == IMAGE_TOKENS else "[2B, 257, 1280] (first and last frame)"
+            expected = (
+                "[B, 257, 1280]" if tokens == IMAGE_TOKENS else "[2B, 257, 1280] (first and last frame)"
+            )
             raise InputError(f"clip_fea must be {expected} for B={b}, got {list(clip_fea.shape)}")
         return clip_fea.reshape(b, tokens, IMAGE_DIM)  # flf2v: [2B, 257, d] -> [B, 514, d]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -51,7 +52,9 @@ class DiTConfig:
     text_dim: int = attrs.field(default=4096, validator=_positive)
     freq_dim: int = attrs.field(default=256, validator=_positive)
     text_len: int = attrs.field(default=512, validator=_positive)
-    patch_size: tuple[int, int, int] = attrs.field(default=(1, 2, 2), converter=lambda v: tuple(int(i) for i in v))
+    patch_size: tuple[int, int, int] = attrs.field(
+        default=(1, 2, 2), converter=lambda v: tuple(int(i) for i in v)
+    )
     eps: float = 1e-6
     qk_norm: bool = True
     cross_attn_norm: bool = True
@@ -99,7 +102,7 @@ class DiTConfig:
         return f"{article} {words} DiT (dim {self.dim}, {self.num_layers} layers, in_dim {self.in_dim})"
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "DiTConfig":
+    def from_name(cls, name: str, **overrides: Any) -> DiTConfig:
         """A preset by name (``t2v-1.3B``, ``t2v-14B``, ``i2v-14B``, ``flf2v-14B``, ``t2i-14B``)."""
         try:
             preset = PRESETS[name]
@@ -149,7 +152,9 @@ _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 def _shape(sd: Mapping[str, Any], key: str) -> tuple[int, ...]:
     tensor = sd.get(key)
     if tensor is None:
-        raise WeightsError(f"the DiT weights have no tensor {key!r}; the file is incomplete or not a Wan2.1 DiT")
+        raise WeightsError(
+            f"the DiT weights have no tensor {key!r}; the file is incomplete or not a Wan2.1 DiT"
+        )
     return tuple(tensor.shape)
 
 
@@ -179,7 +184,9 @@ def infer_dit_config(
     """
     dim, in_dim, *patch = _shape(sd, "patch_embedding.weight")
     if len(patch) != 3:
-        raise WeightsError(f"patch_embedding.weight has shape {[dim, in_dim, *patch]}, expected a Conv3d kernel")
+        raise WeightsError(
+            f"patch_embedding.weight has shape {[dim, in_dim, *patch]}, expected a Conv3d kernel"
+        )
     text_dim = _shape(sd, "text_embedding.0.weight")[1]
     freq_dim = _shape(sd, "time_embedding.0.weight")[1]
     ffn_dim = _shape(sd, "blocks.0.ffn.0.weight")[0]

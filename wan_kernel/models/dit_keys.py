@@ -20,7 +20,8 @@ files) follow their module.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 from wan_kernel.errors import InputError
 
@@ -170,7 +171,7 @@ def dit_state_dict_from(layout: str, sd: Mapping[str, T]) -> dict[str, T]:
 
 
 def dit_state_dict_to(layout: str, sd: Mapping[str, T]) -> dict[str, T]:
-    """An official-layout DiT state dict renamed into ``layout`` (``comfyui`` uses ``model.diffusion_model.``)."""
+    """An official-layout DiT state dict renamed into ``layout`` (``comfyui``: ``model.diffusion_model.``)."""
     _check_layout(layout)
     if layout == "official":
         return dict(sd)
@@ -180,7 +181,7 @@ def dit_state_dict_to(layout: str, sd: Mapping[str, T]) -> dict[str, T]:
 
 
 def diffusers_config(config) -> dict:
-    """``WanTransformer3DModel(**kwargs)`` arguments for a :class:`~wan_kernel.models.dit_config.DiTConfig`."""
+    """``WanTransformer3DModel(**kwargs)`` for a :class:`~wan_kernel.models.dit_config.DiTConfig`."""
     image = config.has_image_input
     return {
         "patch_size": tuple(config.patch_size),

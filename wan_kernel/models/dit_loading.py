@@ -11,8 +11,9 @@ adopt it with ``load_state_dict(assign=True)``. No second full copy of the weigh
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from wan_kernel.models.dit_config import MODEL_TYPE_WORDS, PRESETS, DiTConfig, i
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
 from wan_kernel.models.weights import config_beside, describe_keys, guess_model_kind, load_state_dict
 
-__all__ = ["load_dit", "dit_state_dict_from", "dit_state_dict_to", "TASKS", "resolve_dtype"]
+__all__ = ["TASKS", "dit_state_dict_from", "dit_state_dict_to", "load_dit", "resolve_dtype"]
 
 TASKS: dict[str, tuple[str, DiTConfig | None]] = {
     **{name: (preset.model_type, preset) for name, preset in PRESETS.items()},
@@ -92,12 +93,18 @@ def _resolve_quantizer(quant: Any, manager) -> Any:
         from wan_kernel.plugins import resolve
 
         quant = resolve("quantization", quant, manager=manager)
-    if not (callable(getattr(quant, "convert_for_runtime", None)) and callable(getattr(quant, "quantize_state_dict", None))):
-        raise InputError(f"quant must be a quantization plugin name (e.g. 'fp8') or a Quantizer, got {quant!r}")
+    if not (
+        callable(getattr(quant, "convert_for_runtime", None))
+        and callable(getattr(quant, "quantize_state_dict", None))
+    ):
+        raise InputError(
+            f"quant must be a quantization plugin name (e.g. 'fp8') or a Quantizer, got {quant!r}"
+        )
     targets = getattr(quant, "supported_targets", ("dit",))
     if "dit" not in targets:
         raise PluginError(
-            f"quantization {getattr(quant, 'name', quant)!r} does not support the DiT (it handles: {', '.join(targets)})"
+            f"quantization {getattr(quant, 'name', quant)!r} does not support the DiT "
+            f"(it handles: {', '.join(targets)})"
         )
     return quant
 
@@ -137,9 +144,7 @@ def _dequantize_scaled_fp8(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> d
         weight_key = key[: -len(".scale_weight")] + ".weight"
         if weight_key in sd:
             sd[weight_key] = (sd[weight_key].float() * sd[key].float()).to(dtype)
-    return {
-        k: v for k, v in sd.items() if not k.endswith(SCALE_SUFFIXES) and k not in SCALED_FP8_MARKERS
-    }
+    return {k: v for k, v in sd.items() if not k.endswith(SCALE_SUFFIXES) and k not in SCALED_FP8_MARKERS}
 
 
 def _set_dtypes(model: nn.Module, dtype: torch.dtype) -> None:
@@ -148,10 +153,19 @@ def _set_dtypes(model: nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None and name in KEEP_FP32:
-                module._parameters[name] = nn.Parameter(param.detach().float(), requires_grad=param.requires_grad)
+                module._parameters[name] = nn.Parameter(
+                    param.detach().float(), requires_grad=param.requires_grad
+                )
 
 
-def _check_keys(path: Path, layout: str, sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, missing_only: bool = False) -> None:
+def _check_keys(
+    path: Path,
+    layout: str,
+    sd: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    *,
+    missing_only: bool = False,
+) -> None:
     missing = [k for k in expected if k not in sd]
     if missing:
         raise WeightsError(
@@ -163,7 +177,8 @@ def _check_keys(path: Path, layout: str, sd: Mapping[str, torch.Tensor], expecte
     unexpected = [k for k in sd if k not in expected]
     if unexpected:
         raise WeightsError(
-            f"{path}: the {layout}-layout DiT file has {len(unexpected)} tensor(s) a Wan2.1 DiT does not have: "
+            f"{path}: the {layout}-layout DiT file has {len(unexpected)} tensor(s) "
+            "a Wan2.1 DiT does not have: "
             f"{describe_keys(unexpected)}; it is another model or a variant this loader does not support"
         )
     for key, ref in expected.items():
@@ -195,10 +210,11 @@ def load_dit(
     :param num_heads: attention heads; else ``config.json`` beside the weights; else ``dim // 128``.
     :param quant: a quantization plugin name (``fp8``, ``fp8_scaled``) or a ``Quantizer`` object.
     :param attention: an attention plugin name (default ``sdpa``) or a callable ``fn(q, k, v, k_lens)``.
-    :param task: optional task name (``t2v-14B``, ``i2v-14B``, ``t2v-1.3B``, ``t2v``, ...): the file must fit it.
+    :param task: optional task name (``t2v-14B``, ``i2v-14B``, ``t2v-1.3B``, ``t2v``, ...) the file must fit.
     :param plugin_manager: the ``PluginManager`` to resolve names with (default: the process-wide one).
     :returns: the model in eval mode with ``requires_grad`` off (training turns on what it trains).
-    :raises WeightsError: the file is missing, unreadable, another kind of model, incomplete, or wrong for ``task``.
+    :raises WeightsError: the file is missing, unreadable, another kind of model, incomplete,
+        or wrong for ``task``.
     """
     path = Path(path).expanduser()
     dtype = resolve_dtype(dtype)
