@@ -115,6 +115,15 @@ def test_wan_plugins_itself_does_not_import_torch(tmp_path):
     assert "torch" not in modules
 
 
+def test_wan_plugins_with_every_installed_plugin_does_not_import_torch():
+    """Availability checks of the installed plugins are judged without importing torch, so that
+    `wan plugins` stays fast on a machine whose CUDA libraries are absent (CI, laptops)."""
+    code, modules, stdout = modules_after(["plugins"])
+    assert code == 0, stdout
+    assert "sdpa" in stdout
+    assert "torch" not in modules
+
+
 # -- the lazy `wan run` group -----------------------------------------------------------------
 
 

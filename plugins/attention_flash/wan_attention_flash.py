@@ -222,12 +222,14 @@ class _FlashVarlenAttention(AttentionBackend):
     def availability(self) -> Availability:
         if self._kernel is not None:
             return Availability.yes()
-        import torch
-
         try:
             found = importlib.util.find_spec(self.module_name) is not None
         except (ImportError, ValueError):
             found = False
+        if not found:  # say so without importing torch: `wan plugins` stays fast
+            return self.judge(library_found=False, cuda_available=True, capability=None)
+        import torch
+
         cuda = torch.cuda.is_available()
         capability = tuple(torch.cuda.get_device_capability()) if cuda else None
         verdict = self.judge(library_found=found, cuda_available=cuda, capability=capability)

@@ -193,12 +193,14 @@ class SageAttention(AttentionBackend):
     def availability(self) -> Availability:
         if self._kernel is not None:
             return Availability.yes()
-        import torch
-
         try:
             found = importlib.util.find_spec("sageattention") is not None
         except (ImportError, ValueError):
             found = False
+        if not found:  # say so without importing torch: `wan plugins` stays fast
+            return self.judge(library_found=False, cuda_available=True, capability=None)
+        import torch
+
         try:
             version = importlib.metadata.version("sageattention") if found else None
         except importlib.metadata.PackageNotFoundError:

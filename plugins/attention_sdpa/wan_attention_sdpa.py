@@ -18,12 +18,16 @@ class SdpaAttention(AttentionBackend):
     supports_backward = True
 
     def availability(self) -> Availability:
+        # Judged from the installed distribution, without importing torch (`wan plugins` stays fast).
+        import importlib.metadata
+
         try:
-            import torch.nn.functional as F
-        except ImportError:  # pragma: no cover - torch is a dependency
-            return Availability.no("torch is not installed")
-        if not hasattr(F, "scaled_dot_product_attention"):
-            return Availability.no("this torch has no scaled_dot_product_attention; install torch>=2.0")
+            version = importlib.metadata.version("torch")
+        except importlib.metadata.PackageNotFoundError:
+            return Availability.no("torch is not installed; pip install torch")
+        major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
+        if major < 2:
+            return Availability.no(f"torch {version} has no scaled_dot_product_attention; install torch>=2.0")
         return Availability.yes()
 
     def __call__(self, q, k, v, k_lens=None):

@@ -158,12 +158,14 @@ class XformersAttention(AttentionBackend):
     def availability(self) -> Availability:
         if self._kernel is not None:
             return Availability.yes()
-        import torch
-
         try:
             found = importlib.util.find_spec("xformers") is not None
         except (ImportError, ValueError):
             found = False
+        if not found:  # say so without importing torch: `wan plugins` stays fast
+            return self.judge(library_found=False, cuda_available=True)
+        import torch
+
         verdict = self.judge(library_found=found, cuda_available=torch.cuda.is_available())
         if not verdict.ok:
             return verdict
