@@ -381,3 +381,12 @@ def test_task_check():
 def test_unknown_attention_name():
     with pytest.raises(PluginError, match="no-such-attention"):
         load_dit(T2V / "weights.safetensors", attention="no-such-attention")
+
+
+def test_unknown_dit_layout(tmp_path):
+    odd = {
+        "model.diffusion_model.blocks.0.attn1.to_q.weight": torch.zeros(2)
+    }  # comfy prefix, diffusers names
+    save_file(odd, tmp_path / "odd.safetensors")
+    with pytest.raises(WeightsError, match="layout this loader does not know"):
+        load_dit(tmp_path / "odd.safetensors")

@@ -113,6 +113,12 @@ def _check_kind(path: Path, keys: list[str]) -> str:
     """The layout of a DiT file, or a WeightsError saying what the file is instead."""
     kind = guess_model_kind(keys)
     layout = detect_layout(keys) if kind == "a Wan DiT" else None
+    if layout is None and kind == "a Wan DiT":
+        raise WeightsError(
+            f"{path} has Wan DiT tensor names in a layout this loader does not know "
+            f"({describe_keys(keys, 3)}); it reads the official, ComfyUI (model.diffusion_model.) "
+            "and diffusers layouts"
+        )
     if layout is None:
         raise WeightsError(
             f"{path} looks like {kind}, not a Wan2.1 DiT (its tensors: {describe_keys(keys, 3)}); "
