@@ -384,9 +384,10 @@ def test_unknown_attention_name():
 
 
 def test_unknown_dit_layout(tmp_path):
-    odd = {
-        "model.diffusion_model.blocks.0.attn1.to_q.weight": torch.zeros(2)
-    }  # comfy prefix, diffusers names
+    odd = {  # ComfyUI prefix around diffusers names
+        "model.diffusion_model.blocks.0.attn1.to_q.weight": torch.zeros(2),
+        "model.diffusion_model.condition_embedder.time_proj.weight": torch.zeros(2),
+    }
     save_file(odd, tmp_path / "odd.safetensors")
     with pytest.raises(WeightsError, match="layout this loader does not know"):
         load_dit(tmp_path / "odd.safetensors")
