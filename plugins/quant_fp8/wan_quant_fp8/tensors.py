@@ -1,0 +1,225 @@
+"""fp8 tensors: quantize, dequantize, convert other tools' scale layouts, and the state-dict pass.
+
+Layout and names: see :mod:`wan_quant_fp8.scheme`. Every function here works on any device.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from wan_kernel.errors import WeightsError
+from wan_quant_fp8.scheme import (
+    DROPPED_SUFFIXES,
+    FP8_MAX,
+    MARKER_KEYS,
+    SCALE_FLOOR,
+    SCALE_KEY,
+    SCALE_TENSOR_KEY,
+    Fp8Scheme,
+    is_quantized_layer,
+)
+
+FP8 = torch.float8_e4m3fn
+_OTHER_FP8 = tuple(getattr(torch, n) for n in ("float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n))
+
+
+def quantize_weight(weight: torch.Tensor, scheme: Fp8Scheme, *, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Quantize a Linear weight ``[out, in]`` to float8_e4m3fn with ``scheme``'s scales.
+
+    :returns: ``(q, scale)``: ``q`` float8_e4m3fn ``[out, in]``; ``scale`` float32 of
+        ``scheme.scale_shape(out, in)`` (``None`` for plain fp8, whose values clamp to +-448).
+    :raises WeightsError: the weight is not 2-D or holds NaN / inf.
+    """
+    if weight.ndim != 2:
+        raise WeightsError(f"{name}: a Linear weight is 2-D [out, in], got shape {list(weight.shape)}")
+    out_features, in_features = weight.shape
+    w = weight.float()
+    layout = scheme.layout(out_features, in_features)
+    if layout == "none":
+        if not bool(torch.isfinite(w).all()):
+            raise WeightsError(f"{name}: the weight holds NaN or inf values; the file is damaged")
+        return w.clamp(-FP8_MAX, FP8_MAX).to(FP8), None
+    if layout == "block":
+        grouped = w.view(out_features, in_features // scheme.block_size, scheme.block_size)  # [out, nb, 64]
+        amax = grouped.abs().amax(dim=2, keepdim=True)  # [out, nb, 1]
+    else:
+        grouped = w  # [out, in]
+        amax = grouped.abs().amax(dim=1, keepdim=True)  # [out, 1]
+    if not bool(torch.isfinite(amax).all()):
+        raise WeightsError(f"{name}: the weight holds NaN or inf values; the file is damaged")
+    scale = (amax / FP8_MAX).clamp(min=SCALE_FLOOR)
+    q = (grouped / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(out_features, in_features)
+    return q, scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor | None, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q * scale`` as ``dtype`` ``[out, in]``; ``scale`` may be ``None``, ``[1]``/scalar, ``[out]``,
+    ``[out, 1]`` or block-wise ``[out, nb, 1]`` / ``[out, nb]`` (``in % nb == 0``)."""
+    out_features, in_features = q.shape
+    w = q.to(dtype) if dtype in (torch.float32, torch.bfloat16) else q.float()
+    if scale is None:
+        return w.to(dtype)
+    s = scale.to(device=w.device, dtype=w.dtype)
+    n = s.numel()
+    if n == 1:
+        w = w * s.reshape(())
+    elif n == out_features:
+        w = w * s.reshape(out_features, 1)
+    elif n % out_features == 0 and in_features % (n // out_features) == 0:
+        blocks = n // out_features
+        w = (w.view(out_features, blocks, in_features // blocks) * s.reshape(out_features, blocks, 1)).view(
+            out_features, in_features
+        )
+    else:
+        raise WeightsError(
+            f"scale of shape {list(scale.shape)} does not fit a weight [{out_features}, {in_features}]: "
+            "expected [1], [out, 1] or [out, in/block, 1]"
+        )
+    return w.to(dtype)
+
+
+def adapt_prequantized(
+    q: torch.Tensor, scale: torch.Tensor | None, scheme: Fp8Scheme, *, name: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Bring a stored float8_e4m3fn weight and its scale into ``scheme``'s layout.
+
+    Exact (the fp8 values are kept) when the stored scale is already in that layout, absent
+    (scale 1), per-tensor, or per-channel widened to blocks. Otherwise (e.g. block scales under
+    ``fp8_fast``'s per-channel layout, or another block size) the weight is dequantized and
+    quantized again, which adds one more rounding.
+    """
+    out_features, in_features = q.shape
+    want = scheme.scale_shape(out_features, in_features)
+    if want is None:  # plain fp8: only unit scales can be dropped without changing the values
+        if scale is not None and not bool((scale == 1).all()):
+            raise WeightsError(
+                f"{name}: this is a scaled-fp8 checkpoint (it stores {SCALE_KEY}); load it with "
+                "quant='fp8_scaled' (or fp8_fast), or without quant to run it dequantized"
+            )
+        return q, None
+    if scale is None:
+        return q, torch.ones(want, dtype=torch.float32, device=q.device)
+    s = scale.to(device=q.device, dtype=torch.float32)
+    if tuple(s.shape) == want:
+        return q, s
+    if s.numel() == 1:  # per tensor: the same scale everywhere
+        return q, s.reshape([1] * len(want)).expand(want).contiguous()
+    if s.numel() == out_features:  # per channel: the same scale in every block of a row
+        return q, s.reshape(out_features, *([1] * (len(want) - 1))).expand(want).contiguous()
+    return quantize_weight(dequantize_weight(q, s), scheme, name=name)
+
+
+def _total_scale(sd: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor | None:
+    scale = sd.get(f"{prefix}.{SCALE_KEY}")
+    factor = sd.get(f"{prefix}.{SCALE_TENSOR_KEY}")
+    if scale is None:
+        return None
+    if factor is not None:  # musubi's two-level block scales: total = block scale * tensor scale
+        scale = scale.float() * factor.float().reshape(())
+    return scale
+
+
+def _is_fp8(t: torch.Tensor) -> bool:
+    return t.dtype == FP8 or t.dtype in _OTHER_FP8
+
+
+def quantize_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    scheme: Fp8Scheme,
+    *,
+    target: str,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """The stored tensors of a ``target`` model under ``scheme`` (see :mod:`wan_quant_fp8.scheme`).
+
+    For every quantized layer ``P`` (by name, :func:`is_quantized_layer`):
+
+    - high-precision ``P.weight`` (fp32/bf16/fp16, or float8_e5m2): quantized on ``device``;
+    - float8_e4m3fn ``P.weight`` with or without ``P.scale_weight``: kept as stored, its scale
+      brought into the scheme's layout (:func:`adapt_prequantized`);
+    - ``P.bias`` unchanged.
+
+    Other tensors stay as they are, except fp8 tensors with a scale outside the quantized layers,
+    which are dequantized to float32. ComfyUI's ``scale_input`` and ``scaled_fp8`` marker, and
+    musubi's ``scale_weight_tensor`` (folded in) are dropped. The input mapping is not modified.
+    """
+    device = torch.device(device)
+    work = device if device.type != "meta" else torch.device("cpu")
+    out: dict[str, torch.Tensor] = {}
+    consumed: set[str] = set()
+    layer_prefixes = {
+        key[: -len(".weight")]
+        for key in state_dict
+        if key.endswith(".weight") and is_quantized_layer(target, key[: -len(".weight")])
+    }
+    for prefix in sorted(layer_prefixes):
+        wkey = f"{prefix}.weight"
+        weight = state_dict[wkey]
+        scale = _total_scale(state_dict, prefix)
+        consumed.update({wkey, f"{prefix}.{SCALE_KEY}", f"{prefix}.{SCALE_TENSOR_KEY}"})
+        if weight.dtype == FP8:
+            q, s = adapt_prequantized(weight.to(work), scale, scheme, name=wkey)
+        else:
+            hp = dequantize_weight(weight.to(work), scale) if scale is not None else weight.to(work)
+            q, s = quantize_weight(hp, scheme, name=wkey)
+        out[wkey] = q
+        if s is not None:
+            out[f"{prefix}.{SCALE_KEY}"] = s
+    for key, value in state_dict.items():
+        if key in consumed or key in MARKER_KEYS or key.endswith(DROPPED_SUFFIXES):
+            continue
+        if key.endswith(f".{SCALE_KEY}") or key.endswith(f".{SCALE_TENSOR_KEY}"):
+            continue  # scales of layers kept in high precision: folded in below
+        if _is_fp8(value):
+            scale = _total_scale(state_dict, key[: -len(".weight")]) if key.endswith(".weight") else None
+            if scale is not None:
+                value = _dequantize_any(value, scale)
+        out[key] = value
+    return out
+
+
+def _dequantize_any(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 ``value * scale`` for a tensor of any rank (scale per tensor or per first dim)."""
+    if value.ndim == 2:
+        return dequantize_weight(value, scale)
+    s = scale.float().to(value.device)
+    if s.numel() == 1:
+        return value.float() * s.reshape(())
+    if s.numel() == value.shape[0]:
+        return value.float() * s.reshape(value.shape[0], *([1] * (value.ndim - 1)))
+    raise WeightsError(f"scale of shape {list(scale.shape)} does not fit a tensor of shape {list(value.shape)}")
+
+
+def merge_before_quantize(
+    state_dict: Mapping[str, torch.Tensor], deltas: Mapping[str, torch.Tensor], *, scale: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """Add LoRA deltas to the HIGH-PRECISION weights, so that quantizing comes after merging.
+
+    The order that keeps fp8 error from compounding: ``merge_before_quantize(sd, deltas)`` then
+    ``quantizer.quantize_state_dict(...)`` (then ``load_state_dict(assign=True)``). A weight
+    already stored as fp8 (a pre-quantized file) is dequantized with its scale first and its
+    scale keys dropped, so the quantizer quantizes the merged float32 weight afresh.
+
+    :param deltas: ``{"blocks.0.self_attn.q.weight": dW [out, in], ...}`` (``dW = B @ A * alpha/rank``).
+    :param scale: multiplier of every delta (the LoRA strength).
+    :raises WeightsError: a delta names a weight the state dict lacks, or has another shape.
+    """
+    merged = dict(state_dict)
+    for key, delta in deltas.items():
+        if key not in merged:
+            raise WeightsError(f"LoRA delta for {key!r}, but the model has no such weight")
+        weight = merged[key]
+        if tuple(weight.shape) != tuple(delta.shape):
+            raise WeightsError(
+                f"LoRA delta for {key!r} has shape {list(delta.shape)}, the weight has {list(weight.shape)}"
+            )
+        prefix = key[: -len(".weight")] if key.endswith(".weight") else key
+        total = _total_scale(merged, prefix)
+        base = dequantize_weight(weight, total) if (total is not None or _is_fp8(weight)) else weight.float()
+        merged.pop(f"{prefix}.{SCALE_KEY}", None)
+        merged.pop(f"{prefix}.{SCALE_TENSOR_KEY}", None)
+        keep = torch.bfloat16 if _is_fp8(weight) else weight.dtype  # quantized again right after
+        merged[key] = (base + scale * delta.to(device=base.device, dtype=torch.float32)).to(keep)
+    return merged
