@@ -129,7 +129,8 @@ def tasks_for_model(model_type: str, dim: int) -> list[TaskSpec]:
 def describe_model(model_type: str, dim: int) -> str:
     """A short description of a DiT for messages (``an i2v-14B DiT (model_type i2v, dim 5120)``)."""
     label = KNOWN_WIDTHS.get(dim, "custom-size")
-    return f"a {model_type} {label} DiT (model_type {model_type!r}, dim {dim})"
+    article = "an" if model_type == "i2v" else "a"
+    return f"{article} {model_type} {label} DiT (model_type {model_type!r}, dim {dim})"
 
 
 def select_task(model_type: str, dim: int, requested: str | None = None) -> TaskSpec:
