@@ -53,7 +53,8 @@ fi
 # them with their libraries.
 gpu_plugins=(attention_xformers attention_sage attention_flash)
 if [ "$with_test" = 1 ] && [ "$with_gpu" = 0 ]; then
-  for name in "${gpu_plugins[@]}"; do
+  # attention_example is the documented third-party template: its own tests run in the suite.
+  for name in "${gpu_plugins[@]}" attention_example; do
     [ -f "plugins/$name/pyproject.toml" ] && "${pip[@]}" --no-deps -e "plugins/$name"
   done
 fi
