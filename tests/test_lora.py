@@ -1,0 +1,379 @@
+"""LoRA at inference: every file layout merges the same delta, scaling, patterns, reports and errors.
+
+Each LoRA here is written from one random low-rank delta on the tiny official fixture DiT; the
+model with the LoRA applied must match (1e-5) the model whose weights were merged by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from wan_kernel import lora
+from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.lora import LoraSpec, LoraWarning
+from wan_kernel.models.dit_keys import dit_state_dict_to, official_to_diffusers_key
+from wan_kernel.models.dit_loading import load_dit
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
+T2V = FIXTURES / "dit_t2v" / "weights.safetensors"
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
+
+RANK = 2
+ATOL = 1e-5
+# the modules the LoRA touches: every linear of both blocks, a top-level linear and the patch conv
+BLOCK_LINEARS = [f"self_attn.{p}" for p in "qkvo"] + [f"cross_attn.{p}" for p in "qkvo"] + ["ffn.0", "ffn.2"]
+TARGETS = [f"blocks.{i}.{m}" for i in range(2) for m in BLOCK_LINEARS] + ["text_embedding.0", "patch_embedding"]
+
+
+@pytest.fixture(scope="module")
+def base_sd() -> dict[str, torch.Tensor]:
+    return load_file(T2V)
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    return load_dit(T2V, dtype=torch.float32)
+
+
+@pytest.fixture()
+def model(base_model):
+    return copy.deepcopy(base_model)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 1, 4, 6, generator=g)
+    t = torch.tensor([700.0])
+    context = [torch.randn(5, 48, generator=g)]
+    return x, t, context
+
+
+def forward(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*inputs)
+
+
+def random_delta(sd, targets=TARGETS, seed=1, alpha=None):
+    """{module: (down, up, alpha)} with conv-shaped factors for the Conv3d, as kohya writes them."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in targets:
+        w = sd[name + ".weight"]
+        down_shape = (RANK, *w.shape[1:])  # [r, in] or [r, in, kt, kh, kw]
+        up_shape = (w.shape[0], RANK, *([1] * (w.dim() - 2)))  # [out, r] or [out, r, 1, 1, 1]
+        down = torch.randn(down_shape, generator=g) * 0.3
+        up = torch.randn(up_shape, generator=g) * 0.3
+        out[name] = (down, up, alpha)
+    return out
+
+
+def hand_merged(sd, *deltas_and_multipliers):
+    """The state dict with ``W += m * alpha/r * up @ down`` applied by hand."""
+    out = {k: v.clone() for k, v in sd.items()}
+    for delta, multiplier in deltas_and_multipliers:
+        for name, (down, up, alpha) in delta.items():
+            w = out[name + ".weight"]
+            scale = 1.0 if alpha is None else alpha / RANK
+            product = (up.flatten(1).double() @ down.flatten(1).double()).reshape(w.shape)
+            out[name + ".weight"] = (w.double() + multiplier * scale * product).float()
+    return out
+
+
+def model_with(base_model, sd):
+    m = copy.deepcopy(base_model)
+    m.load_state_dict(sd)
+    return m
+
+
+def write_lora(path: Path, delta, layout: str = "kohya", *, metadata=None) -> Path:
+    """Write ``delta`` as a LoRA file in one of the layouts peers use."""
+    tensors = {}
+    for name, (down, up, alpha) in delta.items():
+        if layout == "kohya":
+            stem, d, u = "lora_unet_" + name.replace(".", "_"), "lora_down.weight", "lora_up.weight"
+        elif layout == "comfyui":
+            stem, d, u = "diffusion_model." + name, "lora_A.weight", "lora_B.weight"
+        elif layout == "comfyui_down_up":
+            stem, d, u = "diffusion_model." + name, "lora_down.weight", "lora_up.weight"
+        elif layout == "diffusers":
+            stem, d, u = "transformer." + official_to_diffusers_key(name), "lora_A.weight", "lora_B.weight"
+        elif layout == "peft":
+            stem, d, u = "base_model.model." + name, "lora_A.default.weight", "lora_B.default.weight"
+        else:
+            raise ValueError(layout)
+        if layout in ("diffusers", "peft"):  # PEFT files hold 2-D factors only
+            down, up = down.flatten(1), up.flatten(1)
+        tensors[f"{stem}.{d}"] = down.contiguous()
+        tensors[f"{stem}.{u}"] = up.contiguous()
+        if alpha is not None and layout not in ("diffusers", "peft"):
+            tensors[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def weight(model, name):
+    return model.get_submodule(name).weight.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# Every layout merges the same delta
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["kohya", "comfyui", "comfyui_down_up", "diffusers", "peft"])
+def test_each_layout_matches_hand_merge(layout, tmp_path, base_sd, base_model, model, inputs):
+    alpha = None if layout in ("diffusers", "peft") else 1.0  # PEFT files carry no alpha tensor
+    delta = random_delta(base_sd, alpha=alpha)
+    path = write_lora(tmp_path / "lora.safetensors", delta, layout)
+
+    assert lora.apply_loras(model, [LoraSpec(path)]) is model
+    expected = forward(model_with(base_model, hand_merged(base_sd, (delta, 1.0))), inputs)
+    out = forward(model, inputs)
+    torch.testing.assert_close(out, expected, atol=ATOL, rtol=ATOL)
+    # the delta is big enough that a LoRA which merged nothing (or the wrong modules) would show
+    assert (out - forward(base_model, inputs)).abs().max() > 1e-2
+
+
+def test_conv_lora_changes_patch_embedding(tmp_path, base_sd, model):
+    delta = random_delta(base_sd, targets=["patch_embedding"])
+    lora.apply_loras(model, [write_lora(tmp_path / "c.safetensors", delta)])
+    expected = hand_merged(base_sd, (delta, 1.0))["patch_embedding.weight"]
+    torch.testing.assert_close(weight(model, "patch_embedding"), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_peft_lora_alpha_from_metadata_and_adapter_config(tmp_path, base_sd, base_model):
+    delta = random_delta(base_sd, targets=["blocks.0.self_attn.q"])
+    want = hand_merged(base_sd, ({k: (d, u, 1.0) for k, (d, u, _) in delta.items()}, 1.0))["blocks.0.self_attn.q.weight"]
+
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps({"transformer.r": RANK, "transformer.lora_alpha": 1})}
+    path = write_lora(tmp_path / "pytorch_lora_weights.safetensors", delta, "diffusers", metadata=meta)
+    m = copy.deepcopy(base_model)
+    lora.apply_loras(m, [path])
+    torch.testing.assert_close(weight(m, "blocks.0.self_attn.q"), want, atol=1e-6, rtol=1e-6)
+
+    folder = tmp_path / "epoch1"  # diffusion-pipe: adapter_config.json beside the weights
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"r": RANK, "lora_alpha": 1}))
+    path = write_lora(folder / "adapter_model.safetensors", delta, "comfyui")
+    m = copy.deepcopy(base_model)
+    lora.apply_loras(m, [path])
+    torch.testing.assert_close(weight(m, "blocks.0.self_attn.q"), want, atol=1e-6, rtol=1e-6)
+
+
+def test_diff_and_diff_b_full_deltas(tmp_path, base_sd, model):
+    g = torch.Generator().manual_seed(3)
+    diff = torch.randn(64, generator=g)  # the affine norm before cross-attention
+    diff_b = torch.randn(64, generator=g)
+    path = tmp_path / "diff.safetensors"
+    save_file({"diffusion_model.blocks.1.norm3.diff": diff, "diffusion_model.blocks.1.cross_attn.o.diff_b": diff_b}, str(path))
+    lora.apply_loras(model, [LoraSpec(path, multiplier=0.5)])
+    torch.testing.assert_close(weight(model, "blocks.1.norm3"), base_sd["blocks.1.norm3.weight"] + 0.5 * diff)
+    torch.testing.assert_close(
+        model.get_submodule("blocks.1.cross_attn.o").bias.detach(), base_sd["blocks.1.cross_attn.o.bias"] + 0.5 * diff_b
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Scaling, patterns, several LoRAs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("multiplier", [0.5, -1.0, 2.0])
+def test_multiplier_scales_the_delta(multiplier, tmp_path, base_sd, model):
+    delta = random_delta(base_sd, targets=["blocks.0.ffn.0", "blocks.1.cross_attn.k"], alpha=2.0)
+    lora.apply_loras(model, [LoraSpec(write_lora(tmp_path / "l.safetensors", delta), multiplier=multiplier)])
+    expected = hand_merged(base_sd, (delta, multiplier))
+    for name in delta:
+        torch.testing.assert_close(weight(model, name), expected[name + ".weight"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("alpha, scale", [(1.0, 0.5), (8.0, 4.0), (None, 1.0)])
+def test_alpha_over_rank(alpha, scale, tmp_path, base_sd, model):
+    delta = random_delta(base_sd, targets=["blocks.0.self_attn.v"], alpha=alpha)
+    lora.apply_loras(model, [write_lora(tmp_path / "l.safetensors", delta)])
+    down, up, _ = delta["blocks.0.self_attn.v"]
+    want = base_sd["blocks.0.self_attn.v.weight"] + scale * (up @ down)
+    torch.testing.assert_close(weight(model, "blocks.0.self_attn.v"), want, atol=1e-6, rtol=1e-6)
+
+
+def changed(model, base_sd) -> set[str]:
+    return {name for name in TARGETS if not torch.equal(weight(model, name), base_sd[name + ".weight"])}
+
+
+@pytest.mark.parametrize(
+    "include, exclude, expect",
+    [
+        ("self_attn", None, {n for n in TARGETS if ".self_attn." in n}),  # either spelling
+        (None, "blocks_1_", {n for n in TARGETS if not n.startswith("blocks.1.")}),  # kohya spelling
+        (r"blocks\.0\.", r"ffn", {n for n in TARGETS if n.startswith("blocks.0.") and ".ffn." not in n}),
+        (r"^lora_unet_(patch|text)", None, {"patch_embedding", "text_embedding.0"}),
+    ],
+)
+def test_include_exclude_patterns(include, exclude, expect, tmp_path, base_sd, model):
+    path = write_lora(tmp_path / "l.safetensors", random_delta(base_sd, alpha=1.0), "comfyui")
+    spec = {"path": path, "multiplier": 1.0, "include": include, "exclude": exclude}  # the pipeline's form
+    lora.apply_loras(model, [spec])
+    assert changed(model, base_sd) == expect
+
+
+def test_patterns_that_leave_nothing_are_an_error(tmp_path, base_sd, model):
+    path = write_lora(tmp_path / "l.safetensors", random_delta(base_sd))
+    with pytest.raises(InputError, match="patterns leave none"):
+        lora.apply_loras(model, [LoraSpec(path, include_patterns=["no_such_module"])])
+    assert changed(model, base_sd) == set()
+
+
+def test_invalid_pattern_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="include_patterns.*regular expression"):
+        LoraSpec(tmp_path / "x.safetensors", include_patterns="blocks[")
+
+
+def test_two_loras_add(tmp_path, base_sd, base_model, model, inputs):
+    a = random_delta(base_sd, seed=1, alpha=1.0)
+    b = random_delta(base_sd, targets=TARGETS[3:9], seed=2, alpha=4.0)
+    pa = write_lora(tmp_path / "a.safetensors", a, "kohya")
+    pb = write_lora(tmp_path / "b.safetensors", b, "comfyui")
+    lora.apply_loras(model, [LoraSpec(pa, 0.7), LoraSpec(pb, -1.3)])
+    expected_sd = hand_merged(base_sd, (a, 0.7), (b, -1.3))
+    for name in TARGETS:
+        torch.testing.assert_close(weight(model, name), expected_sd[name + ".weight"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        forward(model, inputs), forward(model_with(base_model, expected_sd), inputs), atol=ATOL, rtol=ATOL
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Reports and errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_unmatched_modules_are_reported(tmp_path, base_sd, model):
+    delta = random_delta(base_sd, targets=["blocks.0.cross_attn.q"], alpha=1.0)
+    g = torch.Generator().manual_seed(5)
+    for i in range(2):  # an I2V LoRA on a T2V model: k_img / v_img have no target
+        for m in ("k_img", "v_img"):
+            delta[f"blocks.{i}.cross_attn.{m}"] = (torch.randn(RANK, 64, generator=g), torch.randn(64, RANK, generator=g), 1.0)
+    path = write_lora(tmp_path / "i2v.safetensors", delta)
+    lines = []
+    with pytest.warns(LoraWarning, match=r"4 without a target.*k_img"):
+        lora.apply_loras(model, [path], log=lines.append)
+    assert changed(model, base_sd) == {"blocks.0.cross_attn.q"}
+    assert len(lines) == 1 and "merged into 1 module" in lines[0]
+
+
+def test_lora_for_another_model_is_an_input_error(tmp_path, model, base_sd):
+    path = tmp_path / "hunyuan.safetensors"
+    save_file(
+        {
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(RANK, 64),
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(192, RANK),
+        },
+        str(path),
+    )
+    with pytest.raises(InputError, match="another model"):
+        lora.apply_loras(model, [path])
+
+
+def test_lora_of_another_size_is_an_input_error(tmp_path, model, base_sd):
+    path = tmp_path / "big.safetensors"
+    good = random_delta(base_sd, targets=["blocks.0.self_attn.q"])
+    bad = {"blocks.0.self_attn.k": (torch.zeros(RANK, 5120), torch.zeros(5120, RANK), None)}
+    write_lora(path, {**good, **bad})
+    with pytest.raises(InputError, match="another model size"):
+        lora.apply_loras(model, [path])
+    assert changed(model, base_sd) == set()  # checked before anything is merged
+
+
+def test_not_a_lora_is_a_weights_error(tmp_path, model):
+    with pytest.raises(WeightsError, match="not a LoRA file.*Wan DiT"):
+        lora.apply_loras(model, [T2V])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 40)
+    with pytest.raises(WeightsError):
+        lora.apply_loras(model, [garbage])
+    with pytest.raises(WeightsError, match="not found"):
+        lora.apply_loras(model, [tmp_path / "missing.safetensors"])
+    half = tmp_path / "half.safetensors"
+    save_file({"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.zeros(RANK, 64)}, str(half))
+    with pytest.raises(WeightsError, match="no up matrix"):
+        lora.apply_loras(model, [half])
+
+
+def test_quantized_model_refuses_live_merge(tmp_path, base_sd, model):
+    layer = model.get_submodule("blocks.0.self_attn.q")
+    layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    path = write_lora(tmp_path / "l.safetensors", random_delta(base_sd))
+    with pytest.raises(InputError, match="merged while loading"):
+        lora.apply_loras(model, [path])
+
+
+# --------------------------------------------------------------------------------------------
+# The state-dict path and load-time merging
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["official", "comfyui", "diffusers"])
+def test_merge_into_state_dict(layout, tmp_path, base_sd):
+    delta = random_delta(base_sd, alpha=1.0)
+    path = write_lora(tmp_path / "l.safetensors", delta)
+    sd = dit_state_dict_to(layout, base_sd)
+    untouched = {k: v.clone() for k, v in sd.items()}
+    reports = lora.merge_loras_into_state_dict(sd, [LoraSpec(path, 0.5)], layout)
+    assert sorted(reports[0].merged) == sorted(TARGETS)
+    expected = dit_state_dict_to(layout, hand_merged(base_sd, (delta, 0.5)))
+    changed_keys = {k for k in sd if not torch.equal(sd[k], untouched[k])}
+    assert changed_keys == {k for k in expected if not torch.equal(expected[k], untouched[k])}
+    for key in changed_keys:
+        torch.testing.assert_close(sd[key], expected[key], atol=1e-6, rtol=1e-6)
+
+
+def test_merge_into_scaled_fp8_state_dict(tmp_path, base_sd):
+    delta = random_delta(base_sd, targets=["blocks.0.ffn.2"], alpha=1.0)
+    path = write_lora(tmp_path / "l.safetensors", delta)
+    w = base_sd["blocks.0.ffn.2.weight"]
+    scale = w.abs().max() / 448.0
+    sd = dict(base_sd)
+    sd["blocks.0.ffn.2.weight"] = (w / scale).to(torch.float8_e4m3fn)
+    sd["blocks.0.ffn.2.scale_weight"] = scale.reshape(1)
+    lora.merge_loras_into_state_dict(sd, [path])
+    assert "blocks.0.ffn.2.scale_weight" not in sd and sd["blocks.0.ffn.2.weight"].dtype == torch.bfloat16
+    dequantized = sd["blocks.0.ffn.2.weight"].float() - hand_merged(base_sd, (delta, 1.0))["blocks.0.ffn.2.weight"]
+    assert dequantized.abs().max() < 0.1 * w.abs().max()  # fp8 + bf16 rounding only
+
+
+class RecordingQuantizer:
+    """A stand-in quantizer: keeps what it was given, quantizes nothing."""
+
+    name = "recording"
+
+    def __init__(self):
+        self.seen = {}
+
+    def convert_for_runtime(self, model, *, target):
+        return model
+
+    def quantize_state_dict(self, state_dict, *, target, device="cpu"):
+        self.seen = {k: v.clone() for k, v in state_dict.items()}
+        return state_dict
+
+
+def test_load_time_merge_happens_before_quantization(tmp_path, base_sd, base_model, inputs):
+    delta = random_delta(base_sd, alpha=1.0)
+    path = write_lora(tmp_path / "l.safetensors", delta, "diffusers")
+    quantizer = RecordingQuantizer()
+    lines = []
+    model = lora.load_dit_with_loras(T2V, [LoraSpec(path, 0.8)], quant=quantizer, dtype=torch.float32, log=lines.append)
+    expected = hand_merged(base_sd, ({k: (d, u, None) for k, (d, u, _) in delta.items()}, 0.8))
+    torch.testing.assert_close(quantizer.seen["blocks.1.ffn.0.weight"], expected["blocks.1.ffn.0.weight"], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(forward(model, inputs), forward(model_with(base_model, expected), inputs), atol=ATOL, rtol=ATOL)
+    assert "merged into 22 module" in lines[0]
+
+    plain = lora.load_dit_with_loras(T2V, [LoraSpec(path, 0.8)], dtype=torch.float32)  # no quantizer: live merge
+    torch.testing.assert_close(forward(plain, inputs), forward(model, inputs), atol=ATOL, rtol=ATOL)
