@@ -112,8 +112,8 @@ def _given(ctx: click.Context, name: str) -> bool:
 @_option("--fp8", "--fp8_base", "fp8", is_flag=True, help="Same as --quant fp8.")
 @_option("--fp8_scaled", is_flag=True, help="Same as --quant fp8_scaled (with or without --fp8).")
 @_option("--fp8_fast", is_flag=True, help="Same as --quant fp8_fast (CUDA, fp8 matmuls).")
-@_option("--fp8_t5", is_flag=True, help="Run the T5 encoder with fp8 weights (--t5_quant fp8).")
-@_option("--t5_quant", default=None, help="T5 weight quantization plugin.")
+@_option("--fp8_t5", is_flag=True, help="Run the T5 encoder with fp8 weights (--t5_quant fp8_t5).")
+@_option("--t5_quant", default=None, help="T5 weight quantization plugin (fp8_t5, ...).")
 @_option("--offload", default=None, help="Offload plugin (blockswap); --blocks_to_swap alone selects blockswap.")
 @_option("--blocks_to_swap", type=int, default=0, help="DiT blocks kept in CPU memory and swapped in (CUDA).")
 @_option("--compile", is_flag=True, help="torch.compile each transformer block.")
@@ -138,7 +138,7 @@ def _build_config(ctx: click.Context, options: dict):
     from wan_kernel.pipelines.generate import GenerateConfig
 
     quant = _quant_choice(options["quant"], options["fp8"], options["fp8_scaled"], options["fp8_fast"])
-    t5_quant = options["t5_quant"] or ("fp8" if options["fp8_t5"] else None)
+    t5_quant = options["t5_quant"] or ("fp8_t5" if options["fp8_t5"] else None)
     return GenerateConfig(
         prompt=options["prompt"],
         negative_prompt=options["negative_prompt"],

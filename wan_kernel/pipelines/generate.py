@@ -476,6 +476,13 @@ class GenerationPipeline:
         self.cfg_schedule = self._resolve("cfg_schedule", cfg.cfg_skip_mode)
         self.quantizer = self._resolve("quantization", cfg.quant) if cfg.quant else None
         self.t5_quantizer = self._resolve("quantization", cfg.t5_quant) if cfg.t5_quant else None
+        for quantizer, target, option in ((self.quantizer, "dit", "--quant"), (self.t5_quantizer, "t5", "--t5_quant")):
+            targets = getattr(quantizer, "supported_targets", ("dit",))
+            if quantizer is not None and target not in targets:
+                raise InputError(
+                    f"{option} {quantizer.name}: this quantization handles the {', '.join(targets)}, not the "
+                    f"{target.upper()}" + (" (for the T5 use --fp8_t5)" if target == "t5" else "")
+                )
         offload = cfg.offload or ("blockswap" if cfg.blocks_to_swap else None)
         if offload and self.device.type != "cuda":
             raise InputError(
@@ -485,6 +492,11 @@ class GenerationPipeline:
         if offload and not cfg.blocks_to_swap:
             raise InputError(f"--offload {offload} needs --blocks_to_swap N (how many blocks to keep off the GPU)")
         self.offloader = self._resolve("offload", offload) if offload else None
+        if cfg.lora_weights:
+            self._lora_module()
+            for path in cfg.lora_weights:
+                if not Path(path).expanduser().exists():
+                    raise WeightsError(f"--lora_weight {path}: file not found")
         if cfg.compile and self.device.type == "cpu" and not _has_c_compiler():
             raise InputError("--compile on the CPU needs a C compiler (torch.compile/inductor); drop --compile")
 
@@ -694,20 +706,24 @@ class GenerationPipeline:
     def _prepare_dit(self) -> torch.nn.Module:
         cfg = self.config
         offload = self.offloader is not None
+        quant = self.quantizer
+        lora_specs = self._lora_specs()
+        if lora_specs and quant is not None:
+            # merge into the high-precision weights while loading, before they are quantized
+            quant = self._lora_module().merging_quantizer(quant, lora_specs)
         dit = self.models.load_dit(
             device=torch.device("cpu") if offload else self.device,
             dtype=self.dit_dtype,
             attention=self.attention,
-            quant=self.quantizer,
+            quant=quant,
         )
-        if cfg.lora_weights:
-            dit = self._apply_loras(dit)
+        if lora_specs and self.quantizer is None:
+            dit = self._lora_module().apply_loras(dit, lora_specs, log=self.log)
         if offload:
-            blocks = dit.blocks
             for name, child in dit.named_children():
                 if name != "blocks":
                     child.to(self.device)
-            runner = self.offloader.attach(blocks, device=self.device, blocks_to_swap=cfg.blocks_to_swap, training=False)
+            runner = self.offloader.attach(dit.blocks, device=self.device, blocks_to_swap=cfg.blocks_to_swap, training=False)
             dit.set_block_runner(runner)
             runner.prepare()
         if cfg.compile:
@@ -715,14 +731,18 @@ class GenerationPipeline:
                 block.compile()
         return dit
 
-    def _apply_loras(self, dit):
-        cfg = self.config
+    def _lora_module(self):
         if importlib.util.find_spec("wan_kernel.lora") is None:
             raise InputError("--lora_weight needs LoRA support (wan_kernel.lora), which this install does not have")
         from wan_kernel import lora
 
+        return lora
+
+    def _lora_specs(self) -> list[dict[str, Any]]:
+        """One ``{path, multiplier, include, exclude}`` per ``--lora_weight`` (patterns by position)."""
+        cfg = self.config
         multipliers = cfg.lora_multipliers or tuple(1.0 for _ in cfg.lora_weights)
-        specs = [
+        return [
             {
                 "path": path,
                 "multiplier": multipliers[i],
@@ -731,8 +751,6 @@ class GenerationPipeline:
             }
             for i, path in enumerate(cfg.lora_weights)
         ]
-        result = lora.apply_loras(dit, specs)
-        return dit if result is None else result
 
     def denoise(
         self,
