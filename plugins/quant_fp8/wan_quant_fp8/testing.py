@@ -1,0 +1,53 @@
+"""Helpers the plugin's tests and ``benchmarks/quant.py`` share: random DiT weights and measures.
+
+Random weights instead of the official init: the official init zeroes the head (the output
+would be zero) and the biases; here every tensor is drawn, and with ``spread_rows`` the rows of
+each quantized Linear have a few outlier rows (4x louder) and the q/k projections are drawn small
+(std 0.002: their outputs are RMS-normalised, so the model does not care, but most of those
+values lie below float8_e4m3fn's smallest normal 2^-6 where a plain fp8 cast is coarse): the case
+where scales beat a plain fp8 cast.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wan_quant_fp8.scheme import is_quantized_layer
+
+
+def randomize_(model: nn.Module, seed: int = 0, *, spread_rows: bool = True) -> nn.Module:
+    """Draw every parameter in place: weights ``N(0, 1/fan_in)``, biases ``0.05 N``, norm scales
+    ``1 + 0.1 N``, modulation ``0.1 N``; with ``spread_rows``, the attention q/k weights
+    ``0.002 N`` and rows 0-3 of every quantized DiT Linear x4 (outliers). Works on any device
+    (drawn on the CPU, then copied)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            last = name.rsplit(".", 1)[-1]
+            if last == "modulation":
+                value = 0.1 * torch.randn(p.shape, generator=g)
+            elif last == "bias":
+                value = 0.05 * torch.randn(p.shape, generator=g)
+            elif p.ndim == 1:  # norm scales
+                value = 1 + 0.1 * torch.randn(p.shape, generator=g)
+            else:
+                value = torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5
+            p.copy_(value)
+        if spread_rows:
+            for name, module in model.named_modules():
+                if isinstance(module, nn.Linear) and is_quantized_layer("dit", name):
+                    if name.rsplit(".", 1)[-1] in ("q", "k"):
+                        module.weight.copy_(0.002 * torch.randn(module.weight.shape, generator=g))
+                    module.weight[0:4] *= 4.0
+    return model
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float32."""
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (meta tensors count by shape and dtype)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
