@@ -662,7 +662,8 @@ class GenerationPipeline:
         if not task.needs_image:
             return out
         with self.stage("image encoders"):
-            clip = self._model("clip", lambda: self.models.load_clip(device=self.device, dtype=None, attention=self.attention))
+            # CLIP runs once per image: the default (SDPA) attention, whatever backend the DiT uses
+            clip = self._model("clip", lambda: self.models.load_clip(device=self.device, dtype=None, attention=None))
             features = {}
             images = {}
             for r in requests:
