@@ -28,7 +28,8 @@ RANK = 2
 ATOL = 1e-5
 # the modules the LoRA touches: every linear of both blocks, a top-level linear and the patch conv
 BLOCK_LINEARS = [f"self_attn.{p}" for p in "qkvo"] + [f"cross_attn.{p}" for p in "qkvo"] + ["ffn.0", "ffn.2"]
-TARGETS = [f"blocks.{i}.{m}" for i in range(2) for m in BLOCK_LINEARS] + ["text_embedding.0", "patch_embedding"]
+TARGETS = [f"blocks.{i}.{m}" for i in range(2) for m in BLOCK_LINEARS]
+TARGETS += ["text_embedding.0", "patch_embedding"]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,11 @@ def write_lora(path: Path, delta, layout: str = "kohya", *, metadata=None) -> Pa
     for name, (down, up, alpha) in delta.items():
         if layout == "kohya":
             stem, d, u = "lora_unet_" + name.replace(".", "_"), "lora_down.weight", "lora_up.weight"
+        elif layout == "wan_fun":  # double underscore, and the mixed separators some tools write
+            stem, d, u = "lora_unet__" + name.replace(".", "_", 1), "lora_down.weight", "lora_up.weight"
+        elif layout == "lycoris_diffusers":
+            stem = "lycoris_" + official_to_diffusers_key(name).replace(".", "_")
+            d, u = "lora_down.weight", "lora_up.weight"
         elif layout == "comfyui":
             stem, d, u = "diffusion_model." + name, "lora_A.weight", "lora_B.weight"
         elif layout == "comfyui_down_up":
@@ -127,7 +133,9 @@ def weight(model, name):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["kohya", "comfyui", "comfyui_down_up", "diffusers", "peft"])
+@pytest.mark.parametrize(
+    "layout", ["kohya", "wan_fun", "lycoris_diffusers", "comfyui", "comfyui_down_up", "diffusers", "peft"]
+)
 def test_each_layout_matches_hand_merge(layout, tmp_path, base_sd, base_model, model, inputs):
     alpha = None if layout in ("diffusers", "peft") else 1.0  # PEFT files carry no alpha tensor
     delta = random_delta(base_sd, alpha=alpha)
@@ -150,9 +158,11 @@ def test_conv_lora_changes_patch_embedding(tmp_path, base_sd, model):
 
 def test_peft_lora_alpha_from_metadata_and_adapter_config(tmp_path, base_sd, base_model):
     delta = random_delta(base_sd, targets=["blocks.0.self_attn.q"])
-    want = hand_merged(base_sd, ({k: (d, u, 1.0) for k, (d, u, _) in delta.items()}, 1.0))["blocks.0.self_attn.q.weight"]
+    with_alpha = {k: (d, u, 1.0) for k, (d, u, _) in delta.items()}
+    want = hand_merged(base_sd, (with_alpha, 1.0))["blocks.0.self_attn.q.weight"]
 
-    meta = {"format": "pt", "lora_adapter_metadata": json.dumps({"transformer.r": RANK, "transformer.lora_alpha": 1})}
+    peft_config = {"transformer.r": RANK, "transformer.lora_alpha": 1}  # diffusers packs it with a prefix
+    meta = {"format": "pt", "lora_adapter_metadata": json.dumps(peft_config)}
     path = write_lora(tmp_path / "pytorch_lora_weights.safetensors", delta, "diffusers", metadata=meta)
     m = copy.deepcopy(base_model)
     lora.apply_loras(m, [path])
@@ -172,12 +182,15 @@ def test_diff_and_diff_b_full_deltas(tmp_path, base_sd, model):
     diff = torch.randn(64, generator=g)  # the affine norm before cross-attention
     diff_b = torch.randn(64, generator=g)
     path = tmp_path / "diff.safetensors"
-    save_file({"diffusion_model.blocks.1.norm3.diff": diff, "diffusion_model.blocks.1.cross_attn.o.diff_b": diff_b}, str(path))
+    tensors = {
+        "diffusion_model.blocks.1.norm3.diff": diff,
+        "diffusion_model.blocks.1.cross_attn.o.diff_b": diff_b,
+    }
+    save_file(tensors, str(path))
     lora.apply_loras(model, [LoraSpec(path, multiplier=0.5)])
     torch.testing.assert_close(weight(model, "blocks.1.norm3"), base_sd["blocks.1.norm3.weight"] + 0.5 * diff)
-    torch.testing.assert_close(
-        model.get_submodule("blocks.1.cross_attn.o").bias.detach(), base_sd["blocks.1.cross_attn.o.bias"] + 0.5 * diff_b
-    )
+    bias = model.get_submodule("blocks.1.cross_attn.o").bias.detach()
+    torch.testing.assert_close(bias, base_sd["blocks.1.cross_attn.o.bias"] + 0.5 * diff_b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +272,8 @@ def test_unmatched_modules_are_reported(tmp_path, base_sd, model):
     g = torch.Generator().manual_seed(5)
     for i in range(2):  # an I2V LoRA on a T2V model: k_img / v_img have no target
         for m in ("k_img", "v_img"):
-            delta[f"blocks.{i}.cross_attn.{m}"] = (torch.randn(RANK, 64, generator=g), torch.randn(64, RANK, generator=g), 1.0)
+            down, up = torch.randn(RANK, 64, generator=g), torch.randn(64, RANK, generator=g)
+            delta[f"blocks.{i}.cross_attn.{m}"] = (down, up, 1.0)
     path = write_lora(tmp_path / "i2v.safetensors", delta)
     lines = []
     with pytest.warns(LoraWarning, match=r"4 without a target.*k_img"):
@@ -344,8 +358,8 @@ def test_merge_into_scaled_fp8_state_dict(tmp_path, base_sd):
     sd["blocks.0.ffn.2.scale_weight"] = scale.reshape(1)
     lora.merge_loras_into_state_dict(sd, [path])
     assert "blocks.0.ffn.2.scale_weight" not in sd and sd["blocks.0.ffn.2.weight"].dtype == torch.bfloat16
-    dequantized = sd["blocks.0.ffn.2.weight"].float() - hand_merged(base_sd, (delta, 1.0))["blocks.0.ffn.2.weight"]
-    assert dequantized.abs().max() < 0.1 * w.abs().max()  # fp8 + bf16 rounding only
+    error = sd["blocks.0.ffn.2.weight"].float() - hand_merged(base_sd, (delta, 1.0))["blocks.0.ffn.2.weight"]
+    assert error.abs().max() < 0.1 * w.abs().max()  # fp8 + bf16 rounding only
 
 
 class RecordingQuantizer:
@@ -369,11 +383,14 @@ def test_load_time_merge_happens_before_quantization(tmp_path, base_sd, base_mod
     path = write_lora(tmp_path / "l.safetensors", delta, "diffusers")
     quantizer = RecordingQuantizer()
     lines = []
-    model = lora.load_dit_with_loras(T2V, [LoraSpec(path, 0.8)], quant=quantizer, dtype=torch.float32, log=lines.append)
+    spec = LoraSpec(path, 0.8)
+    model = lora.load_dit_with_loras(T2V, [spec], quant=quantizer, dtype=torch.float32, log=lines.append)
     expected = hand_merged(base_sd, ({k: (d, u, None) for k, (d, u, _) in delta.items()}, 0.8))
-    torch.testing.assert_close(quantizer.seen["blocks.1.ffn.0.weight"], expected["blocks.1.ffn.0.weight"], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(forward(model, inputs), forward(model_with(base_model, expected), inputs), atol=ATOL, rtol=ATOL)
+    seen = quantizer.seen["blocks.1.ffn.0.weight"]
+    torch.testing.assert_close(seen, expected["blocks.1.ffn.0.weight"], atol=1e-6, rtol=1e-6)
+    reference = forward(model_with(base_model, expected), inputs)
+    torch.testing.assert_close(forward(model, inputs), reference, atol=ATOL, rtol=ATOL)
     assert "merged into 22 module" in lines[0]
 
-    plain = lora.load_dit_with_loras(T2V, [LoraSpec(path, 0.8)], dtype=torch.float32)  # no quantizer: live merge
+    plain = lora.load_dit_with_loras(T2V, [spec], dtype=torch.float32)  # no quantizer: merged after loading
     torch.testing.assert_close(forward(plain, inputs), forward(model, inputs), atol=ATOL, rtol=ATOL)

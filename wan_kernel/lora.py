@@ -50,7 +50,12 @@ import torch
 from torch import nn
 
 from wan_kernel.errors import InputError, WeightsError
-from wan_kernel.models.dit_keys import LAYOUTS, diffusers_to_official_key, official_to_diffusers_key, strip_comfyui_prefix
+from wan_kernel.models.dit_keys import (
+    LAYOUTS,
+    diffusers_to_official_key,
+    official_to_diffusers_key,
+    strip_comfyui_prefix,
+)
 from wan_kernel.models.weights import (
     describe_keys,
     guess_model_kind,
@@ -111,13 +116,20 @@ class LoraSpec:
 
     path: Path = attrs.field(converter=lambda p: Path(p).expanduser())
     multiplier: float = attrs.field(default=1.0, converter=float)
-    include_patterns: tuple[str, ...] = attrs.field(default=(), converter=_patterns, validator=_check_patterns)
-    exclude_patterns: tuple[str, ...] = attrs.field(default=(), converter=_patterns, validator=_check_patterns)
+    include_patterns: tuple[str, ...] = attrs.field(
+        default=(), converter=_patterns, validator=_check_patterns
+    )
+    exclude_patterns: tuple[str, ...] = attrs.field(
+        default=(), converter=_patterns, validator=_check_patterns
+    )
 
     @classmethod
     def coerce(cls, spec: "LoraSpec | str | os.PathLike | Mapping[str, Any]") -> "LoraSpec":
-        """A spec from a spec, a path, or a mapping (``path``, ``multiplier``, ``include``/``include_patterns``,
-        ``exclude``/``exclude_patterns``; ``None`` values mean the default)."""
+        """A spec from a spec, a path, or a mapping.
+
+        Mapping keys: ``path``, ``multiplier``, ``include``/``include_patterns``,
+        ``exclude``/``exclude_patterns`` (a pattern may be one string); ``None`` means the default.
+        """
         if isinstance(spec, LoraSpec):
             return spec
         if isinstance(spec, (str, os.PathLike)):
@@ -128,7 +140,10 @@ class LoraSpec:
             for key, value in spec.items():
                 name = aliases.get(key, key)
                 if name not in ("path", "multiplier", "include_patterns", "exclude_patterns"):
-                    raise InputError(f"unknown LoRA option {key!r}; use path, multiplier, include_patterns, exclude_patterns")
+                    raise InputError(
+                        f"unknown LoRA option {key!r}; "
+                        "use path, multiplier, include_patterns, exclude_patterns"
+                    )
                 if value is not None:
                     kwargs[name] = value
             if "path" not in kwargs:
@@ -143,6 +158,9 @@ class LoraSpec:
             return False
         return not any(re.search(p, n) for p in self.exclude_patterns for n in names)
 
+
+SpecLike = LoraSpec | str | os.PathLike | Mapping[str, Any]
+"""What the functions below accept for one LoRA: a spec, a path, or a mapping (:meth:`LoraSpec.coerce`)."""
 
 # --------------------------------------------------------------------------------------------
 # Reading LoRA files
@@ -327,38 +345,53 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
         if unsupported:
             raise WeightsError(
                 f"{path}: holds only adapter kinds this loader does not merge (LoHa, LoKr, DoRA, ...), "
-                f"e.g. {describe_keys(unsupported, 3)}; convert it to a plain LoRA or merge it with its trainer"
+                f"e.g. {describe_keys(unsupported, 3)}; convert it to a plain LoRA or merge it with its "
+                "trainer"
             )
         raise WeightsError(
             f"{path}: not a LoRA file: it looks like {guess_model_kind(list(sd))} "
-            f"(its tensors: {describe_keys(list(sd), 3)}); pass a LoRA with lora_down/lora_up or lora_A/lora_B tensors"
+            f"(its tensors: {describe_keys(list(sd), 3)}); pass a LoRA with lora_down/lora_up or "
+            "lora_A/lora_B tensors"
         )
     if not any(m.alpha is not None for m in modules.values()):
         lora_alpha, rslora, alpha_pattern = _peft_alpha(path)
         for module in modules.values():
-            alpha = next((a for p, a in alpha_pattern.items() if re.match(rf"(.*\.)?{p}$", module.name)), lora_alpha)
+            matching = (a for p, a in alpha_pattern.items() if re.match(rf"(.*\.)?{p}$", module.name))
+            alpha = next(matching, lora_alpha)
             if alpha is not None and module.rank:
                 module.alpha = alpha * math.sqrt(module.rank) if rslora else alpha
-    return LoraFile(path=path, layout=_describe_layout(modules), modules=modules, unsupported=sorted(unsupported))
+    layout = _describe_layout(modules)
+    return LoraFile(path=path, layout=layout, modules=modules, unsupported=sorted(unsupported))
 
 
 def _make_module(path: Path, name: str, roles: Mapping[str, torch.Tensor]) -> LoraModule:
     down, up = roles.get("down"), roles.get("up")
     if (down is None) != (up is None):
         have, lacks = ("down", "up") if up is None else ("up", "down")
-        raise WeightsError(f"{path}: LoRA module {name!r} has a {have} matrix but no {lacks} matrix; the file is incomplete")
-    if down is not None and (down.dim() < 2 or up.dim() < 2 or up.shape[1] != down.shape[0]):
         raise WeightsError(
-            f"{path}: LoRA module {name!r} has down {list(down.shape)} and up {list(up.shape)}, whose ranks do not agree"
+            f"{path}: LoRA module {name!r} has a {have} matrix but no {lacks} matrix; the file is incomplete"
+        )
+    if down is not None and (down.dim() < 2 or up.dim() < 2 or up[0].numel() != down.shape[0]):
+        raise WeightsError(
+            f"{path}: LoRA module {name!r} has down {list(down.shape)} and up {list(up.shape)}, "
+            "whose ranks do not agree"
         )
     alpha = None
     if "alpha" in roles:
         a = roles["alpha"]
         if a.numel() != 1 or not torch.isfinite(a.float()).all():
-            raise WeightsError(f"{path}: LoRA module {name!r} has an alpha that is not one finite number ({list(a.shape)})")
+            raise WeightsError(
+                f"{path}: LoRA module {name!r} has an alpha that is not one finite number ({list(a.shape)})"
+            )
         alpha = float(a.float().item())
     return LoraModule(
-        name=name, down=down, up=up, alpha=alpha, diff=roles.get("diff"), diff_b=roles.get("diff_b"), bias=roles.get("bias")
+        name=name,
+        down=down,
+        up=up,
+        alpha=alpha,
+        diff=roles.get("diff"),
+        diff_b=roles.get("diff_b"),
+        bias=roles.get("bias"),
     )
 
 
@@ -372,14 +405,10 @@ class _Targets:
 
     def __init__(self, official_names: Iterable[str]):
         self.names = set(official_names)
-        self.diffusers: dict[str, str] = {}
-        self.underscored: dict[str, str] = {}
+        self.underscored: dict[str, str] = {}  # official and diffusers spellings, "." -> "_"
         self.ambiguous: set[str] = set()
         for name in sorted(self.names):
-            spelled = official_to_diffusers_key(name)
-            if spelled != name:
-                self.diffusers[spelled] = name
-            for dotted in {name, spelled}:
+            for dotted in {name, official_to_diffusers_key(name)}:
                 flat = dotted.replace(".", "_")
                 if self.underscored.setdefault(flat, name) != name:
                     self.ambiguous.add(flat)
@@ -390,7 +419,9 @@ class _Targets:
             if lora_name.startswith(prefix):
                 flat = lora_name[len(prefix) :].replace(".", "_")
                 if flat in self.ambiguous:
-                    raise InputError(f"the LoRA module {lora_name!r} could mean several modules of this model")
+                    raise InputError(
+                        f"the LoRA module {lora_name!r} could mean several modules of this model"
+                    )
                 return self.underscored.get(flat)
         name = lora_name
         for prefix in _DOTTED_PREFIXES:
@@ -398,8 +429,6 @@ class _Targets:
                 name = name[len(prefix) :]
         if name in self.names:
             return name
-        if name in self.diffusers:
-            return self.diffusers[name]
         official = diffusers_to_official_key(name)
         return official if official in self.names else None
 
@@ -421,11 +450,15 @@ class LoraReport:
     """LoRA module names of adapter kinds not merged here (LoHa, LoKr, DoRA)."""
 
     def summary(self) -> str:
-        text = f"LoRA {self.path.name} ({self.layout} layout) x{self.multiplier:g}: merged into {len(self.merged)} module(s)"
+        text = (
+            f"LoRA {self.path.name} ({self.layout} layout) x{self.multiplier:g}: "
+            f"merged into {len(self.merged)} module(s)"
+        )
         if self.filtered:
             text += f", {len(self.filtered)} left out by the patterns"
         if self.unmatched:
-            text += f", {len(self.unmatched)} without a target in this model ({describe_keys(self.unmatched, 3)})"
+            shown = describe_keys(self.unmatched, 3)
+            text += f", {len(self.unmatched)} without a target in this model ({shown})"
         if self.unsupported:
             text += f", {len(self.unsupported)} of unsupported kinds ({describe_keys(self.unsupported, 3)})"
         return text
@@ -489,8 +522,9 @@ def _plan(
                     f"(e.g. {describe_keys(unmatched, 3)}); the LoRA was made for another model"
                 )
             raise InputError(
-                f"{spec.path}: the include/exclude patterns leave none of the LoRA's {len(filtered)} module(s); "
-                "patterns are searched in names like lora_unet_blocks_0_self_attn_q and blocks.0.self_attn.q"
+                f"{spec.path}: the include/exclude patterns leave none of the LoRA's {len(filtered)} "
+                "module(s); patterns are searched in names like lora_unet_blocks_0_self_attn_q "
+                "and blocks.0.self_attn.q"
             )
         if unmatched or lora.unsupported:
             warnings.warn(report.summary(), LoraWarning, stacklevel=3)
@@ -571,7 +605,7 @@ def _official_module_keys(state_dict: Mapping[str, torch.Tensor], layout: str | 
 
 def merge_loras_into_state_dict(
     state_dict: dict[str, torch.Tensor],
-    specs: Iterable[LoraSpec | str | os.PathLike | Mapping[str, Any]],
+    specs: Iterable[SpecLike],
     layout: str | None = "official",
     *,
     device: torch.device | str | None = None,
@@ -582,7 +616,8 @@ def merge_loras_into_state_dict(
     scaled-fp8 file) is dequantized, merged and stored back in bfloat16 without its scale, so
     that a quantizer afterwards quantizes the merged weight.
 
-    :param state_dict: tensors keyed in ``layout`` (``official``, ``comfyui``, ``diffusers``; ``None``: detect).
+    :param state_dict: tensors keyed in ``layout``.
+    :param layout: ``official``, ``comfyui`` or ``diffusers`` key names; ``None``: detect.
     :param specs: :class:`LoraSpec` objects (or paths, or mappings :meth:`LoraSpec.coerce` takes).
     :param device: where to compute (e.g. the GPU); merged tensors go back where they were.
     :returns: one :class:`LoraReport` per file.
@@ -605,20 +640,26 @@ def merge_loras_into_state_dict(
         scale, out_dtype = None, None
         if not weight.dtype.is_floating_point:
             raise InputError(
-                f"cannot merge a LoRA into {key}: it is stored as {weight.dtype}; load the bf16/fp16 DiT instead"
+                f"cannot merge a LoRA into {key}: it is stored as {weight.dtype}; "
+                "load the bf16/fp16 DiT instead"
             )
         if weight.dtype.itemsize == 1:  # fp8: dequantize (with its scale), merge, keep bfloat16
             scale = state_dict.pop(scale_key, None)
             if scale is not None and scale.numel() != 1 and scale.shape[0] != weight.shape[0]:
                 raise InputError(
-                    f"cannot merge a LoRA into {key}: its block-wise fp8 scale {list(scale.shape)} is not supported; "
-                    "load the bf16/fp16 DiT instead"
+                    f"cannot merge a LoRA into {key}: its block-wise fp8 scale {list(scale.shape)} "
+                    "is not supported; load the bf16/fp16 DiT instead"
                 )
             if scale is not None and scale.numel() != 1:
                 scale = scale.reshape(weight.shape[0], *([1] * (weight.dim() - 1)))
             out_dtype = torch.bfloat16
         state_dict[key] = _merged(
-            weight, entries, lambda m: m.weight_delta(weight.shape), device=device, scale=scale, out_dtype=out_dtype
+            weight,
+            entries,
+            lambda m, s=weight.shape: m.weight_delta(s),
+            device=device,
+            scale=scale,
+            out_dtype=out_dtype,
         )
     for name, entries in plan.bias.items():
         key = keys[name][: -len("weight")] + "bias"
@@ -631,7 +672,7 @@ def _strip_compiled(name: str) -> str:
 
 
 def merge_loras_into_model(
-    model: nn.Module, specs: Iterable[LoraSpec | str | os.PathLike | Mapping[str, Any]]
+    model: nn.Module, specs: Iterable[SpecLike]
 ) -> list[LoraReport]:
     """Merge LoRA files into a live, unquantized model's weights (in place; computed where they live).
 
@@ -646,9 +687,11 @@ def merge_loras_into_model(
         if isinstance(w, torch.Tensor):
             weights[name] = w
     shapes = {n: tuple(w.shape) for n, w in weights.items()}
-    biases = {
-        n: tuple(modules[n].bias.shape) for n in weights if isinstance(getattr(modules[n], "bias", None), torch.Tensor)
-    }
+    biases = {}
+    for n in weights:
+        bias = getattr(modules[n], "bias", None)
+        if isinstance(bias, torch.Tensor):
+            biases[n] = tuple(bias.shape)
     plan = _plan(specs, shapes, biases)
     for name in [*plan.weight, *plan.bias]:
         _check_mergeable(name, modules[name], weights[name])
@@ -677,7 +720,7 @@ def _check_mergeable(name: str, module: nn.Module, weight: torch.Tensor) -> None
 
 def apply_loras(
     model: nn.Module,
-    specs: Iterable[LoraSpec | str | os.PathLike | Mapping[str, Any]],
+    specs: Iterable[SpecLike],
     *,
     log: Callable[[str], None] | None = None,
 ) -> nn.Module:
@@ -721,7 +764,7 @@ class _MergingQuantizer:
         return self.inner.quantize_state_dict(state_dict, target=target, device=device)
 
 
-def merging_quantizer(quantizer: Any, specs: Iterable[LoraSpec | str | os.PathLike | Mapping[str, Any]]) -> Any:
+def merging_quantizer(quantizer: Any, specs: Iterable[SpecLike]) -> Any:
     """Wrap a quantizer (a plugin name or object) so ``load_dit(quant=...)`` merges ``specs`` first.
 
     ``load_dit`` hands the quantizer the official-layout state dict; the wrapper merges the LoRAs
@@ -737,7 +780,7 @@ def merging_quantizer(quantizer: Any, specs: Iterable[LoraSpec | str | os.PathLi
 
 def load_dit_with_loras(
     path: str | os.PathLike,
-    specs: Iterable[LoraSpec | str | os.PathLike | Mapping[str, Any]],
+    specs: Iterable[SpecLike],
     *,
     quant: Any = None,
     log: Callable[[str], None] | None = None,
