@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 
 import click
-
 from wan_cli.errors import handle_wan_errors
+
 from wan_kernel.errors import InputError, WanError
 
 TASK_NAMES = ("t2v-1.3B", "t2v-14B", "i2v-14B", "t2i-14B", "flf2v-14B")
@@ -57,71 +57,175 @@ def _given(ctx: click.Context, name: str) -> bool:
 # what to generate
 @_option("--prompt", "-p", default=None, help="Text prompt (or use --from_file / --interactive).")
 @_option("--negative_prompt", default=None, help="Negative prompt  [default: the official Wan2.1 one]")
-@_option("--task", type=click.Choice(TASK_NAMES), default=None,
-         help="Task; read from the DiT weights when left out (confirms it, or picks t2i-14B over t2v-14B).")
-@_option("--preset", type=click.Choice(PRESETS), default=None,
-         help="'demo': built-in tiny untrained models, no files needed (a smoke test of the install).")
-@_option("--video_size", type=(int, int), default=None, metavar="HEIGHT WIDTH",
-         help="Size in pixels, height first; for i2v/flf2v the area (the aspect comes from the image).  "
-              "[default: 480 832]")
-@_option("--video_length", "--frames", "video_length", type=int, default=None,
-         help="Frames, 4n+1 (1 for t2i).  [default: 81; t2i 1]")
+@_option(
+    "--task",
+    type=click.Choice(TASK_NAMES),
+    default=None,
+    help="Task; read from the DiT weights when left out (confirms it, or picks t2i-14B over t2v-14B).",
+)
+@_option(
+    "--preset",
+    type=click.Choice(PRESETS),
+    default=None,
+    help="'demo': built-in tiny untrained models, no files needed (a smoke test of the install).",
+)
+@_option(
+    "--video_size",
+    type=(int, int),
+    default=None,
+    metavar="HEIGHT WIDTH",
+    help="Size in pixels, height first; for i2v/flf2v the area (the aspect comes from the image).  "
+    "[default: 480 832]",
+)
+@_option(
+    "--video_length",
+    "--frames",
+    "video_length",
+    type=int,
+    default=None,
+    help="Frames, 4n+1 (1 for t2i).  [default: 81; t2i 1]",
+)
 @_option("--fps", type=int, default=None, help="Frames per second of the mp4.  [default: 16]")
-@_option("--infer_steps", "--steps", "infer_steps", type=int, default=None,
-         help="Denoising steps.  [default: 50 t2v/t2i, 40 i2v/flf2v]")
-@_option("--flow_shift", type=float, default=None, help="Noise-schedule shift.  [default: 5.0; i2v 480p 3.0; flf2v 16]")
+@_option(
+    "--infer_steps",
+    "--steps",
+    "infer_steps",
+    type=int,
+    default=None,
+    help="Denoising steps.  [default: 50 t2v/t2i, 40 i2v/flf2v]",
+)
+@_option(
+    "--flow_shift",
+    type=float,
+    default=None,
+    help="Noise-schedule shift.  [default: 5.0; i2v 480p 3.0; flf2v 16]",
+)
 @_option("--guidance_scale", type=float, default=None, help="Classifier-free guidance scale.  [default: 5.0]")
-@_option("--sample_solver", type=click.Choice(["unipc", "dpm++", "euler", "vanilla"]), default="unipc",
-         help="Sampler ('vanilla' = euler).")
+@_option(
+    "--sample_solver",
+    type=click.Choice(["unipc", "dpm++", "euler", "vanilla"]),
+    default="unipc",
+    help="Sampler ('vanilla' = euler).",
+)
 @_option("--seed", type=int, default=None, help="Seed; random when left out (always printed and saved).")
-@_option("--cpu_noise", is_flag=True, help="Draw the initial noise on the CPU (ComfyUI-compatible) instead of the device.")
-@_option("--image_path", default=None, help="Start image for i2v/flf2v (any format PIL reads; EXIF orientation applied).")
-@_option("--end_image_path", default=None,
-         help="End image: flf2v models; with an i2v model an experimental extra frame (use --trim_tail_frames 3).")
-@_option("--image_background", type=click.Choice(["white", "black"]), default="white",
-         help="Colour transparent pixels of input images are flattened onto.")
+@_option(
+    "--cpu_noise",
+    is_flag=True,
+    help="Draw the initial noise on the CPU (ComfyUI-compatible) instead of the device.",
+)
+@_option(
+    "--image_path",
+    default=None,
+    help="Start image for i2v/flf2v (any format PIL reads; EXIF orientation applied).",
+)
+@_option(
+    "--end_image_path",
+    default=None,
+    help="End image: flf2v models; with an i2v model an experimental extra frame (use --trim_tail_frames 3).",
+)
+@_option(
+    "--image_background",
+    type=click.Choice(["white", "black"]),
+    default="white",
+    help="Colour transparent pixels of input images are flattened onto.",
+)
 @_option("--trim_tail_frames", type=int, default=0, help="Drop this many frames from the end before saving.")
-@_option("--cfg_skip_mode", default="none",
-         help="CFG schedule plugin: none, early, late, middle, early_late, alternate (or a third-party name).")
-@_option("--cfg_apply_ratio", type=float, default=None,
-         help="Share of steps that apply CFG (0..1); skip modes act only when this is given.")
+@_option(
+    "--cfg_skip_mode",
+    default="none",
+    help="CFG schedule plugin: none, early, late, middle, early_late, alternate (or a third-party name).",
+)
+@_option(
+    "--cfg_apply_ratio",
+    type=float,
+    default=None,
+    help="Share of steps that apply CFG (0..1); skip modes act only when this is given.",
+)
 # outputs
-@_option("--output_type", type=click.Choice(["video", "images", "latent", "both", "latent_images"]), default="video",
-         help="both = latent + video; latent_images = latent + PNG frames.")
-@_option("--save_path", default="outputs", help="Output folder, or a file path ending in .mp4/.png/.safetensors.")
+@_option(
+    "--output_type",
+    type=click.Choice(["video", "images", "latent", "both", "latent_images"]),
+    default="video",
+    help="both = latent + video; latent_images = latent + PNG frames.",
+)
+@_option(
+    "--save_path", default="outputs", help="Output folder, or a file path ending in .mp4/.png/.safetensors."
+)
 @_option("--latent_path", default=None, help="Decode a saved latent (.safetensors) instead of generating.")
 @_option("--no_metadata", is_flag=True, help="Write no prompt/settings metadata into the outputs.")
-@_option("--from_file", default=None, help="Prompt file: one prompt per line, with --w --h --f --d --s --g --fs --n --i --ei.")
+@_option(
+    "--from_file",
+    default=None,
+    help="Prompt file: one prompt per line, with --w --h --f --d --s --g --fs --n --i --ei.",
+)
 @_option("--interactive", is_flag=True, help="Read prompt lines from stdin until EOF; models stay loaded.")
 # models
 @_option("--dit", default=None, help="DiT weights (.safetensors file, folder of shards, or .pth).")
 @_option("--vae", default=None, help="VAE weights (Wan2.1_VAE.pth or wan_2.1_vae.safetensors).")
-@_option("--t5", default=None, help="T5 encoder weights (models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_*.safetensors).")
-@_option("--clip", default=None, help="CLIP weights for i2v/flf2v (models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth).")
-@_option("--t5_tokenizer", default=None,
-         help="Tokenizer folder or hub id (builtin:bytes for tiny test encoders).  [default: google/umt5-xxl]")
-@_option("--num_heads", type=int, default=None, help="DiT attention heads when no config.json is beside the weights.")
-@_option("--dit_dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
-         help="DiT compute dtype (auto: bfloat16 on CUDA, float32 on CPU).")
-@_option("--vae_dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
-         help="VAE dtype (auto: bfloat16 on CUDA, float32 on CPU).")
+@_option(
+    "--t5",
+    default=None,
+    help="T5 encoder weights (models_t5_umt5-xxl-enc-bf16.pth or umt5_xxl_*.safetensors).",
+)
+@_option(
+    "--clip",
+    default=None,
+    help="CLIP weights for i2v/flf2v (models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth).",
+)
+@_option(
+    "--t5_tokenizer",
+    default=None,
+    help="Tokenizer folder or hub id (builtin:bytes for tiny test encoders).  [default: google/umt5-xxl]",
+)
+@_option(
+    "--num_heads",
+    type=int,
+    default=None,
+    help="DiT attention heads when no config.json is beside the weights.",
+)
+@_option(
+    "--dit_dtype",
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    default="auto",
+    help="DiT compute dtype (auto: bfloat16 on CUDA, float32 on CPU).",
+)
+@_option(
+    "--vae_dtype",
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    default="auto",
+    help="VAE dtype (auto: bfloat16 on CUDA, float32 on CPU).",
+)
 # plugins and memory
-@_option("--attn", "--attn_mode", "attn", default="sdpa",
-         help="Attention plugin: sdpa (= torch), xformers, sageattn, flash (= flash2), flash3, or a third-party name.")
+@_option(
+    "--attn",
+    "--attn_mode",
+    "attn",
+    default="sdpa",
+    help="Attention plugin: sdpa (= torch), xformers, sageattn, flash (= flash2), flash3, "
+    "or a third-party name.",
+)
 @_option("--quant", default=None, help="DiT weight quantization plugin (fp8, fp8_scaled, fp8_fast, ...).")
 @_option("--fp8", "--fp8_base", "fp8", is_flag=True, help="Same as --quant fp8.")
 @_option("--fp8_scaled", is_flag=True, help="Same as --quant fp8_scaled (with or without --fp8).")
 @_option("--fp8_fast", is_flag=True, help="Same as --quant fp8_fast (CUDA, fp8 matmuls).")
 @_option("--fp8_t5", is_flag=True, help="Run the T5 encoder with fp8 weights (--t5_quant fp8_t5).")
 @_option("--t5_quant", default=None, help="T5 weight quantization plugin (fp8_t5, ...).")
-@_option("--offload", default=None, help="Offload plugin (blockswap); --blocks_to_swap alone selects blockswap.")
+@_option(
+    "--offload", default=None, help="Offload plugin (blockswap); --blocks_to_swap alone selects blockswap."
+)
 @_option("--blocks_to_swap", type=int, default=0, help="DiT blocks kept in CPU memory and swapped in (CUDA).")
 @_option("--compile", is_flag=True, help="torch.compile each transformer block.")
 @_option("--vae_cache_cpu", is_flag=True, help="Keep the VAE's causal feature cache in CPU memory.")
 @_option("--device", default=None, help="cpu, cuda or cuda:N.  [default: cuda when available, else cpu]")
 # LoRA
 @_option("--lora_weight", "lora_weight", multiple=True, help="LoRA file to apply (repeat for several).")
-@_option("--lora_multiplier", "lora_multiplier", type=float, multiple=True, help="Strength per LoRA.  [default: 1.0 each]")
+@_option(
+    "--lora_multiplier",
+    "lora_multiplier",
+    type=float,
+    multiple=True,
+    help="Strength per LoRA.  [default: 1.0 each]",
+)
 @_option("--include_patterns", multiple=True, help="Regex of LoRA modules to keep, one per LoRA.")
 @_option("--exclude_patterns", multiple=True, help="Regex of LoRA modules to drop, one per LoRA.")
 @click.pass_context
@@ -188,7 +292,11 @@ def _build_config(ctx: click.Context, options: dict):
 def _apply_demo_preset(ctx: click.Context, config) -> None:
     from wan_kernel.demo import DEMO_SETTINGS
 
-    clashing = [f"--{name}" for name in ("dit", "vae", "t5", "clip", "task", "image_path", "end_image_path") if _given(ctx, name)]
+    clashing = [
+        f"--{name}"
+        for name in ("dit", "vae", "t5", "clip", "task", "image_path", "end_image_path")
+        if _given(ctx, name)
+    ]
     if clashing:
         raise InputError(
             f"--preset demo builds its own tiny models and cannot take {', '.join(clashing)}; "
@@ -211,14 +319,19 @@ def _apply_demo_preset(ctx: click.Context, config) -> None:
 def run_generate(ctx: click.Context, options: dict) -> None:
     """The body of ``wan run generate`` (kept apart from the option declarations)."""
     from wan_kernel.pipelines.generate import GenerationPipeline
-    from wan_kernel.pipelines.prompts import iter_prompt_lines, read_prompt_file
+    from wan_kernel.pipelines.prompts import read_prompt_file
 
     config = _build_config(ctx, options)
     modes = [name for name in ("prompt", "from_file", "interactive", "latent_path") if options[name]]
     if len(modes) > 1:
-        raise InputError(f"give only one of --prompt, --from_file, --interactive, --latent_path (got {', '.join('--' + m for m in modes)})")
+        raise InputError(
+            "give only one of --prompt, --from_file, --interactive, --latent_path "
+            f"(got {', '.join('--' + m for m in modes)})"
+        )
     if not modes:
-        raise InputError("nothing to do: pass --prompt TEXT, --from_file FILE, --interactive or --latent_path FILE")
+        raise InputError(
+            "nothing to do: pass --prompt TEXT, --from_file FILE, --interactive or --latent_path FILE"
+        )
 
     models = None
     if options["preset"] == "demo":

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import torch
 from click.testing import CliRunner
-
 from wan_cli.main import cli
 
 
 def test_demo_command_writes_a_real_mp4(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default --save_path (outputs/) lands here
-    result = CliRunner().invoke(cli, ["run", "generate", "--preset", "demo", "--prompt", "a red fox running through snow"])
+    result = CliRunner().invoke(
+        cli, ["run", "generate", "--preset", "demo", "--prompt", "a red fox running through snow"]
+    )
     assert result.exit_code == 0, result.output
     (line,) = result.stdout.split()
     path = Path(line)

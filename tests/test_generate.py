@@ -56,13 +56,17 @@ class SharedDemoModels(ModelSource):
         return self.cache[key]
 
     def load_dit(self, *, device, dtype, attention, quant):
-        dit = self._get("dit", lambda: self.inner.load_dit(device=device, dtype=dtype, attention=attention, quant=quant))
+        dit = self._get(
+            "dit", lambda: self.inner.load_dit(device=device, dtype=dtype, attention=attention, quant=quant)
+        )
         dit.set_attention(attention)
         self.dit = CountingDiT(dit, zero=self.zero_dit)
         return self.dit
 
     def load_vae(self, *, device, dtype, cache_device):
-        return self._get("vae", lambda: self.inner.load_vae(device=device, dtype=dtype, cache_device=cache_device))
+        return self._get(
+            "vae", lambda: self.inner.load_vae(device=device, dtype=dtype, cache_device=cache_device)
+        )
 
     def load_text_encoder(self, *, device, dtype, quant):
         return self._get("t5", lambda: self.inner.load_text_encoder(device=device, dtype=dtype, quant=quant))
@@ -85,8 +89,12 @@ def make(model_cache, tmp_path):
         models = SharedDemoModels(model_cache, zero_dit=zero_dit)
         log: list[str] = []
         pipeline = GenerationPipeline(
-            GenerateConfig(**options), models=models, plugin_manager=plugin_manager, log=log.append,
-            progress=False, keep_models=keep_models,
+            GenerateConfig(**options),
+            models=models,
+            plugin_manager=plugin_manager,
+            log=log.append,
+            progress=False,
+            keep_models=keep_models,
         )
         return pipeline, models, log
 
@@ -199,7 +207,9 @@ class CountingAttention(AttentionBackend):
 
     def __call__(self, q, k, v, k_lens=None):
         self.calls += 1
-        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )
         return out.transpose(1, 2).to(q.dtype)
 
 

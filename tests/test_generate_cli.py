@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from wan_cli.main import cli
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
+needs_fixtures = pytest.mark.skipif(
+    not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}"
+)
 SMALL = ["--video_size", "32", "32", "--video_length", "5", "--infer_steps", "2"]
 
 
@@ -32,10 +33,29 @@ def test_help_documents_every_option_with_its_default():
     result = _run(["--help"])
     assert result.exit_code == 0
     text = result.output
-    for option in ("--attn, --attn_mode", "--fp8, --fp8_base", "--fp8_scaled", "--fp8_fast", "--fp8_t5", "--video_size",
-                   "--video_length", "--infer_steps", "--cfg_skip_mode", "--cfg_apply_ratio", "--output_type",
-                   "--latent_path", "--from_file", "--interactive", "--blocks_to_swap", "--vae_cache_cpu",
-                   "--compile", "--trim_tail_frames", "--end_image_path", "--preset", "--t5_tokenizer"):
+    for option in (
+        "--attn, --attn_mode",
+        "--fp8, --fp8_base",
+        "--fp8_scaled",
+        "--fp8_fast",
+        "--fp8_t5",
+        "--video_size",
+        "--video_length",
+        "--infer_steps",
+        "--cfg_skip_mode",
+        "--cfg_apply_ratio",
+        "--output_type",
+        "--latent_path",
+        "--from_file",
+        "--interactive",
+        "--blocks_to_swap",
+        "--vae_cache_cpu",
+        "--compile",
+        "--trim_tail_frames",
+        "--end_image_path",
+        "--preset",
+        "--t5_tokenizer",
+    ):
         assert option in text, option
     assert "[default: sdpa]" in text and "[default: video]" in text and "[default: 480 832]" in text
 
@@ -57,8 +77,10 @@ def test_from_file_runs_every_line(tmp_path):
 
 def test_interactive_reads_stdin_until_eof_and_reports_bad_lines(tmp_path):
     save = tmp_path / "out"
-    result = _run(["--preset", "demo", "--interactive", "--save_path", str(save), "--output_type", "latent", *SMALL],
-                  input="first --d 1\n--oops\nsecond --d 2\n")
+    result = _run(
+        ["--preset", "demo", "--interactive", "--save_path", str(save), "--output_type", "latent", *SMALL],
+        input="first --d 1\n--oops\nsecond --d 2\n",
+    )
     assert result.exit_code == 1  # one line failed
     assert "stdin line 2" in result.stderr
     assert len(list(save.glob("*_latent.safetensors"))) == 2
@@ -152,4 +174,6 @@ class TestWeightsAndImages:
         bad = tmp_path / "bad.png"
         bad.write_bytes(b"definitely not a png")
         clip = ["--clip", str(FIXTURES / "clip_visual" / "weights.safetensors")]
-        _fails(_run(self.i2v(tmp_path, *clip, "--image_path", str(bad))), "cannot read image", tmp_path / "out")
+        _fails(
+            _run(self.i2v(tmp_path, *clip, "--image_path", str(bad))), "cannot read image", tmp_path / "out"
+        )

@@ -53,7 +53,9 @@ class RecordingDiT(torch.nn.Module):
 
     def forward(self, x, t, **kwargs):
         out = self.dit(x, t, **kwargs)
-        self.calls.append({"t": t.clone(), "out": out.clone(), "context": kwargs["context"][0], "y": kwargs.get("y")})
+        self.calls.append(
+            {"t": t.clone(), "out": out.clone(), "context": kwargs["context"][0], "y": kwargs.get("y")}
+        )
         return out
 
 
@@ -87,8 +89,14 @@ def _fixture_models(dit_case: str, clip_fea: torch.Tensor | None = None):
             return ModelInfo(config["model_type"], config["dim"], config["num_layers"], "fixture DiT")
 
         def load_dit(self, *, device, dtype, attention, quant):
-            self.dit = RecordingDiT(load_dit(FIXTURES / dit_case / "weights.safetensors", device=device, dtype=dtype,
-                                             attention=attention))
+            self.dit = RecordingDiT(
+                load_dit(
+                    FIXTURES / dit_case / "weights.safetensors",
+                    device=device,
+                    dtype=dtype,
+                    attention=attention,
+                )
+            )
             return self.dit
 
         def load_vae(self, *, device, dtype, cache_device):
@@ -138,7 +146,9 @@ def test_i2v_pipeline_reproduces_official_wan_i2v_generate(tmp_path):
         output_type="both",
         save_path=str(tmp_path / "out.mp4"),
     )
-    pipeline = _pipeline(config, models, {"a prompt": data["context"], "a negative prompt": data["context_null"]})
+    pipeline = _pipeline(
+        config, models, {"a prompt": data["context"], "a negative prompt": data["context_null"]}
+    )
     (result,) = pipeline.run()
 
     # conditioning: CLIP saw the start image at its own resolution; y = mask + VAE latent

@@ -22,7 +22,9 @@ def test_official_defaults():
     assert TASKS["i2v-14B"].default_flow_shift(720, 1280) == 5.0
     assert TASKS["t2v-14B"].default_flow_shift(480, 832) == 5.0
     assert TASKS["t2i-14B"].frames == 1
-    assert DEFAULT_NEGATIVE_PROMPT.startswith("色调艳丽，过曝，静态") and DEFAULT_NEGATIVE_PROMPT.endswith("倒着走")
+    assert DEFAULT_NEGATIVE_PROMPT.startswith("色调艳丽，过曝，静态") and DEFAULT_NEGATIVE_PROMPT.endswith(
+        "倒着走"
+    )
     assert TASKS["flf2v-14B"].negative_prompt == "镜头切换，" + DEFAULT_NEGATIVE_PROMPT
 
 
@@ -54,11 +56,14 @@ def test_masks_mark_the_given_frames():
     assert msk[:, 0].eq(1).all() and msk[:, 1:].eq(0).all()
     flf = frame_mask(9, 2, 2, last_frame=True)
     assert flf[:, 0].eq(1).all() and flf[:, 1].eq(0).all()
-    assert flf[:3, 2].eq(0).all() and flf[3, 2].eq(1).all()  # channel 3 of the last latent frame = video frame 8
+    assert (
+        flf[:3, 2].eq(0).all() and flf[3, 2].eq(1).all()
+    )  # channel 3 of the last latent frame = video frame 8
 
 
 class FrameVAE:
-    """encode: [B, 3, F, H, W] -> [B, 16, 1 + (F-1)/4, H/8, W/8] holding each latent frame's first pixel frame mean."""
+    """encode: [B, 3, F, H, W] -> [B, 16, 1 + (F-1)/4, H/8, W/8], each latent frame holding the mean
+    of its first pixel frame."""
 
     def __init__(self):
         self.inputs = []
@@ -67,7 +72,9 @@ class FrameVAE:
         self.inputs.append(video)
         b, _, f, h, w = video.shape
         t = 1 + (f - 1) // 4
-        means = torch.stack([video[:, :, 0 if i == 0 else 4 * i].mean(dim=(1, 2, 3)) for i in range(t)], dim=1)
+        means = torch.stack(
+            [video[:, :, 0 if i == 0 else 4 * i].mean(dim=(1, 2, 3)) for i in range(t)], dim=1
+        )
         return means[:, None, :, None, None].expand(b, 16, t, h // 8, w // 8).clone()
 
 
@@ -87,20 +94,24 @@ def test_i2v_conditioning_layout():
 def test_flf2v_conditioning_encodes_first_and_last_frame_together():
     vae = FrameVAE()
     end = _image(-0.5, 40, 100)  # other aspect ratio: centre-cropped to the start image's
-    cond = encode_conditioning(vae, _image(0.5), frames=9, max_area=3840, end=end, mode="flf2v",
-                               clip_fea=torch.zeros(2, 257, 1280))
+    cond = encode_conditioning(
+        vae, _image(0.5), frames=9, max_area=3840, end=end, mode="flf2v", clip_fea=torch.zeros(2, 257, 1280)
+    )
     (video,) = vae.inputs
     assert video.shape == (1, 3, 9, 48, 64)
     assert torch.allclose(video[0, :, -1], torch.tensor(-0.5)) and video[0, :, 1:-1].eq(0).all()
     assert cond.y[3, -1].eq(1).all() and cond.y[:3, -1].eq(0).all()
     with pytest.raises(InputError, match="needs an end image"):
-        encode_conditioning(vae, _image(0.5), frames=9, max_area=3840, mode="flf2v", clip_fea=torch.zeros(2, 257, 1280))
+        encode_conditioning(
+            vae, _image(0.5), frames=9, max_area=3840, mode="flf2v", clip_fea=torch.zeros(2, 257, 1280)
+        )
 
 
 def test_i2v_with_end_image_appends_one_latent_frame():
     vae = FrameVAE()
-    cond = encode_conditioning(vae, _image(0.5), frames=9, max_area=3840, end=_image(-0.25),
-                               clip_fea=torch.zeros(1, 257, 1280))
+    cond = encode_conditioning(
+        vae, _image(0.5), frames=9, max_area=3840, end=_image(-0.25), clip_fea=torch.zeros(1, 257, 1280)
+    )
     assert cond.latent_frames == 4 and cond.y.shape == (20, 4, 6, 8)
     assert cond.y[:4, -1].eq(1).all()  # the extra frame is fully given
     assert torch.allclose(cond.y[4:, -1], torch.tensor(-0.25))

@@ -13,7 +13,9 @@ from wan_kernel.pipelines import media
 
 def _rgb(width: int, height: int) -> np.ndarray:
     y, x = np.mgrid[0:height, 0:width]
-    return np.stack([x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), np.full_like(x, 60)], -1).astype(np.uint8)
+    return np.stack(
+        [x * 255 // max(1, width - 1), y * 255 // max(1, height - 1), np.full_like(x, 60)], -1
+    ).astype(np.uint8)
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -113,7 +115,9 @@ def test_png_frames_folder_and_single_image(tmp_path):
 
 def test_latent_round_trip_with_metadata(tmp_path):
     latent = torch.randn(16, 3, 4, 6)
-    path = media.save_latent(tmp_path / "l.safetensors", latent, metadata={"seed": 5, "prompt": "p", "height": 32})
+    path = media.save_latent(
+        tmp_path / "l.safetensors", latent, metadata={"seed": 5, "prompt": "p", "height": 32}
+    )
     loaded, meta = media.load_latent(path)
     assert torch.equal(loaded, latent)
     assert meta == {"seed": 5, "prompt": "p", "height": 32}

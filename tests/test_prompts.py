@@ -10,7 +10,8 @@ from wan_kernel.pipelines.prompts import iter_prompt_lines, parse_prompt_line, r
 
 def test_every_override_is_parsed_with_its_type():
     spec = parse_prompt_line(
-        "a fox in snow --w 832 --h 480 --f 81 --d 42 --s 20 --g 6.5 --fs 3.0 --n blurry, dark --i a.png --ei b.png"
+        "a fox in snow --w 832 --h 480 --f 81 --d 42 --s 20 --g 6.5 --fs 3.0 --n blurry, dark "
+        "--i a.png --ei b.png"
     )
     assert spec.prompt == "a fox in snow"
     assert (spec.width, spec.height, spec.frames, spec.seed, spec.steps) == (832, 480, 81, 42, 20)

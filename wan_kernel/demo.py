@@ -57,7 +57,7 @@ NOTICE = (
     "it checks that the pipeline runs end to end.\n"
     "      For real videos pass the Wan2.1 weights, e.g.: wan run generate --task t2v-1.3B "
     "--dit wan2.1_t2v_1.3B_bf16.safetensors --vae wan_2.1_vae.safetensors "
-    "--t5 models_t5_umt5-xxl-enc-bf16.pth --prompt \"...\""
+    '--t5 models_t5_umt5-xxl-enc-bf16.pth --prompt "..."'
 )
 
 
@@ -78,7 +78,11 @@ def _randomise(module: nn.Module, generator: torch.Generator) -> None:
             elif param.ndim == 1:
                 value = 0.05 * draw
             elif param.ndim >= 2 and "modulation" not in name:
-                fan_in = math.prod(param.shape[1:]) if param.ndim > 2 or "embedding" not in name else param.shape[1]
+                fan_in = (
+                    math.prod(param.shape[1:])
+                    if param.ndim > 2 or "embedding" not in name
+                    else param.shape[1]
+                )
                 value = draw / math.sqrt(max(1, fan_in))
             else:
                 value = 0.1 * draw
@@ -124,7 +128,6 @@ def build_demo_vae(*, device: str | torch.device = "cpu", cache_device: str | No
     _randomise(model, _generator(3))
     model = model.to(device).eval().requires_grad_(False)
     return WanVAE(model, cache_device=cache_device)
-
 
 
 class DemoModels(ModelSource):

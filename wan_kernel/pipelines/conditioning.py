@@ -109,7 +109,7 @@ def crop_to_aspect(image: torch.Tensor, height: int, width: int) -> torch.Tensor
 
 
 def clip_pixels(images: torch.Tensor, size: int = CLIP_IMAGE_SIZE) -> torch.Tensor:
-    """Images ``[N, 3, h, w]`` in [-1, 1] -> CLIP input ``[N, 3, size, size]`` (official ``CLIPModel.visual``).
+    """Images ``[N, 3, h, w]`` in [-1, 1] -> CLIP input ``[N, 3, size, size]`` (as ``CLIPModel.visual``).
 
     Bicubic resize to ``size`` (no crop), back to [0, 1], then the CLIP mean/std normalisation.
     """

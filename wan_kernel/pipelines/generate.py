@@ -45,7 +45,7 @@ from wan_kernel.pipelines.prompts import PromptSpec
 from wan_kernel.pipelines.tasks import DEFAULT_FPS, TaskSpec, select_task
 
 OUTPUT_TYPES = ("video", "images", "latent", "both", "latent_images")
-"""``--output_type`` values (the seed's): ``both`` = latent + video, ``latent_images`` = latent + PNG frames."""
+"""``--output_type`` values (the seed's): ``both`` = latent + video, ``latent_images`` = latent + PNGs."""
 SOLVER_CHOICES = ("unipc", "dpm++", "euler", "vanilla")
 LATENT_CHANNELS = 16
 SIZE_MULTIPLE = 16
@@ -130,9 +130,13 @@ class GenerateConfig:
     def check(self) -> None:
         """Cheap checks of the options alone (files and sizes are checked against the task later)."""
         if self.output_type not in OUTPUT_TYPES:
-            raise InputError(f"unknown --output_type {self.output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
+            raise InputError(
+                f"unknown --output_type {self.output_type!r}; use one of {', '.join(OUTPUT_TYPES)}"
+            )
         if self.sample_solver not in SOLVER_CHOICES:
-            raise InputError(f"unknown --sample_solver {self.sample_solver!r}; use one of {', '.join(SOLVER_CHOICES)}")
+            raise InputError(
+                f"unknown --sample_solver {self.sample_solver!r}; use one of {', '.join(SOLVER_CHOICES)}"
+            )
         if self.trim_tail_frames < 0:
             raise InputError(f"--trim_tail_frames must be >= 0, got {self.trim_tail_frames}")
         if self.blocks_to_swap < 0:
@@ -147,14 +151,18 @@ class GenerateConfig:
             raise InputError(f"--video_length must be at least 1, got {self.video_length}")
         if self.video_size is not None:
             if len(self.video_size) != 2 or min(self.video_size) <= 0:
-                raise InputError(f"--video_size takes HEIGHT WIDTH (two positive integers), got {self.video_size}")
+                raise InputError(
+                    f"--video_size takes HEIGHT WIDTH (two positive integers), got {self.video_size}"
+                )
         if self.latent_path is not None and self.output_type not in ("video", "images"):
             raise InputError(
-                f"--latent_path decodes a saved latent: use --output_type video or images, not {self.output_type}"
+                "--latent_path decodes a saved latent: use --output_type video or images, "
+                f"not {self.output_type}"
             )
         if self.lora_multipliers and len(self.lora_multipliers) != len(self.lora_weights):
             raise InputError(
-                f"{len(self.lora_multipliers)} --lora_multiplier values for {len(self.lora_weights)} --lora_weight files"
+                f"{len(self.lora_multipliers)} --lora_multiplier values for "
+                f"{len(self.lora_weights)} --lora_weight files"
             )
 
 
@@ -227,7 +235,9 @@ class ModelSource(abc.ABC):
     def dit_info(self) -> ModelInfo: ...
 
     @abc.abstractmethod
-    def load_dit(self, *, device: torch.device, dtype: torch.dtype | None, attention, quant) -> torch.nn.Module: ...
+    def load_dit(
+        self, *, device: torch.device, dtype: torch.dtype | None, attention, quant
+    ) -> torch.nn.Module: ...
 
     @abc.abstractmethod
     def load_vae(self, *, device: torch.device, dtype: torch.dtype | None, cache_device: str | None): ...
@@ -251,7 +261,7 @@ def _missing(option: str, what: str, why: str) -> WeightsError:
 
 
 class FileModels(ModelSource):
-    """Models loaded from the paths in a :class:`GenerateConfig` (``--dit``, ``--vae``, ``--t5``, ``--clip``)."""
+    """Models loaded from the paths of a :class:`GenerateConfig` (``--dit --vae --t5 --clip``)."""
 
     name = "files"
 
@@ -280,7 +290,12 @@ class FileModels(ModelSource):
         if self._info is None:
             from wan_kernel.models.dit_config import infer_dit_config
             from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from
-            from wan_kernel.models.weights import config_beside, describe_keys, guess_model_kind, load_state_dict
+            from wan_kernel.models.weights import (
+                config_beside,
+                describe_keys,
+                guess_model_kind,
+                load_state_dict,
+            )
 
             path = Path(self.config.dit).expanduser()
             raw = load_state_dict(path, what="DiT")  # memory-mapped: only the header is read here
@@ -292,7 +307,9 @@ class FileModels(ModelSource):
                 )
             sd = dit_state_dict_from(layout, raw)
             try:
-                config = infer_dit_config(sd, num_heads=self.config.num_heads, config_json=config_beside(path))
+                config = infer_dit_config(
+                    sd, num_heads=self.config.num_heads, config_json=config_beside(path)
+                )
             except WeightsError as exc:
                 raise WeightsError(f"--dit {path}: {exc}") from None
             del raw, sd
@@ -337,7 +354,11 @@ class FileModels(ModelSource):
 
     def metadata(self) -> dict[str, Any]:
         cfg = self.config
-        return {k: Path(v).name for k, v in (("dit", cfg.dit), ("vae", cfg.vae), ("t5", cfg.t5), ("clip", cfg.clip)) if v}
+        return {
+            k: Path(v).name
+            for k, v in (("dit", cfg.dit), ("vae", cfg.vae), ("t5", cfg.t5), ("clip", cfg.clip))
+            if v
+        }
 
 
 def quantize_module(model: torch.nn.Module, quantizer, *, target: str, device) -> torch.nn.Module:
@@ -398,7 +419,10 @@ def resolve_device(name: str | None) -> torch.device:
     except RuntimeError:
         raise InputError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: this machine has no CUDA GPU (or this torch build has no CUDA); use --device cpu")
+        raise InputError(
+            f"--device {name}: this machine has no CUDA GPU (or this torch build has no CUDA); "
+            "use --device cpu"
+        )
     return device
 
 
@@ -476,7 +500,10 @@ class GenerationPipeline:
         self.cfg_schedule = self._resolve("cfg_schedule", cfg.cfg_skip_mode)
         self.quantizer = self._resolve("quantization", cfg.quant) if cfg.quant else None
         self.t5_quantizer = self._resolve("quantization", cfg.t5_quant) if cfg.t5_quant else None
-        for quantizer, target, option in ((self.quantizer, "dit", "--quant"), (self.t5_quantizer, "t5", "--t5_quant")):
+        for quantizer, target, option in (
+            (self.quantizer, "dit", "--quant"),
+            (self.t5_quantizer, "t5", "--t5_quant"),
+        ):
             targets = getattr(quantizer, "supported_targets", ("dit",))
             if quantizer is not None and target not in targets:
                 raise InputError(
@@ -490,7 +517,9 @@ class GenerationPipeline:
                 f"it needs a CUDA device, and this run is on {self.device}"
             )
         if offload and not cfg.blocks_to_swap:
-            raise InputError(f"--offload {offload} needs --blocks_to_swap N (how many blocks to keep off the GPU)")
+            raise InputError(
+                f"--offload {offload} needs --blocks_to_swap N (how many blocks to keep off the GPU)"
+            )
         self.offloader = self._resolve("offload", offload) if offload else None
         if cfg.lora_weights:
             self._lora_module()
@@ -498,7 +527,9 @@ class GenerationPipeline:
                 if not Path(path).expanduser().exists():
                     raise WeightsError(f"--lora_weight {path}: file not found")
         if cfg.compile and self.device.type == "cpu" and not _has_c_compiler():
-            raise InputError("--compile on the CPU needs a C compiler (torch.compile/inductor); drop --compile")
+            raise InputError(
+                "--compile on the CPU needs a C compiler (torch.compile/inductor); drop --compile"
+            )
 
         # the task, from the weights
         self.models.check(needs_dit=True, needs_t5=False, needs_vae=False, needs_clip=False)
@@ -548,13 +579,19 @@ class GenerationPipeline:
         if (frames - 1) % 4:
             lower, upper = 1 + (frames - 1) // 4 * 4, 1 + ((frames - 1) // 4 + 1) * 4
             raise InputError(
-                f"{where}the video length must be 4n+1 frames (1, 5, 9, ..., 81), got {frames}; use {lower} or {upper}"
+                f"{where}the video length must be 4n+1 frames (1, 5, 9, ..., 81), got {frames}; "
+                f"use {lower} or {upper}"
             )
         if not task.needs_image:
-            bad = [f"{name} {value}" for name, value in (("height", height), ("width", width)) if value % SIZE_MULTIPLE]
+            bad = [
+                f"{name} {value}"
+                for name, value in (("height", height), ("width", width))
+                if value % SIZE_MULTIPLE
+            ]
             if bad:
                 raise InputError(
-                    f"{where}{' and '.join(bad)} must be multiples of {SIZE_MULTIPLE} (VAE stride 8 x patch 2); "
+                    f"{where}{' and '.join(bad)} must be multiples of {SIZE_MULTIPLE} "
+                    "(VAE stride 8 x patch 2); "
                     f"use --video_size {_round16(height)} {_round16(width)}"
                 )
         if task.supported_sizes and (height, width) not in task.supported_sizes and not task.needs_image:
@@ -565,7 +602,9 @@ class GenerationPipeline:
         if task.needs_image and not image_path:
             raise InputError(f"{where}{task.name} needs a start image: pass --image_path FILE")
         if task.needs_end_image and not end_image_path:
-            raise InputError(f"{where}{task.name} (first-last-frame) needs an end image: pass --end_image_path FILE")
+            raise InputError(
+                f"{where}{task.name} (first-last-frame) needs an end image: pass --end_image_path FILE"
+            )
         if not task.needs_image and (image_path or end_image_path):
             raise InputError(
                 f"{where}--image_path/--end_image_path need an image-to-video DiT, but this is {task.name}"
@@ -588,7 +627,9 @@ class GenerationPipeline:
             seed = random.randint(0, 2**32 - 1)
         out_frames = frames + (4 if (end_image_path and task.mode == "i2v") else 0)
         if cfg.trim_tail_frames >= out_frames:
-            raise InputError(f"--trim_tail_frames {cfg.trim_tail_frames} would remove all {out_frames} frames")
+            raise InputError(
+                f"--trim_tail_frames {cfg.trim_tail_frames} would remove all {out_frames} frames"
+            )
         return Request(
             index=index,
             prompt=spec.prompt,
@@ -645,7 +686,9 @@ class GenerationPipeline:
         with self.stage("text encoder"):
             t5, tokenizer = self._model(
                 "t5",
-                lambda: self.models.load_text_encoder(device=self.device, dtype=self.t5_dtype, quant=self.t5_quantizer),
+                lambda: self.models.load_text_encoder(
+                    device=self.device, dtype=self.t5_dtype, quant=self.t5_quantizer
+                ),
             )
             embeddings = {}
             for text in texts:
@@ -663,14 +706,20 @@ class GenerationPipeline:
             return out
         with self.stage("image encoders"):
             # CLIP runs once per image: the default (SDPA) attention, whatever backend the DiT uses
-            clip = self._model("clip", lambda: self.models.load_clip(device=self.device, dtype=None, attention=None))
+            clip = self._model(
+                "clip", lambda: self.models.load_clip(device=self.device, dtype=None, attention=None)
+            )
             features = {}
             images = {}
             for r in requests:
-                start = media.image_to_tensor(media.read_image(r.image_path, background=self.config.image_background))
+                start = media.image_to_tensor(
+                    media.read_image(r.image_path, background=self.config.image_background)
+                )
                 end = None
                 if r.end_image_path:
-                    end = media.image_to_tensor(media.read_image(r.end_image_path, background=self.config.image_background))
+                    end = media.image_to_tensor(
+                        media.read_image(r.end_image_path, background=self.config.image_background)
+                    )
                 images[r.index] = (start, end)
                 features[r.index] = self._clip_features(clip, start, end, task.mode)
             del clip
@@ -702,7 +751,9 @@ class GenerationPipeline:
 
     def _vae(self):
         cache = "cpu" if self.config.vae_cache_cpu else None
-        return self._model("vae", lambda: self.models.load_vae(device=self.device, dtype=self.vae_dtype, cache_device=cache))
+        return self._model(
+            "vae", lambda: self.models.load_vae(device=self.device, dtype=self.vae_dtype, cache_device=cache)
+        )
 
     def _prepare_dit(self) -> torch.nn.Module:
         cfg = self.config
@@ -724,7 +775,9 @@ class GenerationPipeline:
             for name, child in dit.named_children():
                 if name != "blocks":
                     child.to(self.device)
-            runner = self.offloader.attach(dit.blocks, device=self.device, blocks_to_swap=cfg.blocks_to_swap, training=False)
+            runner = self.offloader.attach(
+                dit.blocks, device=self.device, blocks_to_swap=cfg.blocks_to_swap, training=False
+            )
             dit.set_block_runner(runner)
             runner.prepare()
         if cfg.compile:
@@ -734,7 +787,9 @@ class GenerationPipeline:
 
     def _lora_module(self):
         if importlib.util.find_spec("wan_kernel.lora") is None:
-            raise InputError("--lora_weight needs LoRA support (wan_kernel.lora), which this install does not have")
+            raise InputError(
+                "--lora_weight needs LoRA support (wan_kernel.lora), which this install does not have"
+            )
         from wan_kernel import lora
 
         return lora
@@ -759,7 +814,10 @@ class GenerationPipeline:
         text: dict[str, torch.Tensor],
         images: dict[int, ImageConditioning],
     ) -> dict[int, tuple[torch.Tensor, int, str]]:
-        """Stage 3: the DiT loop for each request -> ``{index: (latent [16, T, h, w] CPU, model calls, CFG pattern)}``."""
+        """Stage 3: the DiT loop for each request.
+
+        Returns ``{index: (latent [16, T, h, w] on the CPU, model calls, CFG pattern)}``.
+        """
         from wan_kernel.sampling import denoise
         from wan_kernel.sampling.guidance import make_cfg_velocity
 
@@ -774,7 +832,13 @@ class GenerationPipeline:
                 noise_device = torch.device("cpu") if cfg.cpu_noise else self.device
                 generator = torch.Generator(device=noise_device).manual_seed(r.seed)
                 noise = torch.randn(
-                    LATENT_CHANNELS, lat_f, lat_h, lat_w, dtype=torch.float32, generator=generator, device=noise_device
+                    LATENT_CHANNELS,
+                    lat_f,
+                    lat_h,
+                    lat_w,
+                    dtype=torch.float32,
+                    generator=generator,
+                    device=noise_device,
                 ).to(self.device)
                 self.log(
                     f"[{r.index + 1}] seed {r.seed}: {r.width}x{r.height} (WxH) {r.frames} frame(s), "
@@ -787,7 +851,7 @@ class GenerationPipeline:
                 cond_args = {"context": [text[r.prompt].to(self.device)], **extra}
                 uncond_args = {"context": [text[r.negative_prompt].to(self.device)], **extra}
                 velocity = make_cfg_velocity(
-                    lambda x, t, **kw: dit(x, t, **kw),
+                    dit,
                     cond_args,
                     uncond_args,
                     r.guidance_scale,
@@ -855,7 +919,9 @@ class GenerationPipeline:
         for r, latent, video in zip(requests, latents, videos):
             metadata = self._metadata(r)
             _, calls, pattern = denoised[r.index]
-            outputs = self.save(latent, video, metadata, r.index, r.seed, many=len(requests) > 1 or self._request_count > 1)
+            outputs = self.save(
+                latent, video, metadata, r.index, r.seed, many=len(requests) > 1 or self._request_count > 1
+            )
             results.append(GenerationResult(r, outputs, latent, video, metadata, calls, pattern))
         return results
 
@@ -863,7 +929,9 @@ class GenerationPipeline:
         """``--latent_path``: decode a saved latent (T5 and DiT are never loaded)."""
         latent, metadata = media.load_latent(path)
         if latent.shape[0] != LATENT_CHANNELS:
-            raise InputError(f"{path}: a Wan latent has {LATENT_CHANNELS} channels, this one has {latent.shape[0]}")
+            raise InputError(
+                f"{path}: a Wan latent has {LATENT_CHANNELS} channels, this one has {latent.shape[0]}"
+            )
         self.log(f"decoding {path} ({tuple(latent.shape)})")
         video = self.decode([latent])[0]
         metadata = dict(metadata)
@@ -907,7 +975,9 @@ class GenerationPipeline:
 
     # -- outputs ------------------------------------------------------------------------------
 
-    def _base(self, index: int, seed: Any, many: bool, stem_hint: str | None = None) -> tuple[Path, str | None]:
+    def _base(
+        self, index: int, seed: Any, many: bool, stem_hint: str | None = None
+    ) -> tuple[Path, str | None]:
         """Where outputs go: ``(path without suffix, the suffix the user named or None)``."""
         save = Path(self.config.save_path).expanduser()
         suffix = save.suffix.lower()
@@ -939,7 +1009,11 @@ class GenerationPipeline:
         kind = cfg.output_type
         written: list[Path] = []
         if kind in ("latent", "both", "latent_images") and cfg.latent_path is None:
-            path = base.with_suffix(".safetensors") if named else base.with_name(base.name + "_latent.safetensors")
+            path = (
+                base.with_suffix(".safetensors")
+                if named
+                else base.with_name(base.name + "_latent.safetensors")
+            )
             written.append(media.save_latent(path, latent, metadata=meta))
         if kind in ("video", "both", "images", "latent_images"):
             assert video is not None

@@ -203,7 +203,9 @@ def _png_info(metadata: Mapping[str, Any] | None):
     return info
 
 
-def write_image(path: str | os.PathLike, frame: np.ndarray, *, metadata: Mapping[str, Any] | None = None) -> Path:
+def write_image(
+    path: str | os.PathLike, frame: np.ndarray, *, metadata: Mapping[str, Any] | None = None
+) -> Path:
     """Write one ``uint8`` frame ``[H, W, 3]`` as PNG (atomically), settings in a text chunk."""
     from PIL import Image
 
@@ -213,7 +215,9 @@ def write_image(path: str | os.PathLike, frame: np.ndarray, *, metadata: Mapping
     return path
 
 
-def write_frames(folder: str | os.PathLike, frames: np.ndarray, *, metadata: Mapping[str, Any] | None = None) -> Path:
+def write_frames(
+    folder: str | os.PathLike, frames: np.ndarray, *, metadata: Mapping[str, Any] | None = None
+) -> Path:
     """Write frames ``[F, H, W, 3]`` as ``folder/frame_00000.png``... (the folder appears whole)."""
     from PIL import Image
 
@@ -221,7 +225,9 @@ def write_frames(folder: str | os.PathLike, frames: np.ndarray, *, metadata: Map
     info = _png_info(metadata)
     with atomic_path(folder, directory=True) as tmp:
         for index, frame in enumerate(frames):
-            Image.fromarray(np.ascontiguousarray(frame)).save(tmp / f"frame_{index:05d}.png", format="PNG", pnginfo=info)
+            Image.fromarray(np.ascontiguousarray(frame)).save(
+                tmp / f"frame_{index:05d}.png", format="PNG", pnginfo=info
+            )
     return folder
 
 

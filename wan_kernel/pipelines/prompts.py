@@ -41,8 +41,16 @@ class PromptSpec:
 
     def overrides(self) -> dict[str, Any]:
         """The fields this line sets, as ``GenerateConfig`` field names."""
-        names = ("frames", "seed", "steps", "guidance_scale", "flow_shift", "negative_prompt", "image_path",
-                 "end_image_path")
+        names = (
+            "frames",
+            "seed",
+            "steps",
+            "guidance_scale",
+            "flow_shift",
+            "negative_prompt",
+            "image_path",
+            "end_image_path",
+        )
         out: dict[str, Any] = {"prompt": self.prompt}
         out.update({n: getattr(self, n) for n in names if getattr(self, n) is not None})
         return out
@@ -62,8 +70,12 @@ _KEYS: dict[str, tuple[str, type, str]] = {
     "i": ("image_path", str, "a file path"),
     "ei": ("end_image_path", str, "a file path"),
 }
-_UNSUPPORTED = {"cn": "control videos (Fun-Control)", "ci": "control images", "cim": "control masks",
-                "of": "one-frame inference"}
+_UNSUPPORTED = {
+    "cn": "control videos (Fun-Control)",
+    "ci": "control images",
+    "cim": "control masks",
+    "of": "one-frame inference",
+}
 
 
 def parse_prompt_line(line: str, *, line_number: int | None = None, source: str = "prompt") -> PromptSpec:
@@ -72,7 +84,9 @@ def parse_prompt_line(line: str, *, line_number: int | None = None, source: str 
     parts = line.strip().split(" --")
     text = parts[0].strip()
     if text.startswith("--"):
-        raise InputError(f"{where}: the line starts with an option ({text.split()[0]}); put the prompt text first")
+        raise InputError(
+            f"{where}: the line starts with an option ({text.split()[0]}); put the prompt text first"
+        )
     if not text:
         raise InputError(f"{where}: empty prompt before the options")
     values: dict[str, Any] = {}

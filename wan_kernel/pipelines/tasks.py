@@ -121,9 +121,11 @@ def tasks_for_model(model_type: str, dim: int) -> list[TaskSpec]:
     if matches:
         return matches
     family = _family(model_type, dim)
-    return [family, attrs.evolve(family, name=f"t2i (custom dim {dim})", mode="t2i", frames=1)] if (
-        model_type == "t2v"
-    ) else [family]
+    return (
+        [family, attrs.evolve(family, name=f"t2i (custom dim {dim})", mode="t2i", frames=1)]
+        if (model_type == "t2v")
+        else [family]
+    )
 
 
 def describe_model(model_type: str, dim: int) -> str:
