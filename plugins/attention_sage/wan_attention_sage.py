@@ -22,6 +22,7 @@ import importlib.util
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from wan_kernel import hookimpl
+from wan_kernel.attention_inputs import check_attention_inputs, half_precision
 from wan_kernel.errors import InputError, PluginUnavailableError
 from wan_kernel.interfaces import AttentionBackend, Availability
 
@@ -84,14 +85,6 @@ def per_sample_attention(
     return torch.cat(outs)  # [B, Lq, H, D]
 
 
-def half_precision(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor"):
-    """``q``, ``k``, ``v`` in the kernel dtype: ``q``'s if fp16/bf16, else bf16."""
-    import torch
-
-    dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
 def check_inference_only(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor") -> None:
     """SageAttention has no backward: refuse tensors that would need one."""
     import torch
@@ -103,31 +96,6 @@ def check_inference_only(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor"
             "SageAttention has no backward pass, so it cannot be used for training (it got tensors that "
             "require gradients); use sdpa, xformers, flash2 or flash3 for training",
             DISTRIBUTION,
-        )
-
-
-def check_inputs(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor", *, backend: str) -> None:
-    """Shapes ``[B, L, H, D]`` that agree, floating point, on CUDA; else a clear ``InputError``."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise InputError(
-            f"{backend} attention takes q, k, v shaped [batch, length, heads, head_dim]; got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise InputError(
-            f"{backend} attention: q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must share "
-            "batch, heads and head_dim, and k and v must have the same shape"
-        )
-    if not (q.is_floating_point() and k.is_floating_point() and v.is_floating_point()):
-        raise InputError(
-            f"{backend} attention takes floating-point tensors, got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
-    devices = {t.device for t in (q, k, v)}
-    if len(devices) != 1 or next(iter(devices)).type != "cuda":
-        raise InputError(
-            f"{backend} attention runs on CUDA tensors only, got tensors on "
-            f"{', '.join(sorted(str(d) for d in devices))}; move the model to a GPU, or use the sdpa "
-            "attention backend, which runs on any device"
         )
 
 
@@ -243,7 +211,7 @@ class SageAttention(AttentionBackend):
         Returns ``[B, Lq, H, D]`` in ``q``'s dtype; keys at index ``>= k_lens[b]`` get no weight.
         """
         check_inference_only(q, k, v)
-        check_inputs(q, k, v, backend=self.name)
+        check_attention_inputs(q, k, v, backend=self.name)
         check_head_dim(q.shape[-1], backend=self.name)
         kernel = self.kernel()
         qh, kh, vh = half_precision(q, k, v)

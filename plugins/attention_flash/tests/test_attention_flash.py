@@ -199,7 +199,7 @@ def test_call_without_library_raises_unavailable(monkeypatch):
     backend = FlashAttention2()
     if backend.availability().ok:
         pytest.skip("flash-attn is usable here")
-    monkeypatch.setattr("wan_attention_flash.check_inputs", lambda *a, **k: None)
+    monkeypatch.setattr("wan_attention_flash.check_attention_inputs", lambda *a, **k: None)
     q = torch.randn(1, 4, 2, 64)
     with pytest.raises(PluginUnavailableError, match="flash2"):
         backend(q, q, q)
