@@ -136,3 +136,19 @@ def test_latent_errors(tmp_path):
     save_file({"latent": torch.zeros(4, 4)}, str(flat))
     with pytest.raises(InputError, match="expected a latent"):
         media.load_latent(flat)
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """mkstemp makes owner-only files; the finished output must be readable like any other file."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        with media.atomic_path(tmp_path / "out.mp4") as tmp:
+            tmp.write_bytes(b"x")
+        with media.atomic_path(tmp_path / "frames", directory=True) as tmp:
+            (tmp / "0.png").write_bytes(b"x")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "out.mp4").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "frames").stat().st_mode & 0o777 == 0o755

@@ -106,6 +106,8 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
         tmp = Path(name)
     try:
         yield tmp
+        # mkstemp/mkdtemp create owner-only entries; give the result the usual umask-based mode
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~_current_umask())
         if directory and path.is_dir():
             path.rmdir()
         os.replace(tmp, path)
@@ -115,6 +117,12 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
         elif tmp.exists():
             tmp.unlink()
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _metadata_text(metadata: Mapping[str, Any]) -> str:
