@@ -65,6 +65,16 @@ def _move(tensor: torch.Tensor, device: torch.device) -> None:
             tensor.grad = grad.to(device)
 
 
+def _check_loaded(blocks: Sequence[nn.Module]) -> None:
+    for index, block in enumerate(blocks):
+        for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
+            if tensor.device.type == "meta":
+                raise InputError(
+                    f"block {index} tensor {name!r} is on the meta device (no weights); "
+                    "load the weights before attaching block swap"
+                )
+
+
 def _graph_task_id() -> int | None:
     """Which backward pass is running (``None`` when this torch cannot say)."""
     current = getattr(torch._C, "_current_graph_task_id", None)
@@ -95,11 +105,6 @@ class _HostBlock:
     def __init__(self, block: nn.Module, index: int, pin_memory: bool):
         layout, offset = [], 0
         for name, tensor in _frozen_tensors(block):
-            if tensor.device.type == "meta":
-                raise InputError(
-                    f"block {index} tensor {name!r} is on the meta device (no weights); "
-                    "load the weights before attaching block swap"
-                )
             layout.append(_Entry(name, tensor, offset))
             offset = _align(offset + layout[-1].nbytes)
         self.layout: list[_Entry] = layout
@@ -180,6 +185,7 @@ class BlockSwapRunner(BlockRunner):
         _allow_cpu_for_tests: bool = False,
     ):
         self.blocks = list(blocks)
+        _check_loaded(self.blocks)
         self.device = torch.device(device)
         self.schedule = schedule
         self.training = training
@@ -243,15 +249,11 @@ class BlockSwapRunner(BlockRunner):
         if self._prepared:
             return
         schedule = self.schedule
+        _check_loaded(self.blocks)
         try:
             for index in schedule.pinned:
                 block = self.blocks[index]
                 for tensor in [*block.parameters(), *block.buffers()]:
-                    if tensor.device.type == "meta":
-                        raise InputError(
-                            f"block {index} has tensors on the meta device (no weights); "
-                            "load the weights before attaching block swap"
-                        )
                     _move(tensor, self.device)
             for index in schedule.streamed:
                 if index not in self._host:
