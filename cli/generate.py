@@ -53,7 +53,58 @@ def _given(ctx: click.Context, name: str) -> bool:
     return source is not None and source != click.core.ParameterSource.DEFAULT
 
 
-@click.command("generate", epilog=EPILOG, context_settings={"max_content_width": 110})
+MULTI_VALUE_OPTIONS = ("--lora_weight", "--lora_multiplier", "--include_patterns", "--exclude_patterns")
+"""Options the seed trainer takes as ``--opt A B C`` (argparse ``nargs="*"``); we take them
+repeated (``--opt A --opt B``) and also accept the seed's spelling."""
+
+
+def expand_multi_value_options(args: list[str], names: tuple[str, ...] = MULTI_VALUE_OPTIONS) -> list[str]:
+    """Rewrite ``--opt A B`` into ``--opt A --opt B`` for the ``names`` options.
+
+    Values run until the next token that looks like an option (``-x``/``--x``, but not a
+    negative number such as ``-1.0``) or until ``--``.
+    """
+
+    def is_option(token: str) -> bool:
+        if not token.startswith("-") or token == "-":
+            return False
+        try:
+            float(token)
+        except ValueError:
+            return True
+        return False
+
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            out.extend(args[i:])
+            break
+        if token not in names:
+            out.append(token)
+            i += 1
+            continue
+        values = []
+        i += 1
+        while i < len(args) and args[i] != "--" and not is_option(args[i]):
+            values.append(args[i])
+            i += 1
+        if not values:
+            out.append(token)  # let click report the missing value
+        for value in values:
+            out.extend((token, value))
+    return out
+
+
+class GenerateCommand(click.Command):
+    """Accepts the seed trainer's multi-value options (``--lora_weight a b``) as well as repeats."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, expand_multi_value_options(list(args)))
+
+
+@click.command("generate", cls=GenerateCommand, epilog=EPILOG, context_settings={"max_content_width": 110})
 # what to generate
 @_option("--prompt", "-p", default=None, help="Text prompt (or use --from_file / --interactive).")
 @_option("--negative_prompt", default=None, help="Negative prompt  [default: the official Wan2.1 one]")
@@ -218,7 +269,7 @@ def _given(ctx: click.Context, name: str) -> bool:
 @_option("--vae_cache_cpu", is_flag=True, help="Keep the VAE's causal feature cache in CPU memory.")
 @_option("--device", default=None, help="cpu, cuda or cuda:N.  [default: cuda when available, else cpu]")
 # LoRA
-@_option("--lora_weight", "lora_weight", multiple=True, help="LoRA file to apply (repeat for several).")
+@_option("--lora_weight", "lora_weight", multiple=True, help="LoRA file to apply (several: repeat the option, or list them after it).")
 @_option(
     "--lora_multiplier",
     "lora_multiplier",

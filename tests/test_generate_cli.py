@@ -177,3 +177,31 @@ class TestWeightsAndImages:
         _fails(
             _run(self.i2v(tmp_path, *clip, "--image_path", str(bad))), "cannot read image", tmp_path / "out"
         )
+
+
+def test_seed_multi_value_options_expand_to_repeats():
+    from wan_cli.generate import expand_multi_value_options
+
+    args = ["--lora_weight", "a.safetensors", "b.safetensors", "--lora_multiplier", "1.0", "-0.5",
+            "--include_patterns", "blocks\\.1", "--prompt", "p", "--", "--lora_weight", "x"]  # fmt: skip
+    assert expand_multi_value_options(args) == [
+        "--lora_weight", "a.safetensors", "--lora_weight", "b.safetensors",
+        "--lora_multiplier", "1.0", "--lora_multiplier", "-0.5",
+        "--include_patterns", "blocks\\.1", "--prompt", "p", "--", "--lora_weight", "x",
+    ]  # fmt: skip
+    assert expand_multi_value_options(["--lora_weight"]) == ["--lora_weight"]
+
+
+def test_seed_multi_value_lora_spelling_reaches_the_loader(tmp_path):
+    """`--lora_weight A B --lora_multiplier 1.0 0.5` (the seed's spelling) reads both files: the
+    second, missing one is reported by name."""
+    first = tmp_path / "first.safetensors"
+    first.write_bytes(b"")
+    missing = tmp_path / "second.safetensors"
+    result = _run(
+        ["--preset", "demo", "--prompt", "p", "--save_path", str(tmp_path / "out"), *SMALL,
+         "--lora_weight", str(first), str(missing), "--lora_multiplier", "1.0", "0.5"]  # fmt: skip
+    )
+    assert result.exit_code == 1, result.output
+    assert "No such option" not in result.output and "Got unexpected extra argument" not in result.output
+    assert "first.safetensors" in result.stderr or "second.safetensors" in result.stderr, result.stderr
