@@ -351,6 +351,54 @@ def test_four_layer_dit_equals_no_swap(n):
     _dit_equal_with_swap(make, n, checkpointing=True)
 
 
+def test_fp8_scaled_dit_from_the_quant_plugin_equals_no_swap():
+    quant = pytest.importorskip("wan_quant_fp8.checkpoint", reason="wan-quant-fp8 is not installed")
+    from wan_attention_sdpa import SdpaAttention
+    from wan_kernel.models.dit import WanDiT
+    from wan_kernel.models.dit_config import DiTConfig
+
+    cfg = DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=3, text_dim=16, freq_dim=32)
+
+    def make():
+        torch.manual_seed(0)
+        model = WanDiT(cfg, SdpaAttention())
+        for p in model.parameters():
+            p.data.normal_(0, 0.2)
+        quant.quantize_model(model, "fp8_scaled", target="dit", device="cpu")
+        return model.requires_grad_(False)
+
+    model = make()
+    linear = model.blocks[0].ffn[0]  # 3 blocks, 2 swapped: one slot, holding block 0 after prepare
+    assert linear.weight.dtype == torch.float8_e4m3fn and linear.scale_weight is not None
+    runner = attach_cpu(model.blocks, 2)
+    runner.prepare()
+    # the streamed block's fp8 weight and its scale moved together into the slot
+    slot = runner._slot_flats[runner.schedule.slot_of(0)]
+    for tensor in (linear.weight, linear.scale_weight):
+        assert slot.data_ptr() <= tensor.data_ptr() < slot.data_ptr() + slot.numel()
+    runner.release()
+    _dit_equal_with_swap(make, 2, checkpointing=False)
+
+
+def test_benchmark_cpu_smoke(tmp_path):
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "blockswap.py"
+    out = tmp_path / "bs.json"
+    result = subprocess.run(
+        [sys.executable, str(script), "--mode", "train", "--swap", "0,3", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    if not torch.cuda.is_available():
+        assert "needs a CUDA GPU" in result.stdout
+    import json
+
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["blocks_to_swap"] for r in rows] == [0, 3]
+    assert rows[1]["max_abs_diff_vs_no_swap"] == 0.0
+
+
 # --------------------------------------------------------------------------------------------
 # CUDA
 # --------------------------------------------------------------------------------------------
