@@ -26,11 +26,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from wan_quant_fp8 import Fp8FastQuantizer, Fp8Quantizer, Fp8ScaledQuantizer
+from wan_quant_fp8.testing import randomize_, relative_error, state_bytes
 
 from wan_kernel.models.dit import WanDiT
 from wan_kernel.models.dit_config import PRESETS, DiTConfig
-from wan_quant_fp8 import Fp8FastQuantizer, Fp8Quantizer, Fp8ScaledQuantizer
-from wan_quant_fp8.testing import randomize_, relative_error, state_bytes
 
 TINY = DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64)
 DEFAULT_SIZES = {"tiny": "64x64x9", "1.3B": "832x480x81", "14B": "832x480x81"}
@@ -40,7 +40,9 @@ QUANTIZERS = [Fp8Quantizer(), Fp8ScaledQuantizer(), Fp8FastQuantizer()]
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=["tiny", "1.3B", "14B"], default="tiny")
-    p.add_argument("--size", help="video WxHxF in pixels/frames (default: 64x64x9 tiny, 832x480x81 otherwise)")
+    p.add_argument(
+        "--size", help="video WxHxF in pixels/frames (default: 64x64x9 tiny, 832x480x81 otherwise)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -102,9 +104,15 @@ def _one_linear(k: int, n: int) -> torch.nn.Module:
     return root
 
 
-def linear_benchmark(config: DiTConfig, tokens: int, device: torch.device, runs: int, warmup: int) -> list[dict]:
-    """bf16 ``F.linear`` vs fp8_scaled (up-cast) vs fp8_fast on the DiT's Linear shapes ``[M, K] -> [M, N]``."""
-    shapes = [("attn q/k/v/o", config.dim, config.dim), ("ffn.0", config.dim, config.ffn_dim), ("ffn.2", config.ffn_dim, config.dim)]
+def linear_benchmark(
+    config: DiTConfig, tokens: int, device: torch.device, runs: int, warmup: int
+) -> list[dict]:
+    """bf16 ``F.linear`` vs fp8_scaled (up-cast) vs fp8_fast on the DiT's Linear shapes [M, K] -> [M, N]."""
+    shapes = [
+        ("attn q/k/v/o", config.dim, config.dim),
+        ("ffn.0", config.dim, config.ffn_dim),
+        ("ffn.2", config.ffn_dim, config.dim),
+    ]
     rows = []
     for label, k, n in shapes:
         g = torch.Generator(device=device).manual_seed(0)
@@ -116,15 +124,19 @@ def linear_benchmark(config: DiTConfig, tokens: int, device: torch.device, runs:
         flops = 2.0 * tokens * k * n
         row = {"layer": label, "M": tokens, "K": k, "N": n}
         with torch.no_grad():
-            t_bf16 = median_time(lambda: linear(x), device, runs, warmup)
+            t_bf16 = median_time(lambda f=linear, a=x: f(a), device, runs, warmup)
             row["bf16_ms"] = t_bf16 * 1e3
             row["bf16_tflops"] = flops / t_bf16 / 1e12
             exact = F.linear(x.float(), linear.weight.float(), linear.bias.float())
             for quantizer in (Fp8ScaledQuantizer(), Fp8FastQuantizer()):
                 if not quantizer.availability().ok:
                     continue
-                layer = quantized_copy(reference, quantizer, device, lambda: _one_linear(k, n)).blocks[0].ffn[0]
-                t = median_time(lambda: layer(x), device, runs, warmup)
+                layer = (
+                    quantized_copy(reference, quantizer, device, lambda k=k, n=n: _one_linear(k, n))
+                    .blocks[0]
+                    .ffn[0]
+                )
+                t = median_time(lambda f=layer, a=x: f(a), device, runs, warmup)
                 row[f"{quantizer.name}_ms"] = t * 1e3
                 row[f"{quantizer.name}_tflops"] = flops / t / 1e12
                 row[f"{quantizer.name}_speedup_vs_bf16"] = t_bf16 / t
@@ -137,9 +149,10 @@ def released_sizes() -> list[dict]:
     """Weight memory of the released DiTs under each mode, counted on ``meta`` (no allocation)."""
     rows = []
     for preset in ("t2v-1.3B", "t2v-14B", "i2v-14B"):
-        def build():
+
+        def build(config=PRESETS[preset]):
             with torch.device("meta"):
-                return WanDiT(PRESETS[preset], attention=lambda q, k, v, k_lens=None: q).to(torch.bfloat16)
+                return WanDiT(config, attention=lambda q, k, v, k_lens=None: q).to(torch.bfloat16)
 
         bf16 = state_bytes(build())
         row = {"preset": preset, "bf16_bytes": bf16}
@@ -198,7 +211,7 @@ def main(argv=None) -> int:
             if fp32_out is not None:
                 row["rel_err_vs_fp32"] = relative_error(out, fp32_out)
             if device.type == "cuda":
-                row["forward_s"] = median_time(lambda: model(*inputs), device, args.runs, args.warmup)
+                row["forward_s"] = median_time(lambda m=model: m(*inputs), device, args.runs, args.warmup)
                 row["speedup_vs_bf16"] = results["modes"][0]["forward_s"] / row["forward_s"]
             results["modes"].append(row)
             del model
@@ -211,9 +224,14 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
         results["linear"] = linear_benchmark(config, args.tokens, device, args.runs * 4, args.warmup * 2)
 
-    print(f"DiT {args.config} ({config.dim} wide, {config.num_layers} layers), video {size}, device {device}"
-          + (f" ({results['gpu']})" if "gpu" in results else ""))
-    head = f"{'mode':<11}{'weights MiB':>12}{'vs bf16':>9}{'err vs bf16':>13}{'err vs fp32':>13}{'forward s':>11}{'speed-up':>10}"
+    print(
+        f"DiT {args.config} ({config.dim} wide, {config.num_layers} layers), video {size}, device {device}"
+        + (f" ({results['gpu']})" if "gpu" in results else "")
+    )
+    head = (
+        f"{'mode':<11}{'weights MiB':>12}{'vs bf16':>9}{'err vs bf16':>13}"
+        f"{'err vs fp32':>13}{'forward s':>11}{'speed-up':>10}"
+    )
     print(head)
     for r in results["modes"]:
         if "skipped" in r:
@@ -222,7 +240,10 @@ def main(argv=None) -> int:
         fp32 = f"{r['rel_err_vs_fp32']:.4f}" if "rel_err_vs_fp32" in r else "-"
         fwd = f"{r['forward_s']:.4f}" if "forward_s" in r else "-"
         speed = f"{r['speedup_vs_bf16']:.2f}x" if "speedup_vs_bf16" in r else "-"
-        print(f"{r['mode']:<11}{r['weight_bytes'] / 2**20:>12.2f}{r['ratio']:>9.3f}{r['rel_err_vs_bf16']:>13.4f}{fp32:>13}{fwd:>11}{speed:>10}")
+        print(
+            f"{r['mode']:<11}{r['weight_bytes'] / 2**20:>12.2f}{r['ratio']:>9.3f}"
+            f"{r['rel_err_vs_bf16']:>13.4f}{fp32:>13}{fwd:>11}{speed:>10}"
+        )
     print("weight memory of the released DiTs (GiB, ratio to bf16):")
     for r in results["released_sizes"]:
         parts = [f"bf16 {r['bf16_bytes'] / 2**30:.2f}"]
@@ -233,7 +254,8 @@ def main(argv=None) -> int:
     if "linear" in results:
         print("Linear micro-benchmark (bf16 activations, median after warm-up):")
     for r in results.get("linear", []):
-        parts = [f"{r['layer']:<13} M={r['M']} K={r['K']} N={r['N']}: bf16 {r['bf16_ms']:.3f} ms ({r['bf16_tflops']:.0f} TFLOP/s)"]
+        shape = f"{r['layer']:<13} M={r['M']} K={r['K']} N={r['N']}"
+        parts = [f"{shape}: bf16 {r['bf16_ms']:.3f} ms ({r['bf16_tflops']:.0f} TFLOP/s)"]
         for name in ("fp8_scaled", "fp8_fast"):
             if f"{name}_ms" in r:
                 parts.append(

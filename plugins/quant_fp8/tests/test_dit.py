@@ -9,17 +9,17 @@ most 3/4 of plain fp8's error on the same weights. Measured: 1.7% / 0.9% / 1.0% 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from wan_kernel.errors import PluginUnavailableError, WeightsError
-from wan_kernel.models.dit import WanDiT
-from wan_kernel.models.dit_config import PRESETS
-from wan_kernel.models.dit_loading import load_dit
 from wan_quant_fp8 import Fp8FastQuantizer, Fp8Quantizer, Fp8ScaledQuantizer
 from wan_quant_fp8.checkpoint import read_quantization_tag, save_quantized
 from wan_quant_fp8.linear import Fp8Linear
 from wan_quant_fp8.scheme import FP8_MAX, is_quantized_layer
 from wan_quant_fp8.tensors import FP8
 from wan_quant_fp8.testing import relative_error, state_bytes
+
+from wan_kernel.errors import PluginUnavailableError, WeightsError
+from wan_kernel.models.dit import WanDiT
+from wan_kernel.models.dit_config import PRESETS
+from wan_kernel.models.dit_loading import load_dit
 
 BOUNDS = {"fp8": 0.04, "fp8_scaled": 0.02, "fp8_fast": 0.025}
 QUANTIZERS = {"fp8": Fp8Quantizer(), "fp8_scaled": Fp8ScaledQuantizer(), "fp8_fast": Fp8FastQuantizer()}
@@ -31,7 +31,9 @@ def _run(model, inputs):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_each_mode_stays_close_to_float32_and_scaled_beats_plain(tiny_dit_file, tiny_dit_reference, dit_inputs, dtype):
+def test_each_mode_stays_close_to_float32_and_scaled_beats_plain(
+    tiny_dit_file, tiny_dit_reference, dit_inputs, dtype
+):
     errors = {}
     for mode, quantizer in QUANTIZERS.items():
         model = load_dit(tiny_dit_file, num_heads=2, dtype=dtype, quant=quantizer)
@@ -82,7 +84,11 @@ def test_float8_e4m3fn_files_load(tmp_path, tiny_dit_file, tiny_dit_reference, d
     """A file whose block Linears are stored as float8_e4m3fn (no scales), the rest bf16."""
     sd = load_file(str(tiny_dit_file))
     fp8_file = {
-        k: (v.clamp(-FP8_MAX, FP8_MAX).to(FP8) if k.endswith(".weight") and is_quantized_layer("dit", k[:-7]) else v.to(torch.bfloat16))
+        k: (
+            v.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            if k.endswith(".weight") and is_quantized_layer("dit", k[:-7])
+            else v.to(torch.bfloat16)
+        )
         for k, v in sd.items()
     }
     path = tmp_path / "dit_fp8_e4m3fn.safetensors"
@@ -144,7 +150,9 @@ def test_comfyui_style_per_tensor_scaled_file_loads(tmp_path, tiny_dit_file, tin
 @pytest.mark.parametrize("case", ["dit_t2v", "dit_i2v"])
 def test_official_fixture_under_fp8_scaled(fixtures_dir, case):
     data = load_file(str(fixtures_dir / case / "case.safetensors"))
-    model = load_dit(fixtures_dir / case / "weights.safetensors", num_heads=2, dtype="float32", quant="fp8_scaled")
+    model = load_dit(
+        fixtures_dir / case / "weights.safetensors", num_heads=2, dtype="float32", quant="fp8_scaled"
+    )
     kwargs = {}
     if "clip_fea" in data:
         kwargs = {"clip_fea": data["clip_fea"], "y": data["y"]}

@@ -3,7 +3,6 @@
 import pytest
 import torch
 from torch import nn
-
 from wan_quant_fp8.linear import Fp8Linear, convert_linears
 from wan_quant_fp8.scaled_mm import fits_scaled_mm, quantize_per_token, scaled_mm_linear
 from wan_quant_fp8.scheme import SCHEMES
@@ -42,7 +41,9 @@ def test_forward_equals_linear_on_the_dequantized_weight(mode):
     assert type(model.head) is nn.Linear and model.head.weight.dtype == torch.float32
     assert layer.weight.dtype == FP8 and not layer.weight.requires_grad
     x = torch.randn(3, 5, 128)
-    expected = torch.nn.functional.linear(x, dequantize_weight(layer.weight, layer.scale_weight), ref.blocks[0].ffn[0].bias)
+    expected = torch.nn.functional.linear(
+        x, dequantize_weight(layer.weight, layer.scale_weight), ref.blocks[0].ffn[0].bias
+    )
     assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-6)
     rel = ((model(x) - ref(x)).norm() / ref(x).norm()).item()
     assert rel < 0.05
@@ -65,7 +66,12 @@ def test_dtype_casts_keep_fp8_weights_and_float32_scales():
     w = layer.weight.detach().clone()
     s = layer.scale_weight.clone()
     x = torch.randn(2, 128)
-    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float(), lambda m: m.to("cpu", torch.float16)):
+    for cast in (
+        lambda m: m.to(torch.bfloat16),
+        lambda m: m.half(),
+        lambda m: m.float(),
+        lambda m: m.to("cpu", torch.float16),
+    ):
         cast(model)
         assert layer.weight.dtype == FP8 and torch.equal(layer.weight.view(torch.uint8), w.view(torch.uint8))
         assert layer.scale_weight.dtype == torch.float32 and torch.equal(layer.scale_weight, s)
@@ -91,7 +97,9 @@ def test_scaled_mm_kernels_match_the_upcast_result():
     layer = model.blocks[0].ffn[0]
     x = torch.randn(2, 7, 128, dtype=torch.bfloat16)
     assert fits_scaled_mm(x, layer.weight, layer.scale_weight)
-    upcast = torch.nn.functional.linear(x.float(), layer.dequantized_weight(torch.float32), layer.bias.float())
+    upcast = torch.nn.functional.linear(
+        x.float(), layer.dequantized_weight(torch.float32), layer.bias.float()
+    )
     for rowwise in (True, False):
         try:
             y = scaled_mm_linear(x, layer.weight, layer.scale_weight, layer.bias, rowwise=rowwise)
@@ -148,7 +156,7 @@ def test_torch_compile_runs_the_fp8_layer():
     try:
         compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
         y = compiled(x)
-    except Exception as exc:  # compile tooling missing on this platform
+    except (RuntimeError, ImportError, AssertionError) as exc:  # compile tooling missing here
         pytest.skip(f"torch.compile unavailable here: {type(exc).__name__}: {exc}")
     assert torch.allclose(y, layer(x), rtol=1e-6, atol=1e-6)
 
@@ -165,7 +173,9 @@ def test_scaled_mm_on_cuda_matches_upcast(cuda_device):
     layer = model.blocks[0].ffn[0]
     x = torch.randn(3, 33, 256, device=cuda_device, dtype=torch.bfloat16)
     y = layer(x)  # _scaled_mm path
-    upcast = torch.nn.functional.linear(x.float(), layer.dequantized_weight(torch.float32), layer.bias.float())
+    upcast = torch.nn.functional.linear(
+        x.float(), layer.dequantized_weight(torch.float32), layer.bias.float()
+    )
     assert y.dtype == torch.bfloat16
     assert ((y.float() - upcast).norm() / upcast.norm()).item() < 0.04
     for rowwise in (True, False):

@@ -4,21 +4,29 @@ import copy
 
 import pytest
 import torch
-
-from wan_kernel.errors import InputError
 from wan_quant_fp8 import Fp8T5Quantizer, quantize_model
 from wan_quant_fp8.linear import Fp8DenseFFN, Fp8Linear
 from wan_quant_fp8.tensors import FP8
 from wan_quant_fp8.testing import relative_error
+
+from wan_kernel.errors import InputError
 
 transformers = pytest.importorskip("transformers")
 
 
 def _tiny_umt5(seed=0):
     config = transformers.UMT5Config(
-        vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-        is_encoder_decoder=False, use_cache=False,
+        vocab_size=256,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+        use_cache=False,
     )
     torch.manual_seed(seed)
     return transformers.UMT5EncoderModel(config).eval()

@@ -39,14 +39,14 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from torch import nn
 
 __all__ = [
+    "Fp8FastQuantizer",
     "Fp8Quantizer",
     "Fp8ScaledQuantizer",
-    "Fp8FastQuantizer",
     "Fp8T5Quantizer",
-    "save_quantized",
-    "quantize_model",
     "merge_before_quantize",
+    "quantize_model",
     "read_quantization_tag",
+    "save_quantized",
 ]
 
 _LAZY = {
@@ -95,20 +95,25 @@ class _Fp8Base(Quantizer):
             raise InputError(f"unknown quantization target {target!r}; known: {', '.join(TARGETS)}")
         if target not in self.supported_targets:
             raise InputError(
-                f"quantization {self.name!r} handles the {', '.join(self.supported_targets)}, not the {target}"
-                + ("; use fp8_t5 for the text encoder" if target == "t5" else "; use fp8, fp8_scaled or fp8_fast for the DiT")
+                f"quantization {self.name!r} handles the {', '.join(self.supported_targets)}, "
+                f"not the {target}"
+                + (
+                    "; use fp8_t5 for the text encoder"
+                    if target == "t5"
+                    else "; use fp8, fp8_scaled or fp8_fast for the DiT"
+                )
             )
 
-    def convert_for_runtime(self, model: "nn.Module", *, target: str) -> "nn.Module":
-        """Swap the quantized Linears for empty fp8 ones (see :func:`wan_quant_fp8.linear.convert_linears`)."""
+    def convert_for_runtime(self, model: nn.Module, *, target: str) -> nn.Module:
+        """Swap the quantized Linears for empty fp8 ones (:func:`wan_quant_fp8.linear.convert_linears`)."""
         self._check_target(target)
         from wan_quant_fp8.linear import convert_linears
 
         return convert_linears(model, self.scheme, target=target)
 
     def quantize_state_dict(
-        self, state_dict: "dict[str, torch.Tensor]", *, target: str, device: "torch.device | str" = "cpu"
-    ) -> "dict[str, torch.Tensor]":
+        self, state_dict: dict[str, torch.Tensor], *, target: str, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
         """The stored tensors (see :func:`wan_quant_fp8.tensors.quantize_state_dict`)."""
         self._check_target(target)
         from wan_quant_fp8.tensors import quantize_state_dict
@@ -145,7 +150,9 @@ class Fp8FastQuantizer(_Fp8Base):
 
 class Fp8T5Quantizer(_Fp8Base):
     name = "fp8_t5"
-    description = "umT5 encoder Linears as float8_e4m3fn with block-wise scales; norms, embeddings high precision"
+    description = (
+        "umT5 encoder Linears as float8_e4m3fn with block-wise scales; norms, embeddings high precision"
+    )
     supported_targets: ClassVar[tuple[str, ...]] = ("t5",)
 
 

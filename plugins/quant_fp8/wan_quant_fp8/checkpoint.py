@@ -23,7 +23,9 @@ from wan_quant_fp8.tensors import quantize_state_dict
 FORMAT_VERSION = "1"
 
 
-def quantize_model(model: nn.Module, mode: str | Fp8Scheme, *, target: str, device: torch.device | str | None = None) -> nn.Module:
+def quantize_model(
+    model: nn.Module, mode: str | Fp8Scheme, *, target: str, device: torch.device | str | None = None
+) -> nn.Module:
     """Quantize an already loaded ``target`` model in place (state dict -> swap -> quantize -> assign).
 
     The loaders do the same on a ``meta`` model while reading the file; this is for models built
@@ -66,7 +68,10 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, mode: str | Non
 
     found = quantized_mode_of(model)
     if found is None:
-        raise InputError("this model has no fp8 layers; load it with quant='fp8_scaled' (or fp8) before saving it quantized")
+        raise InputError(
+            "this model has no fp8 layers; load it with quant='fp8_scaled' (or fp8) "
+            "before saving it quantized"
+        )
     mode = mode or found
     if mode not in SCHEMES:
         raise InputError(f"unknown fp8 mode {mode!r}; known: {', '.join(SCHEMES)}")

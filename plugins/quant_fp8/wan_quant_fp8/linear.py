@@ -13,7 +13,7 @@ layer), or, for ``fp8_fast`` on CUDA, ``torch._scaled_mm`` on fp8 operands
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -49,16 +49,20 @@ class Fp8Linear(nn.Linear):
         self.in_features = in_features
         self.out_features = out_features
         self.use_scaled_mm = use_scaled_mm
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=FP8, device=device), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=FP8, device=device), requires_grad=False
+        )
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False)
+            self.bias = nn.Parameter(
+                torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False
+            )
         else:
             self.register_parameter("bias", None)
         scale = None if scale_shape is None else torch.ones(scale_shape, dtype=torch.float32, device=device)
         self.register_buffer("scale_weight", scale)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: Fp8Scheme) -> "Fp8Linear":
+    def from_linear(cls, linear: nn.Linear, scheme: Fp8Scheme) -> Fp8Linear:
         """An (empty, ``meta``) fp8 replacement of ``linear``; its bias parameter is kept as is."""
         module = cls(
             linear.in_features,
@@ -82,7 +86,9 @@ class Fp8Linear(nn.Linear):
         if scale is None:
             return w.to(dtype)
         if scale.ndim == 3:  # block-wise [out, nb, 1]
-            w = (w.view(self.out_features, scale.shape[1], -1) * scale.to(work)).view(self.out_features, self.in_features)
+            w = (w.view(self.out_features, scale.shape[1], -1) * scale.to(work)).view(
+                self.out_features, self.in_features
+            )
         else:  # [out, 1] or [1]
             w = w * scale.to(work)
         return w.to(dtype)
@@ -121,7 +127,8 @@ class Fp8Linear(nn.Linear):
         scale = "none" if self.scale_weight is None else "x".join(str(n) for n in self.scale_weight.shape)
         kernel = "scaled_mm" if self.use_scaled_mm else "upcast"
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, "
             f"fp8 weight, scale={scale}, compute={kernel}"
         )
 
@@ -156,7 +163,11 @@ def convert_linears(model: nn.Module, scheme: Fp8Scheme, *, target: str) -> nn.M
     feed-forward blocks around fp8 Linears become :class:`Fp8DenseFFN`.
     """
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and not isinstance(module, Fp8Linear) and is_quantized_layer(target, name):
+        if (
+            isinstance(module, nn.Linear)
+            and not isinstance(module, Fp8Linear)
+            and is_quantized_layer(target, name)
+        ):
             _set_child(model, name, Fp8Linear.from_linear(module, scheme))
     if target == "t5":
         for name, module in list(model.named_modules()):

@@ -32,7 +32,9 @@ def scaled_mm_unavailable_reason() -> str:
     if not hasattr(torch, "_scaled_mm"):
         return f"torch {torch.__version__} has no torch._scaled_mm; install torch>=2.4"
     if not torch.cuda.is_available():
-        return "needs a CUDA GPU with compute capability 8.9+ (RTX 40xx, L4, L40, H100); this machine has none"
+        return (
+            "needs a CUDA GPU with compute capability 8.9+ (RTX 40xx, L4, L40, H100); this machine has none"
+        )
     capability = torch.cuda.get_device_capability()
     if capability < MIN_CAPABILITY:
         name = torch.cuda.get_device_name()

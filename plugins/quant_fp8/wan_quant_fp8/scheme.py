@@ -14,7 +14,8 @@ Stored layout (one quantized ``nn.Linear`` named ``P``, weight ``[out, in]``)::
 
 These are the names and shapes musubi-tuner's ``fp8_optimization_utils`` writes for its
 ``--fp8_scaled`` checkpoints (block ``[out, blocks, 1]``, channel ``[out, 1]``, tensor ``[1]``),
-so such files load; per-tensor ``[1]`` / scalar scales (musubi's tensor mode), ComfyUI's ``scaled_fp8`` files (scalar ``scale_weight``, ``scale_input``,
+so such files load; per-tensor ``[1]`` / scalar scales (musubi's tensor mode), ComfyUI's
+``scaled_fp8`` files (scalar ``scale_weight``, ``scale_input``,
 a ``scaled_fp8`` marker tensor) and musubi's two-level files (``scale_weight_tensor``) are read
 too and converted to the layout above (exactly where the scales broadcast, see
 :func:`wan_quant_fp8.tensors.adapt_prequantized`).
@@ -103,7 +104,8 @@ _TARGET_LAYERS: dict[str, re.Pattern[str]] = {
     # transformers' (U)MT5 encoder: attention projections and the feed-forward; embeddings,
     # relative-position tables and norms stay in high precision
     "t5": re.compile(
-        r"^encoder\.block\.\d+\.layer\.(?:0\.SelfAttention\.(?:q|k|v|o)|1\.DenseReluDense\.(?:wi|wi_0|wi_1|wo))$"
+        r"^encoder\.block\.\d+\.layer\."
+        r"(?:0\.SelfAttention\.(?:q|k|v|o)|1\.DenseReluDense\.(?:wi|wi_0|wi_1|wo))$"
     ),
 }
 TARGETS = tuple(_TARGET_LAYERS)

@@ -5,7 +5,7 @@ Layout and names: see :mod:`wan_quant_fp8.scheme`. Every function here works on 
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -22,10 +22,14 @@ from wan_quant_fp8.scheme import (
 )
 
 FP8 = torch.float8_e4m3fn
-_OTHER_FP8 = tuple(getattr(torch, n) for n in ("float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n))
+_OTHER_FP8 = tuple(
+    getattr(torch, n) for n in ("float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)
+)
 
 
-def quantize_weight(weight: torch.Tensor, scheme: Fp8Scheme, *, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor | None]:
+def quantize_weight(
+    weight: torch.Tensor, scheme: Fp8Scheme, *, name: str = "weight"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Quantize a Linear weight ``[out, in]`` to float8_e4m3fn with ``scheme``'s scales.
 
     :returns: ``(q, scale)``: ``q`` float8_e4m3fn ``[out, in]``; ``scale`` float32 of
@@ -54,7 +58,9 @@ def quantize_weight(weight: torch.Tensor, scheme: Fp8Scheme, *, name: str = "wei
     return q, scale
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor | None, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_weight(
+    q: torch.Tensor, scale: torch.Tensor | None, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``q * scale`` as ``dtype`` ``[out, in]``; ``scale`` may be ``None``, ``[1]``/scalar, ``[out]``,
     ``[out, 1]`` or block-wise ``[out, nb, 1]`` / ``[out, nb]`` (``in % nb == 0``)."""
     out_features, in_features = q.shape
@@ -170,7 +176,7 @@ def quantize_state_dict(
     for key, value in state_dict.items():
         if key in consumed or key in MARKER_KEYS or key.endswith(DROPPED_SUFFIXES):
             continue
-        if key.endswith(f".{SCALE_KEY}") or key.endswith(f".{SCALE_TENSOR_KEY}"):
+        if key.endswith((f".{SCALE_KEY}", f".{SCALE_TENSOR_KEY}")):
             continue  # scales of layers kept in high precision: folded in below
         if _is_fp8(value):
             scale = _total_scale(state_dict, key[: -len(".weight")]) if key.endswith(".weight") else None
@@ -189,7 +195,9 @@ def _dequantize_any(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return value.float() * s.reshape(())
     if s.numel() == value.shape[0]:
         return value.float() * s.reshape(value.shape[0], *([1] * (value.ndim - 1)))
-    raise WeightsError(f"scale of shape {list(scale.shape)} does not fit a tensor of shape {list(value.shape)}")
+    raise WeightsError(
+        f"scale of shape {list(scale.shape)} does not fit a tensor of shape {list(value.shape)}"
+    )
 
 
 def merge_before_quantize(
@@ -215,7 +223,7 @@ def merge_before_quantize(
             raise WeightsError(
                 f"LoRA delta for {key!r} has shape {list(delta.shape)}, the weight has {list(weight.shape)}"
             )
-        prefix = key[: -len(".weight")] if key.endswith(".weight") else key
+        prefix = key.removesuffix(".weight")
         total = _total_scale(merged, prefix)
         base = dequantize_weight(weight, total) if (total is not None or _is_fp8(weight)) else weight.float()
         merged.pop(f"{prefix}.{SCALE_KEY}", None)

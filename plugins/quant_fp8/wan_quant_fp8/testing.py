@@ -16,7 +16,9 @@ from torch import nn
 from wan_quant_fp8.scheme import is_quantized_layer
 
 
-def randomize_(model: nn.Module, seed: int = 0, *, spread_rows: bool = True, device: str | torch.device = "cpu") -> nn.Module:
+def randomize_(
+    model: nn.Module, seed: int = 0, *, spread_rows: bool = True, device: str | torch.device = "cpu"
+) -> nn.Module:
     """Draw every parameter in place: weights ``N(0, 1/fan_in)``, biases ``0.05 N``, norm scales
     ``1 + 0.1 N``, modulation ``0.1 N``; with ``spread_rows``, the attention q/k weights
     ``0.002 N`` and rows 0-3 of every quantized DiT Linear x4 (outliers). The numbers are drawn
@@ -38,7 +40,9 @@ def randomize_(model: nn.Module, seed: int = 0, *, spread_rows: bool = True, dev
             for name, module in model.named_modules():
                 if isinstance(module, nn.Linear) and is_quantized_layer("dit", name):
                     if name.rsplit(".", 1)[-1] in ("q", "k"):
-                        module.weight.copy_(0.002 * torch.randn(module.weight.shape, generator=g, device=device))
+                        module.weight.copy_(
+                            0.002 * torch.randn(module.weight.shape, generator=g, device=device)
+                        )
                     module.weight[0:4] *= 4.0
     return model
 
