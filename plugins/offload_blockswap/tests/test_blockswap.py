@@ -236,6 +236,20 @@ def test_release_restores_host_weights_and_prepare_again():
         assert torch.equal(run_stack(swapped, runner, x, context, False), run_stack(ref, None, x, context, False))
 
 
+def test_weights_changed_between_release_and_prepare_are_used():
+    ref, swapped = toy_stack(4), toy_stack(4)
+    runner = attach_cpu(swapped, 3)
+    x, context = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+    with torch.no_grad():
+        run_stack(swapped, runner, x, context, False)
+        runner.release()
+        for a, b in zip(ref.parameters(), swapped.parameters()):  # e.g. weights reloaded or moved
+            if a.dtype == torch.float32:
+                a.mul_(1.5)
+                b.data = b.data * 1.5
+        assert torch.equal(run_stack(swapped, runner, x, context, False), run_stack(ref, None, x, context, False))
+
+
 def test_slots_are_reused_not_reallocated():
     swapped = toy_stack(6)
     runner = attach_cpu(swapped, 4)

@@ -120,6 +120,14 @@ class _HostBlock:
         for entry, view in zip(self.layout, views):
             entry.tensor.data = view
 
+    def still_current(self, block: nn.Module) -> bool:
+        """Whether ``block`` still holds exactly these tensors, pointing at this buffer (not moved since)."""
+        tensors = _frozen_tensors(block)
+        return len(tensors) == len(self.layout) and all(
+            t is e.tensor and t.device.type == "cpu" and t.data_ptr() == v.data_ptr() and t.shape == v.shape
+            for (_, t), e, v in zip(tensors, self.layout, self.views)
+        )
+
 
 class _InlineMover:
     """Synchronous copies on the current device; the CPU test path."""
@@ -256,7 +264,8 @@ class BlockSwapRunner(BlockRunner):
                 for tensor in [*block.parameters(), *block.buffers()]:
                     _move(tensor, self.device)
             for index in schedule.streamed:
-                if index not in self._host:
+                host = self._host.get(index)
+                if host is None or not host.still_current(self.blocks[index]):  # new, or changed since release()
                     self._host[index] = _HostBlock(self.blocks[index], index, self.pin_memory)
                 for param in _trainable(self.blocks[index]):
                     _move(param, self.device)
