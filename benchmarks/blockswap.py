@@ -181,7 +181,8 @@ def run_case(cfg, cfg_name, size, fmt, swaps, args, device) -> list[dict]:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            row["weights_on_device_bytes"] = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            cuda = device.type == "cuda"
+            row["weights_on_device_bytes"] = torch.cuda.memory_allocated(device) if cuda else 0
             copies_before = runner.bytes_copied if runner else 0
             row.update(measure(step, args.runs, args.warmup, device))
             out = row.pop("output")
@@ -190,7 +191,8 @@ def run_case(cfg, cfg_name, size, fmt, swaps, args, device) -> list[dict]:
             elif reference is not None:
                 row["max_abs_diff_vs_no_swap"] = (out.float() - reference.float()).abs().max().item()
             if runner:
-                row["gb_copied_per_step"] = (runner.bytes_copied - copies_before) / 1e9 / (args.runs + args.warmup)
+                steps = args.runs + args.warmup
+                row["gb_copied_per_step"] = (runner.bytes_copied - copies_before) / 1e9 / steps
                 row["late_loads"] = runner.late_loads
             if n == 0:
                 baseline = row["median_s"]
@@ -222,7 +224,8 @@ HEADER = f"{'model':>5} {'size':>12} {'format':>10} {'N':>3} {'weights GiB':>11}
 
 def print_row(row: dict) -> None:
     if "error" in row:
-        print(f"{row['model']:>5} {row['size']:>12} {row['format']:>10} {row['blocks_to_swap']:>3}  {row['error']}")
+        where = f"{row['model']:>5} {row['size']:>12} {row['format']:>10} {row['blocks_to_swap']:>3}"
+        print(f"{where}  {row['error']}")
         return
     vs = f"{row['vs_no_swap']:.2f}x" if "vs_no_swap" in row else "-"
     gb = f"{row.get('gb_copied_per_step', 0.0):.1f}"

@@ -231,9 +231,10 @@ def test_release_restores_host_weights_and_prepare_again():
     for a, b in zip(ref.state_dict().values(), swapped.state_dict().values()):
         assert torch.equal(a.float(), b.float())
     with torch.no_grad():  # hooks are gone: the blocks run as plain modules ...
-        assert torch.equal(run_stack(swapped, None, x, context, False), run_stack(ref, None, x, context, False))
+        expected = run_stack(ref, None, x, context, False)
+        assert torch.equal(run_stack(swapped, None, x, context, False), expected)
         # ... and the runner can take charge again
-        assert torch.equal(run_stack(swapped, runner, x, context, False), run_stack(ref, None, x, context, False))
+        assert torch.equal(run_stack(swapped, runner, x, context, False), expected)
 
 
 def test_weights_changed_between_release_and_prepare_are_used():
@@ -247,7 +248,8 @@ def test_weights_changed_between_release_and_prepare_are_used():
             if a.dtype == torch.float32:
                 a.mul_(1.5)
                 b.data = b.data * 1.5
-        assert torch.equal(run_stack(swapped, runner, x, context, False), run_stack(ref, None, x, context, False))
+        expected = run_stack(ref, None, x, context, False)
+        assert torch.equal(run_stack(swapped, runner, x, context, False), expected)
 
 
 def test_slots_are_reused_not_reallocated():

@@ -86,11 +86,15 @@ class BlockSwapOffloader(Offloader):
         from torch import nn
 
         if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-            raise InputError(f"blocks must be a list of modules (e.g. dit.blocks), got one {type(blocks).__name__}")
+            raise InputError(
+                f"blocks must be a list of modules (e.g. dit.blocks), got one {type(blocks).__name__}"
+            )
         try:
             blocks = list(blocks)
         except TypeError:
-            raise InputError(f"blocks must be a list of modules (e.g. dit.blocks), got {type(blocks).__name__}") from None
+            raise InputError(
+                f"blocks must be a list of modules (e.g. dit.blocks), got {type(blocks).__name__}"
+            ) from None
         for i, block in enumerate(blocks):
             if not isinstance(block, nn.Module):
                 raise InputError(f"blocks[{i}] is a {type(block).__name__}, not a torch module")

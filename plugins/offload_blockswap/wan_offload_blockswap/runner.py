@@ -265,7 +265,8 @@ class BlockSwapRunner(BlockRunner):
                     _move(tensor, self.device)
             for index in schedule.streamed:
                 host = self._host.get(index)
-                if host is None or not host.still_current(self.blocks[index]):  # new, or changed since release()
+                # new, or its weights were changed or moved since release()
+                if host is None or not host.still_current(self.blocks[index]):
                     self._host[index] = _HostBlock(self.blocks[index], index, self.pin_memory)
                 for param in _trainable(self.blocks[index]):
                     _move(param, self.device)
