@@ -8,7 +8,8 @@ not fit) and then with block swap for each ``N``; every figure comes from the sa
 a forward (``--mode infer``, under ``no_grad``) or a forward + backward with per-block gradient
 checkpointing and trainable modulation tables, a stand-in for LoRA (``--mode train``). Each is
 warmed up, then timed several times; the table gives medians, the peak of
-``torch.cuda.max_memory_allocated`` over the timed steps, the slowdown against ``N = 0``, the
+``torch.cuda.max_memory_allocated`` over the timed steps (and, as "resident", what is allocated
+between steps: the weights on the GPU plus the inputs), the slowdown against ``N = 0``, the
 host -> device traffic per step, and the largest difference of the output from the ``N = 0`` one
 (block swap only moves weights, so it should be 0).
 
@@ -78,7 +79,7 @@ def build_model(cfg: DiTConfig, device: torch.device, fmt: str, seed: int) -> Wa
 
     with torch.device("meta"):
         model = WanDiT(cfg, attention=SdpaAttention())
-    model = model.to_empty(device=device).to(torch.bfloat16)
+    model = model.to(torch.bfloat16).to_empty(device=device)  # allocate bf16 directly (14B: 28 GB, not 56)
     for module in model.modules():
         for name in KEEP_FP32:
             if isinstance(module._parameters.get(name), torch.nn.Parameter):
@@ -218,7 +219,7 @@ def run_case(cfg, cfg_name, size, fmt, swaps, args, device) -> list[dict]:
     return rows
 
 
-HEADER = f"{'model':>5} {'size':>12} {'format':>10} {'N':>3} {'weights GiB':>11} {'peak GiB':>9} " \
+HEADER = f"{'model':>5} {'size':>12} {'format':>10} {'N':>3} {'resident GiB':>12} {'peak GiB':>9} " \
     f"{'step s':>8} {'vs N=0':>7} {'GB/step':>8} {'max|diff|':>9}"
 
 
@@ -232,7 +233,7 @@ def print_row(row: dict) -> None:
     diff = f"{row['max_abs_diff_vs_no_swap']:.1e}" if "max_abs_diff_vs_no_swap" in row else "-"
     print(
         f"{row['model']:>5} {row['size']:>12} {row['format']:>10} {row['blocks_to_swap']:>3} "
-        f"{row['weights_on_device_bytes'] / GiB:>11.2f} {row['peak_bytes'] / GiB:>9.2f} "
+        f"{row['weights_on_device_bytes'] / GiB:>12.2f} {row['peak_bytes'] / GiB:>9.2f} "
         f"{row['median_s']:>8.3f} {vs:>7} {gb:>8} {diff:>9}",
         flush=True,
     )
