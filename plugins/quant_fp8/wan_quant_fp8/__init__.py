@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from wan_kernel import hookimpl
 from wan_kernel.errors import InputError
 from wan_kernel.interfaces import Availability, Quantizer
+from wan_kernel.machine import gpu_driver_present
 from wan_quant_fp8.scheme import SCHEMES, TARGETS, Fp8Scheme
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -68,12 +69,14 @@ def __getattr__(name: str) -> Any:
 
 
 def _fp8_dtype_reason() -> str:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
+    # judged from the installed distribution: `wan plugins` must not import torch
+    from wan_kernel.machine import installed_torch_version
+
+    version = installed_torch_version()
+    if version is None:
         return "torch is not installed"
-    if not hasattr(torch, "float8_e4m3fn"):
-        return f"torch {torch.__version__} has no float8_e4m3fn; install torch>=2.4"
+    if version < (2, 1):
+        return f"torch {version[0]}.{version[1]} has no float8_e4m3fn; install torch>=2.4"
     return ""
 
 
@@ -141,6 +144,8 @@ class Fp8FastQuantizer(_Fp8Base):
 
     def availability(self) -> Availability:
         reason = _fp8_dtype_reason()
+        if not reason and not gpu_driver_present():  # decided without importing torch
+            reason = "needs a CUDA GPU with compute capability 8.9+ (RTX 40xx, L4, L40, H100); this machine has none"
         if not reason:
             from wan_quant_fp8.scaled_mm import scaled_mm_unavailable_reason
 
