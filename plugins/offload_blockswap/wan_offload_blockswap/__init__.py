@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from wan_kernel import hookimpl
 from wan_kernel.errors import InputError, PluginUnavailableError
 from wan_kernel.interfaces import Availability, Offloader
+from wan_kernel.machine import gpu_driver_present, installed_torch_version
 
 from .schedule import SwapSchedule
 
@@ -40,6 +41,11 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 __all__ = ["BlockSwapOffloader", "SwapSchedule"]
 
+NO_CUDA = (
+    "needs a CUDA GPU (it moves blocks between host memory and the GPU); "
+    "this machine has none, so run without block swap"
+)
+
 
 class BlockSwapOffloader(Offloader):
     name = "blockswap"
@@ -48,15 +54,15 @@ class BlockSwapOffloader(Offloader):
     install_hint = "block swap needs a CUDA build of torch and a GPU"
 
     def availability(self) -> Availability:
-        try:
-            import torch
-        except ImportError:  # pragma: no cover - torch is a dependency
+        # ruled out without importing torch when no GPU driver is visible (`wan plugins` stays fast)
+        if installed_torch_version() is None:
             return Availability.no("torch is not installed")
+        if not gpu_driver_present():
+            return Availability.no(NO_CUDA)
+        import torch
+
         if not torch.cuda.is_available():
-            return Availability.no(
-                "needs a CUDA GPU (it moves blocks between host memory and the GPU); "
-                "this machine has none, so run without block swap"
-            )
+            return Availability.no(NO_CUDA)
         return Availability.yes()
 
     def attach(
