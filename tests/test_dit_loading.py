@@ -187,24 +187,110 @@ def test_fp8_file_without_quantizer_upcasts(tmp_path):
     )
 
 
-def test_scaled_fp8_file_is_dequantized(tmp_path):
-    sd = weights(T2V)
-    stored: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn)}
-    for k, v in sd.items():
-        if k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2:
-            scale = v.abs().max() / 448.0
-            stored[k] = (v / scale).to(torch.float8_e4m3fn)
-            stored[k[: -len("weight")] + "scale_weight"] = scale.reshape(1)
-        else:
+FP8_MAX = 448.0
+
+
+def quantize_fp8(w: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` of a 2-D weight in one of the stored scaled-fp8 layouts (plain torch)."""
+    out_f, in_f = w.shape
+    if layout in ("block16", "block16_flat"):  # [out, in/16, 1] (musubi) or [out, in/16]
+        grouped = w.view(out_f, in_f // 16, 16)  # [out, nb, 16]
+        scale = grouped.abs().amax(dim=2, keepdim=True) / FP8_MAX  # [out, nb, 1]
+        q = (grouped / scale).to(torch.float8_e4m3fn).view(out_f, in_f)
+        return q, scale if layout == "block16" else scale[..., 0]
+    if layout == "channel":  # [out, 1]
+        scale = w.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    elif layout == "tensor":  # [1]
+        scale = (w.abs().max() / FP8_MAX).reshape(1)
+    elif layout == "scalar":  # [] (ComfyUI)
+        scale = w.abs().max() / FP8_MAX
+    else:
+        raise ValueError(layout)
+    return (w / scale).to(torch.float8_e4m3fn), scale
+
+
+def scaled_fp8_file(tmp_path: Path, layout: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """The T2V fixture with every block Linear stored as scaled fp8 in ``layout``."""
+    stored: dict[str, torch.Tensor] = {}
+    for k, v in weights(T2V).items():
+        if not (k.startswith("blocks.") and k.endswith(".weight") and v.ndim == 2):
             stored[k] = v
+            continue
+        prefix = k[: -len(".weight")]
+        if layout == "two_level":  # musubi: block scales relative to one tensor scale
+            q, block = quantize_fp8(v, "block16")
+            tensor = block.max()
+            stored[k], stored[prefix + ".scale_weight"] = q, block / tensor
+            stored[prefix + ".scale_weight_tensor"] = tensor.reshape(1)
+        elif layout == "comfyui":
+            stored[k], stored[prefix + ".scale_weight"] = quantize_fp8(v, "scalar")
+            stored[prefix + ".scale_input"] = torch.ones(())
+        else:
+            stored[k], stored[prefix + ".scale_weight"] = quantize_fp8(v, layout)
+    if layout == "comfyui":
+        stored["scaled_fp8"] = torch.zeros(2, dtype=torch.float8_e4m3fn)
     save_file(stored, tmp_path / "dit_scaled.safetensors")
-    model = load_dit(tmp_path / "dit_scaled.safetensors", num_heads=2, dtype=torch.float32)
-    q = model.blocks[0].self_attn.q.weight
-    expected = stored["blocks.0.self_attn.q.weight"].float() * stored["blocks.0.self_attn.q.scale_weight"]
-    assert torch.equal(q, expected)
+    return tmp_path / "dit_scaled.safetensors", stored
+
+
+def expected_weight(stored: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    """The dequantized weight, by hand: ``[out, in]`` viewed as ``[out, nb, block]`` for block scales."""
+    q = stored[prefix + ".weight"].float()
+    scale = stored[prefix + ".scale_weight"].float()
+    if prefix + ".scale_weight_tensor" in stored:
+        scale = scale * stored[prefix + ".scale_weight_tensor"].float()
+    if scale.numel() in (1, q.shape[0]):
+        return q * scale.reshape(-1, 1) if scale.numel() > 1 else q * scale.reshape(())
+    out_f, in_f = q.shape
+    nb = scale.numel() // out_f
+    return (q.view(out_f, nb, in_f // nb) * scale.reshape(out_f, nb, 1)).view(out_f, in_f)
+
+
+@pytest.mark.parametrize(
+    "layout", ["block16", "block16_flat", "channel", "tensor", "scalar", "two_level", "comfyui"]
+)
+def test_scaled_fp8_file_is_dequantized(tmp_path, layout):
+    path, stored = scaled_fp8_file(tmp_path, layout)
+    model = load_dit(path, num_heads=2, dtype=torch.float32)
+    loaded = model.state_dict()
+    assert not any("scale" in k for k in loaded)
+    for prefix in ("blocks.0.self_attn.q", "blocks.1.ffn.0", "blocks.1.ffn.2", "blocks.0.cross_attn.o"):
+        assert torch.equal(loaded[prefix + ".weight"], expected_weight(stored, prefix)), prefix
+    original = weights(T2V)["blocks.1.ffn.2.weight"]  # [64, 128]: the layout must not be mixed up
+    assert (loaded["blocks.1.ffn.2.weight"] - original).abs().max() < 0.07 * original.abs().max()
     _, tensors = case(T2V)
     out = run(model, tensors)
     assert (out - tensors["out"]).abs().max() < 0.1 * tensors["out"].abs().max()
+    bf16 = load_dit(path, num_heads=2)  # the default for fp8 files: bfloat16 compute
+    assert bf16.blocks[0].self_attn.q.weight.dtype == torch.bfloat16
+    assert bf16.blocks[0].modulation.dtype == torch.float32
+
+
+def test_scaled_fp8_scale_of_wrong_shape(tmp_path):
+    sd = weights(T2V)
+    sd["blocks.0.self_attn.q.weight"] = sd["blocks.0.self_attn.q.weight"].to(torch.float8_e4m3fn)
+    sd["blocks.0.self_attn.q.scale_weight"] = torch.ones(64, 3, 1)  # 64 inputs are no 3 equal blocks
+    with pytest.raises(
+        WeightsError, match=r"blocks\.0\.self_attn\.q\.weight: its scale_weight of shape \[64, 3, 1\]"
+    ):
+        load_dit(_save(tmp_path, sd), num_heads=2)
+
+
+def test_fp8_scaled_plugin_file_loads_without_quant(tmp_path):
+    """A file written by the quant plugin's ``save_quantized`` (musubi's block layout) loads dequantized."""
+    checkpoint = pytest.importorskip("wan_quant_fp8.checkpoint")
+    tensors_mod = pytest.importorskip("wan_quant_fp8.tensors")
+    model = checkpoint.quantize_model(load_dit(T2V / "weights.safetensors"), "fp8_scaled", target="dit")
+    path = checkpoint.save_quantized(model, tmp_path / "dit_fp8_scaled.safetensors")
+    stored = load_file(path)
+    assert stored["blocks.1.ffn.2.scale_weight"].shape == (64, 2, 1)  # [out, in/64, 1]
+    loaded = load_dit(path, num_heads=2, dtype=torch.float32)
+    for prefix in ("blocks.1.ffn.2", "blocks.0.self_attn.k"):
+        want = tensors_mod.dequantize_weight(stored[prefix + ".weight"], stored[prefix + ".scale_weight"])
+        assert torch.equal(loaded.state_dict()[prefix + ".weight"], want), prefix
+    _, tensors = case(T2V)
+    out = run(loaded, tensors)
+    assert (out - tensors["out"]).pow(2).mean().sqrt() < 0.05 * tensors["out"].pow(2).mean().sqrt()
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Steps: read the tensors (memory-mapped for safetensors); detect the key layout (official,
 ComfyUI-prefixed, diffusers) and rename to the official names; infer the config from the shapes
 (heads: ``num_heads=`` > ``config.json`` beside the weights > ``dim // 128``); build the model on
-the ``meta`` device in the target dtype; let a quantizer swap modules and quantize the tensors;
+the ``meta`` device in the target dtype; without a quantizer, fold scaled-fp8 weights
+(``P.scale_weight``: per tensor, per channel or per block of inputs) into plain weights; with one,
+let it swap modules and quantize the tensors;
 then cast each tensor on its own to the dtype its parameter declares, move it to ``device`` and
 adopt it with ``load_state_dict(assign=True)``. No second full copy of the weights is made.
 """
@@ -24,7 +26,15 @@ from wan_kernel.models.dit_config import MODEL_TYPE_WORDS, PRESETS, DiTConfig, i
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
 from wan_kernel.models.weights import config_beside, describe_keys, guess_model_kind, load_state_dict
 
-__all__ = ["TASKS", "dit_state_dict_from", "dit_state_dict_to", "load_dit", "resolve_dtype"]
+__all__ = [
+    "TASKS",
+    "dequantize_fp8_weight",
+    "dit_state_dict_from",
+    "dit_state_dict_to",
+    "fold_fp8_scales",
+    "load_dit",
+    "resolve_dtype",
+]
 
 TASKS: dict[str, tuple[str, DiTConfig | None]] = {
     **{name: (preset.model_type, preset) for name, preset in PRESETS.items()},
@@ -49,7 +59,7 @@ KEEP_FP32 = ("modulation",)
 """Parameters (by last name) kept in float32 whatever ``dtype`` is: the modulation tables are
 added to the float32 time embedding, as in the official code."""
 SCALED_FP8_MARKERS = ("scaled_fp8",)
-SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+SCALE_SUFFIXES = (".scale_weight", ".scale_weight_tensor", ".scale_input")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -144,13 +154,70 @@ def _check_task(path: Path, config: DiTConfig, task: str) -> None:
         )
 
 
-def _dequantize_scaled_fp8(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Fold ``X.scale_weight`` into ``X.weight`` (scaled-fp8 files loaded without a quantizer)."""
-    for key in [k for k in sd if k.endswith(".scale_weight")]:
-        weight_key = key[: -len(".scale_weight")] + ".weight"
-        if weight_key in sd:
-            sd[weight_key] = (sd[weight_key].float() * sd[key].float()).to(dtype)
-    return {k: v for k, v in sd.items() if not k.endswith(SCALE_SUFFIXES) and k not in SCALED_FP8_MARKERS}
+def dequantize_fp8_weight(
+    weight: torch.Tensor, scale: torch.Tensor, *, dtype: torch.dtype, name: str = "weight"
+) -> torch.Tensor:
+    """``weight * scale`` computed in float32 and cast to ``dtype``.
+
+    Scale layouts: one value (scalar or ``[1]``: per tensor); ``[out]`` / ``[out, 1, ...]`` (per
+    output channel); for a 2-D weight ``[out, in]`` also ``[out, nb, 1]`` or ``[out, nb]`` (one
+    scale per block of ``in / nb`` inputs of a row: the weight is viewed as ``[out, nb, block]``).
+
+    :raises WeightsError: the scale fits none of these layouts.
+    """
+    w = weight.float()
+    s = scale.to(device=w.device, dtype=torch.float32)
+    out_features, n = w.shape[0], s.numel()
+    if n == 1:
+        w = w * s.reshape(())
+    elif n == out_features and s.shape[0] == out_features:
+        w = w * s.reshape(out_features, *([1] * (w.ndim - 1)))
+    elif (
+        w.ndim == 2
+        and s.ndim in (2, 3)
+        and s.shape[0] == out_features
+        and s[0].numel() == s.shape[1]
+        and w.shape[1] % s.shape[1] == 0
+    ):
+        blocks = s.shape[1]
+        grouped = w.view(out_features, blocks, w.shape[1] // blocks)  # [out, nb, block]
+        w = (grouped * s.reshape(out_features, blocks, 1)).view(w.shape)
+    else:
+        raise WeightsError(
+            f"{name}: its scale_weight of shape {list(scale.shape)} does not fit the weight "
+            f"{list(weight.shape)}; expected one value, [out, 1] or [out, in/block, 1]"
+        )
+    return w.to(dtype)
+
+
+def fold_fp8_scales(
+    sd: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype], default: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Dequantize every ``P.weight`` that has a ``P.scale_weight`` (scaled-fp8 files loaded without a quantizer).
+
+    Read: musubi-tuner / ``fp8_scaled`` files (block ``[out, in/64, 1]``, per channel ``[out, 1]``,
+    per tensor ``[1]``; the two-level ``P.scale_weight_tensor`` factor is multiplied in) and
+    ComfyUI ``scaled_fp8`` files (scalar scales; their ``P.scale_input`` and the ``scaled_fp8``
+    marker carry no weights and are dropped). A weight becomes ``dtypes[key]`` (else ``default``);
+    every other tensor is returned as it is. The input mapping is not modified.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key in SCALED_FP8_MARKERS or key.endswith(SCALE_SUFFIXES):
+            continue
+        prefix = key[: -len(".weight")] if key.endswith(".weight") else None
+        scale = sd.get(prefix + ".scale_weight") if prefix is not None else None
+        if scale is not None:
+            factor = sd.get(prefix + ".scale_weight_tensor")
+            if factor is not None:  # musubi's two-level scales: block scale * tensor scale
+                if factor.numel() != 1:
+                    raise WeightsError(
+                        f"{prefix}.scale_weight_tensor has shape {list(factor.shape)}; expected one value"
+                    )
+                scale = scale.float() * factor.float().reshape(())
+            value = dequantize_fp8_weight(value, scale, dtype=dtypes.get(key, default), name=key)
+        out[key] = value
+    return out
 
 
 def _set_dtypes(model: nn.Module, dtype: torch.dtype) -> None:
@@ -215,6 +282,8 @@ def load_dit(
         of the file's weights have (fp8 files: bfloat16). The ``modulation`` tables stay float32.
     :param num_heads: attention heads; else ``config.json`` beside the weights; else ``dim // 128``.
     :param quant: a quantization plugin name (``fp8``, ``fp8_scaled``) or a ``Quantizer`` object.
+        Without it, scaled-fp8 files (musubi-tuner, ``fp8_scaled``, ComfyUI ``scaled_fp8``) are
+        dequantized to ``dtype`` (:func:`fold_fp8_scales`).
     :param attention: an attention plugin name (default ``sdpa``) or a callable ``fn(q, k, v, k_lens)``.
     :param task: optional task name (``t2v-14B``, ``i2v-14B``, ``t2v-1.3B``, ``t2v``, ...) the file must fit.
     :param plugin_manager: the ``PluginManager`` to resolve names with (default: the process-wide one).
@@ -245,7 +314,11 @@ def load_dit(
         model = WanDiT(config, attention=attention_fn)
     _set_dtypes(model, dtype)
     if quantizer is None:
-        sd = _dequantize_scaled_fp8(sd, dtype)
+        declared = {k: t.dtype for k, t in model.state_dict().items()}
+        try:
+            sd = fold_fp8_scales(sd, declared, dtype)
+        except WeightsError as exc:
+            raise WeightsError(f"{path}: {exc}") from None
     else:
         # every tensor of the plain model must be there (perhaps already quantized) ...
         _check_keys(path, layout, sd, model.state_dict(), missing_only=True)
