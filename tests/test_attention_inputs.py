@@ -42,3 +42,17 @@ def test_half_precision_keeps_half_dtypes_and_lowers_fp32_to_bf16():
     assert {t.dtype for t in half_precision(q, q, q)} == {torch.bfloat16}
     assert {t.dtype for t in half_precision(q.half(), q, q)} == {torch.float16}
     assert {t.dtype for t in half_precision(q.bfloat16(), q, q)} == {torch.bfloat16}
+
+
+def test_key_lengths_normalises_and_checks():
+    from wan_kernel.attention_inputs import key_lengths
+
+    assert key_lengths(None, 2, 6) is None
+    assert key_lengths(torch.tensor([6, 6]), 2, 6) is None  # nothing masked: fast path
+    assert key_lengths(torch.tensor([6, 3]), 2, 6) == [6, 3]
+    with pytest.raises(InputError, match="between 1 and the key length 6"):
+        key_lengths(torch.tensor([0, 6]), 2, 6)
+    with pytest.raises(InputError, match="one per sample"):
+        key_lengths(torch.tensor([6, 6, 6]), 2, 6)
+    with pytest.raises(InputError, match="integer tensor"):
+        key_lengths(torch.tensor([6.0, 3.0]), 2, 6)

@@ -6,7 +6,7 @@ so that every backend rejects bad input with the same clear message.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from wan_kernel.errors import InputError
 
@@ -51,3 +51,23 @@ def half_precision(q: "torch.Tensor", k: "torch.Tensor", v: "torch.Tensor"):
 
     dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def key_lengths(k_lens: "torch.Tensor | Sequence[int] | None", batch: int, k_len: int) -> list[int] | None:
+    """``k_lens`` as a list of ints checked to lie in ``1..k_len``; ``None`` when no key is masked."""
+    if k_lens is None:
+        return None
+    import torch
+
+    k_lens = torch.as_tensor(k_lens)
+    if k_lens.dim() != 1 or k_lens.shape[0] != batch or k_lens.is_floating_point():
+        raise InputError(
+            f"k_lens must be an integer tensor of {batch} key lengths (one per sample), "
+            f"got {k_lens.dtype} of shape {tuple(k_lens.shape)}"
+        )
+    lengths = [int(n) for n in k_lens.tolist()]
+    if any(not 1 <= n <= k_len for n in lengths):
+        raise InputError(f"k_lens must lie between 1 and the key length {k_len}, got {lengths}")
+    if all(n == k_len for n in lengths):
+        return None
+    return lengths

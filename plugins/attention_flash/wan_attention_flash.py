@@ -29,7 +29,7 @@ import itertools
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Sequence
 
 from wan_kernel import hookimpl
-from wan_kernel.attention_inputs import check_attention_inputs, half_precision
+from wan_kernel.attention_inputs import check_attention_inputs, half_precision, key_lengths
 from wan_kernel.errors import InputError, PluginUnavailableError
 from wan_kernel.interfaces import AttentionBackend, Availability
 
@@ -50,26 +50,6 @@ VarlenKernel = Callable[..., "torch.Tensor"]
 # --------------------------------------------------------------------------------------------
 # Pure-torch packing (no flash-attn needed)
 # --------------------------------------------------------------------------------------------
-
-
-def key_lengths(k_lens: "torch.Tensor | Sequence[int] | None", batch: int, k_len: int) -> list[int] | None:
-    """``k_lens`` as a list of ints checked to lie in ``1..k_len``; ``None`` when no key is masked."""
-    if k_lens is None:
-        return None
-    import torch
-
-    k_lens = torch.as_tensor(k_lens)
-    if k_lens.dim() != 1 or k_lens.shape[0] != batch or k_lens.is_floating_point():
-        raise InputError(
-            f"k_lens must be an integer tensor of {batch} key lengths (one per sample), "
-            f"got {k_lens.dtype} of shape {tuple(k_lens.shape)}"
-        )
-    lengths = [int(n) for n in k_lens.tolist()]
-    if any(not 1 <= n <= k_len for n in lengths):
-        raise InputError(f"k_lens must lie between 1 and the key length {k_len}, got {lengths}")
-    if all(n == k_len for n in lengths):
-        return None
-    return lengths
 
 
 def cu_seqlens(lengths: Sequence[int], device: Any = "cpu") -> "torch.Tensor":
