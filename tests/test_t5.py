@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.interfaces import Quantizer
 from wan_kernel.models.t5 import encode_prompts, load_t5
 from wan_kernel.models.tokenizer import ByteTokenizer, clean_prompt, load_tokenizer
 
@@ -169,6 +171,144 @@ def test_bf16_within_documented_bound(case):
     err = (hidden - tensors["hidden"])[real]
     assert err.abs().max() < BF16_MAX_ABS
     assert err.pow(2).mean().sqrt() / tensors["hidden"][real].pow(2).mean().sqrt() < BF16_REL_RMS
+
+
+# ---- the quantization seam ------------------------------------------------------------------
+
+
+def _rel_err(hidden: torch.Tensor, tensors: dict) -> float:
+    real = tensors["mask"].bool()
+    err = (hidden.float() - tensors["hidden"])[real]
+    return float(err.pow(2).mean().sqrt() / tensors["hidden"][real].pow(2).mean().sqrt())
+
+
+def test_fp8_t5_plugin_through_load_t5(case):
+    pytest.importorskip("wan_quant_fp8")
+    from wan_quant_fp8 import quantize_model
+    from wan_quant_fp8.linear import Fp8Linear
+
+    _, tensors = case
+    model = load_t5(CASE / "weights.safetensors", quant="fp8_t5")  # resolved by name (entry point)
+    q = model.encoder.block[1].layer[0].SelfAttention.q
+    assert isinstance(q, Fp8Linear) and q.weight.dtype == torch.float8_e4m3fn and not q.weight.is_meta
+    assert model.shared.weight.dtype == torch.float32  # embeddings, tables and norms stay high precision
+    assert model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.dtype == torch.float32
+    hidden = model(tensors["ids"], tensors["mask"]).last_hidden_state
+    assert hidden.dtype == torch.float32
+    # the same numbers as quantizing the loaded float32 encoder with the plugin's own helper
+    by_hand = quantize_model(load_t5(CASE / "weights.safetensors"), "fp8_t5", target="t5")
+    torch.testing.assert_close(hidden, by_hand(tensors["ids"], tensors["mask"]).last_hidden_state)
+    # measured 0.122: 2.5% rms rounding per weight, amplified by this tiny random encoder
+    # (unscaled attention logits); bf16 alone gives 0.018
+    assert 0.02 < _rel_err(hidden, tensors) < 0.2
+
+
+def test_fp8_t5_block_scaled_file_with_and_without_quant(t5, case, tmp_path):
+    pytest.importorskip("wan_quant_fp8")
+    from wan_quant_fp8 import quantize_model
+    from wan_quant_fp8.tensors import dequantize_weight
+
+    _, tensors = case
+    quantized = quantize_model(load_t5(CASE / "weights.safetensors"), "fp8_t5", target="t5")
+    stored = _hf_state(quantized)  # the stored form (save_quantized refuses the tied embedding)
+    path = tmp_path / "umt5_fp8_t5.safetensors"
+    save_file(stored, path)
+    wo = "encoder.block.0.layer.1.DenseReluDense.wo."
+    assert stored[wo + "scale_weight"].shape == (32, 1, 1)  # [out, in/64, 1]
+    plain = load_t5(path, dtype=torch.float32)  # no quantizer: dequantized
+    want = dequantize_weight(stored[wo + "weight"], stored[wo + "scale_weight"])
+    torch.testing.assert_close(plain.state_dict()[wo + "weight"], want, rtol=0, atol=0)
+    again = load_t5(path, quant="fp8_t5", dtype=torch.float32)  # the stored fp8 values pass through
+    assert torch.equal(again.state_dict()[wo + "weight"].float(), stored[wo + "weight"].float())
+    torch.testing.assert_close(
+        again(tensors["ids"], tensors["mask"]).last_hidden_state,
+        quantized(tensors["ids"], tensors["mask"]).last_hidden_state,
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+class _Int8Linear(torch.nn.Module):
+    """A toy weight-only int8 Linear (no bias, as in T5): ``weight`` int8, per-row ``scale``."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        out_f, in_f = linear.weight.shape
+        self.register_buffer(
+            "weight", torch.empty(out_f, in_f, dtype=torch.int8, device=linear.weight.device)
+        )
+        self.register_buffer("scale", torch.empty(out_f, 1, dtype=torch.float32, device=linear.weight.device))
+
+    def forward(self, x):
+        return x @ (self.weight.float() * self.scale).to(x.dtype).T
+
+
+class FakeT5Int8(Quantizer):
+    """A quantizer object (no plugin): int8 feed-forward output projections of the T5."""
+
+    name = "fake_t5_int8"
+    supported_targets = ("t5",)
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def convert_for_runtime(self, model, *, target):
+        self.calls.append(("convert", target, model.shared.weight.device.type, model.dtype))
+        for block in model.encoder.block:
+            block.layer[1].DenseReluDense.wo = _Int8Linear(block.layer[1].DenseReluDense.wo)
+        return model
+
+    def quantize_state_dict(self, state_dict, *, target, device="cpu"):
+        self.calls.append(("quantize", target, str(device)))
+        for key in [k for k in state_dict if k.endswith("DenseReluDense.wo.weight")]:
+            w = state_dict[key].float()
+            scale = w.abs().amax(dim=1, keepdim=True) / 127
+            state_dict[key] = torch.round(w / scale).to(torch.int8)
+            state_dict[key.removesuffix("weight") + "scale"] = scale
+        return state_dict
+
+
+def test_quantizer_object_and_plugin_manager(case):
+    import types
+
+    from wan_kernel import hookimpl
+    from wan_kernel.plugins import PluginManager
+
+    _, tensors = case
+    quantizer = FakeT5Int8()
+    model = load_t5(CASE / "weights.safetensors", dtype=torch.bfloat16, quant=quantizer)
+    assert quantizer.calls == [("convert", "t5", "meta", torch.bfloat16), ("quantize", "t5", "cpu")]
+    wo = model.encoder.block[1].layer[1].DenseReluDense.wo
+    assert isinstance(wo, _Int8Linear) and wo.weight.dtype == torch.int8 and wo.scale.dtype == torch.float32
+    assert model.shared.weight.dtype == torch.bfloat16
+    assert model.encoder.embed_tokens.weight.data_ptr() == model.shared.weight.data_ptr()  # still tied
+    hidden = model(tensors["ids"], tensors["mask"]).last_hidden_state
+    assert _rel_err(hidden, tensors) < BF16_REL_RMS
+
+    module = types.ModuleType("fake_t5_quant_plugin")
+    by_name = FakeT5Int8()
+
+    @hookimpl
+    def wan_register_quantization(register):
+        register(by_name)
+
+    module.wan_register_quantization = wan_register_quantization
+    pm = PluginManager(load_entry_points=False, extra_plugins=[("fake", module)], environ={})
+    load_t5(CASE / "weights.safetensors", quant="fake_t5_int8", plugin_manager=pm)
+    assert [c[0] for c in by_name.calls] == ["convert", "quantize"]
+
+
+def test_quantizer_for_the_dit_is_refused():
+    dit_only = FakeT5Int8()
+    dit_only.supported_targets = ("dit",)
+    with pytest.raises(InputError, match="not the T5 text encoder; use fp8_t5 for the text encoder"):
+        load_t5(CASE / "weights.safetensors", quant=dit_only)
+    assert dit_only.calls == []  # refused before anything was read or built
+    with pytest.raises(InputError, match="quant must be"):
+        load_t5(CASE / "weights.safetensors", quant=42)
+    if importlib.util.find_spec("wan_quant_fp8") is not None:
+        with pytest.raises(InputError, match="use fp8_t5"):
+            load_t5(CASE / "weights.safetensors", quant="fp8_scaled")
 
 
 def test_wrong_file_says_what_it_looks_like():

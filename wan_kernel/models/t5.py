@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -143,19 +144,15 @@ def _normalise_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _dequantize_fp8(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Undo ComfyUI's ``*_fp8_e4m3fn_scaled`` storage: ``weight = fp8_weight * scale_weight``."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if key.endswith((".scale_weight", ".scale_input")):
-            continue
-        if value.dtype in _FP8:
-            scale = state.get(key[: -len("weight")] + "scale_weight") if key.endswith("weight") else None
-            value = value.to(torch.float32)
-            if scale is not None:
-                value = value * scale.to(torch.float32)
-            value = value.to(dtype)
-        out[key] = value
-    return out
+    """Undo scaled-fp8 storage (ComfyUI ``*_fp8_e4m3fn_scaled``, ``fp8_t5``/musubi block scales).
+
+    ``weight = fp8_weight * scale_weight`` for every scale layout :func:`fold_fp8_scales` reads
+    (per tensor, per channel, per block of inputs); fp8 tensors without a scale are up-cast.
+    """
+    from wan_kernel.models.dit_loading import fold_fp8_scales
+
+    folded = fold_fp8_scales(state, {}, dtype)
+    return {k: v.to(dtype) if v.dtype in _FP8 else v for k, v in folded.items()}
 
 
 def t5_state_to_hf(state: Mapping[str, torch.Tensor], *, source: str = "weights") -> dict[str, torch.Tensor]:
@@ -240,8 +237,67 @@ def _default_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def build_t5(spec: T5Spec, state: Mapping[str, torch.Tensor], *, source: str = "weights"):
-    """A ``UMT5EncoderModel`` built on the meta device that adopts ``state`` (``assign=True``, no copy)."""
+def _resolve_quantizer(quant: Any, manager) -> Any:
+    """A quantizer object for the T5 from a plugin name or an object (``None`` stays ``None``)."""
+    if quant is None:
+        return None
+    if isinstance(quant, str):
+        from wan_kernel.plugins import resolve
+
+        quant = resolve("quantization", quant, manager=manager)
+    if not (
+        callable(getattr(quant, "convert_for_runtime", None))
+        and callable(getattr(quant, "quantize_state_dict", None))
+    ):
+        raise InputError(
+            f"quant must be a quantization plugin name (e.g. 'fp8_t5') or a Quantizer, got {quant!r}"
+        )
+    targets = tuple(getattr(quant, "supported_targets", ("dit",)))
+    if "t5" not in targets:
+        raise InputError(
+            f"quantization {getattr(quant, 'name', quant)!r} handles the {', '.join(targets)}, not the "
+            "T5 text encoder; use fp8_t5 for the text encoder"
+        )
+    return quant
+
+
+def _check_state_keys(
+    state: Mapping[str, torch.Tensor],
+    expected: Mapping[str, torch.Tensor],
+    source: str,
+    *,
+    missing_only=False,
+) -> None:
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = [] if missing_only else sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {describe_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {describe_keys(unexpected)}")
+        raise WeightsError(f"{source}: the umt5 encoder tensors do not match its shape: {'; '.join(parts)}")
+
+
+def build_t5(
+    spec: T5Spec,
+    state: Mapping[str, torch.Tensor],
+    *,
+    source: str = "weights",
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    quantizer: Any = None,
+):
+    """A ``UMT5EncoderModel`` built on the meta device that adopts ``state`` (``assign=True``).
+
+    :param state: ``UMT5EncoderModel``-layout tensors (see :func:`t5_state_to_hf`).
+    :param device: where the tensors go (``None``: where they are).
+    :param dtype: the floating-point dtype of the model (``None``: each tensor keeps its own).
+    :param quantizer: a ``Quantizer`` supporting ``"t5"``: it swaps modules of the meta model
+        (``convert_for_runtime``) and turns ``state`` into its stored form (``quantize_state_dict``)
+        before the tensors are adopted.
+    Tensors are cast and moved one at a time (one copy when the dtype or device changes, none otherwise).
+    """
     from transformers import UMT5EncoderModel
 
     config = spec.to_config()
@@ -250,18 +306,26 @@ def build_t5(spec: T5Spec, state: Mapping[str, torch.Tensor], *, source: str = "
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
+    if dtype is not None:
+        model.to(dtype)
     state = dict(state)
     state["encoder.embed_tokens.weight"] = state["shared.weight"]  # tied, one tensor
-    expected = set(model.state_dict())
-    missing = sorted(expected - state.keys())
-    unexpected = sorted(state.keys() - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {describe_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {describe_keys(unexpected)}")
-        raise WeightsError(f"{source}: the umt5 encoder tensors do not match its shape: {'; '.join(parts)}")
+    if quantizer is not None:
+        _check_state_keys(state, model.state_dict(), source, missing_only=True)
+        model = quantizer.convert_for_runtime(model, target="t5")
+        state = quantizer.quantize_state_dict(
+            state, target="t5", device=torch.device(device) if device is not None else "cpu"
+        )
+    expected = model.state_dict()
+    _check_state_keys(state, expected, source)
+    moved: dict[int, torch.Tensor] = {}  # by id: the tied embedding is cast once
+    for key, ref in expected.items():
+        value = state[key]
+        if id(value) not in moved:
+            want = ref.dtype if (dtype is not None or quantizer is not None) else value.dtype
+            moved[id(value)] = value.to(device=device if device is not None else value.device, dtype=want)
+        state[key] = moved[id(value)]
+    del moved
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -271,26 +335,38 @@ def build_t5(spec: T5Spec, state: Mapping[str, torch.Tensor], *, source: str = "
     return model.eval().requires_grad_(False)
 
 
-def load_t5(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+def load_t5(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    quant: Any = None,
+    plugin_manager=None,
+):
     """Load a umt5 text encoder from an official, ComfyUI or transformers-layout file.
 
     :param path: ``.pth``/``.safetensors`` file or folder of shards.
     :param device: where the weights go.
     :param dtype: compute dtype; ``None`` keeps the file's (fp8 files compute in bfloat16).
+    :param quant: a quantization plugin name (``fp8_t5``) or a ``Quantizer`` object supporting the
+        ``"t5"`` target. The model is built on ``meta``, the quantizer swaps its Linears, quantizes
+        the tensors read from the file (on ``device``), and the result is adopted: the
+        high-precision encoder is never held in full next to the quantized one.
+    :param plugin_manager: the ``PluginManager`` to resolve ``quant`` with (default: the process-wide one).
     :returns: a transformers ``UMT5EncoderModel`` in eval mode; ``t5(input_ids, attention_mask)``
         returns an output whose ``last_hidden_state`` is ``[B, L, dim]``.
+    :raises InputError: ``quant`` is not a quantizer, or does not handle the text encoder.
     """
+    quantizer = _resolve_quantizer(quant, plugin_manager)
+    device = torch.device(device)
     raw = load_state_dict(path, what="T5 text encoder")
     state = t5_state_to_hf(raw, source=str(path))
+    del raw
     spec = infer_t5_spec(state, source=str(path))
     target = dtype or _default_dtype(state)
-    if any(v.dtype in _FP8 for v in state.values()):
-        state = _dequantize_fp8(state, target)
-    state = {
-        k: v.to(device=device, dtype=target) if v.is_floating_point() else v.to(device)
-        for k, v in state.items()
-    }
-    return build_t5(spec, state, source=str(path))
+    if quantizer is None and any(v.dtype in _FP8 for v in state.values()):
+        state = _dequantize_fp8(state, target)  # with a quantizer, stored fp8 goes to it as it is
+    return build_t5(spec, state, source=str(path), device=device, dtype=target, quantizer=quantizer)
 
 
 def _last_hidden(output) -> torch.Tensor:
