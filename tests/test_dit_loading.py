@@ -378,6 +378,132 @@ def test_quantizer_object_and_wrong_target():
 
 
 # --------------------------------------------------------------------------------------------
+# LoRAs merged while loading
+# --------------------------------------------------------------------------------------------
+
+LORA_TARGETS = {"blocks.0.self_attn.q": (64, 64), "blocks.1.ffn.0": (128, 64), "blocks.1.ffn.2": (64, 128)}
+
+
+def lora_file(tmp_path: Path) -> Path:
+    """A kohya-layout LoRA (rank 4, alpha 2) on three Linears of the tiny DiT."""
+    gen = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, (out_f, in_f) in LORA_TARGETS.items():
+        kohya = "lora_unet_" + name.replace(".", "_")
+        sd[kohya + ".lora_down.weight"] = torch.randn(4, in_f, generator=gen) * 0.1
+        sd[kohya + ".lora_up.weight"] = torch.randn(out_f, 4, generator=gen) * 0.1
+        sd[kohya + ".alpha"] = torch.tensor(2.0)
+    save_file(sd, tmp_path / "lora.safetensors")
+    return tmp_path / "lora.safetensors"
+
+
+def test_loras_without_quant_equal_apply_loras(tmp_path):
+    from wan_kernel.lora import LoraSpec, apply_loras
+
+    specs = [LoraSpec(lora_file(tmp_path), multiplier=0.7)]
+    lines: list[str] = []
+    merged = load_dit(T2V / "weights.safetensors", loras=specs, log=lines.append).state_dict()
+    by_hand = apply_loras(load_dit(T2V / "weights.safetensors"), specs).state_dict()
+    assert merged.keys() == by_hand.keys()
+    for key in merged:
+        assert torch.equal(merged[key], by_hand[key]), key
+    plain = weights(T2V)["blocks.1.ffn.2.weight"]
+    assert not torch.equal(merged["blocks.1.ffn.2.weight"], plain)
+    assert len(lines) == 1 and "merged into 3 module(s)" in lines[0]
+
+
+class RecordingQuantizer(FakeInt8):
+    """The toy int8 quantizer, keeping a copy of what it was asked to quantize."""
+
+    def quantize_state_dict(self, state_dict, *, target, device="cpu"):
+        self.seen = {k: v.clone() for k, v in state_dict.items()}
+        return super().quantize_state_dict(state_dict, target=target, device=device)
+
+
+def test_loras_are_merged_before_the_quantizer_sees_the_weights(tmp_path):
+    from wan_kernel.lora import LoraSpec, merge_loras_into_state_dict
+
+    specs = [LoraSpec(lora_file(tmp_path), multiplier=-0.5)]
+    quantizer = RecordingQuantizer()
+    load_dit(T2V / "weights.safetensors", loras=specs, quant=quantizer)
+    by_hand = weights(T2V)
+    merge_loras_into_state_dict(by_hand, specs)
+    assert quantizer.seen.keys() == by_hand.keys()
+    for key in by_hand:
+        assert torch.equal(quantizer.seen[key], by_hand[key]), key
+
+
+def test_loras_with_fp8_scaled_equal_merging_then_quantizing(tmp_path):
+    pytest.importorskip("wan_quant_fp8")
+    from wan_kernel.lora import LoraSpec, merge_loras_into_state_dict
+
+    specs = [LoraSpec(lora_file(tmp_path))]
+    model = load_dit(T2V / "weights.safetensors", loras=specs, quant="fp8_scaled")
+    merged = weights(T2V)
+    merge_loras_into_state_dict(merged, specs)
+    by_hand = load_dit(_save(tmp_path, merged), num_heads=2, quant="fp8_scaled").state_dict()
+    loaded = model.state_dict()
+    assert loaded["blocks.1.ffn.2.weight"].dtype == torch.float8_e4m3fn
+    assert loaded.keys() == by_hand.keys()
+    for key in loaded:
+        assert torch.equal(loaded[key].float(), by_hand[key].float()), key
+    without = load_dit(T2V / "weights.safetensors", quant="fp8_scaled").state_dict()
+    assert not torch.equal(loaded["blocks.1.ffn.2.weight"].float(), without["blocks.1.ffn.2.weight"].float())
+    assert torch.equal(
+        loaded["blocks.0.self_attn.k.weight"].float(), without["blocks.0.self_attn.k.weight"].float()
+    )
+
+
+def test_loras_into_a_block_scaled_fp8_file(tmp_path):
+    """A pre-quantized ``fp8_scaled`` file (ffn.2: scales [64, 2, 1]) with a LoRA, with and without quant."""
+    checkpoint = pytest.importorskip("wan_quant_fp8.checkpoint")
+    from wan_quant_fp8.scheme import SCHEMES
+    from wan_quant_fp8.tensors import dequantize_weight, quantize_weight
+
+    from wan_kernel.lora import LoraSpec, apply_loras, read_lora
+
+    quantized = checkpoint.quantize_model(load_dit(T2V / "weights.safetensors"), "fp8_scaled", target="dit")
+    path = checkpoint.save_quantized(quantized, tmp_path / "dit_fp8_scaled.safetensors")
+    stored = load_file(path)
+    specs = [LoraSpec(lora_file(tmp_path), multiplier=0.8)]
+
+    # without quant: the same as merging into the dequantized float32 model
+    merged = load_dit(path, num_heads=2, dtype=torch.float32, loras=specs).state_dict()
+    by_hand = apply_loras(load_dit(path, num_heads=2, dtype=torch.float32), specs).state_dict()
+    for key in merged:
+        assert torch.equal(merged[key], by_hand[key]), key
+
+    # with quant: merged layers are dequantized to bf16, merged, quantized once more ...
+    loaded = load_dit(path, num_heads=2, dtype=torch.float32, quant="fp8_scaled", loras=specs).state_dict()
+    module = read_lora(specs[0].path).modules["lora_unet_blocks_1_ffn_2"]
+    p = "blocks.1.ffn.2."
+    w = dequantize_weight(stored[p + "weight"], stored[p + "scale_weight"]).to(torch.bfloat16)
+    w = torch.add(w.float(), module.weight_delta((64, 128)), alpha=0.8).to(torch.bfloat16)
+    q, scale = quantize_weight(w, SCHEMES["fp8_scaled"])
+    assert torch.equal(loaded[p + "weight"].float(), q.float()) and torch.equal(
+        loaded[p + "scale_weight"], scale
+    )
+    # ... and the block-scaled layers the LoRA leaves alone keep their stored fp8 values
+    p = "blocks.0.ffn.2."
+    assert stored[p + "scale_weight"].shape == (64, 2, 1)
+    assert torch.equal(loaded[p + "weight"].float(), stored[p + "weight"].float())
+    torch.testing.assert_close(loaded[p + "scale_weight"], stored[p + "scale_weight"], rtol=4e-3, atol=0)
+    assert torch.equal(
+        loaded["blocks.0.self_attn.k.weight"].float(), stored["blocks.0.self_attn.k.weight"].float()
+    )
+    assert torch.equal(
+        loaded["blocks.0.self_attn.k.scale_weight"], stored["blocks.0.self_attn.k.scale_weight"]
+    )
+
+
+def test_bad_lora_spec_is_refused_before_loading(tmp_path):
+    with pytest.raises(InputError, match="a LoRA is given as a path or a LoraSpec"):
+        load_dit(T2V / "weights.safetensors", loras=[42])
+    with pytest.raises(WeightsError, match="not found"):
+        load_dit(T2V / "weights.safetensors", loras=[tmp_path / "missing.safetensors"])
+
+
+# --------------------------------------------------------------------------------------------
 # heads
 # --------------------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ adopt it with ``load_state_dict(assign=True)``. No second full copy of the weigh
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -205,19 +205,22 @@ def fold_fp8_scales(
     for key, value in sd.items():
         if key in SCALED_FP8_MARKERS or key.endswith(SCALE_SUFFIXES):
             continue
-        prefix = key[: -len(".weight")] if key.endswith(".weight") else None
-        scale = sd.get(prefix + ".scale_weight") if prefix is not None else None
+        scale = _total_scale(sd, key[: -len(".weight")]) if key.endswith(".weight") else None
         if scale is not None:
-            factor = sd.get(prefix + ".scale_weight_tensor")
-            if factor is not None:  # musubi's two-level scales: block scale * tensor scale
-                if factor.numel() != 1:
-                    raise WeightsError(
-                        f"{prefix}.scale_weight_tensor has shape {list(factor.shape)}; expected one value"
-                    )
-                scale = scale.float() * factor.float().reshape(())
             value = dequantize_fp8_weight(value, scale, dtype=dtypes.get(key, default), name=key)
         out[key] = value
     return out
+
+
+def _total_scale(sd: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor | None:
+    """``P.scale_weight`` times musubi's two-level ``P.scale_weight_tensor`` factor (if any)."""
+    scale = sd.get(prefix + ".scale_weight")
+    factor = sd.get(prefix + ".scale_weight_tensor")
+    if scale is None or factor is None:
+        return scale
+    if factor.numel() != 1:
+        raise WeightsError(f"{prefix}.scale_weight_tensor has shape {list(factor.shape)}; expected one value")
+    return scale.float() * factor.float().reshape(())
 
 
 def _set_dtypes(model: nn.Module, dtype: torch.dtype) -> None:
@@ -262,6 +265,60 @@ def _check_keys(
             )
 
 
+def _coerce_loras(loras: Iterable[Any] | None) -> list:
+    """``LoraSpec`` objects (checked before any weight is read); ``[]`` for none."""
+    if loras is None:
+        return []
+    if isinstance(loras, (str, os.PathLike)):
+        loras = [loras]
+    from wan_kernel.lora import LoraSpec
+
+    return [LoraSpec.coerce(spec) for spec in loras]
+
+
+def _merge_loras(
+    path: Path,
+    sd: dict[str, torch.Tensor],
+    specs: list,
+    *,
+    device: torch.device,
+    log: Callable[[str], None] | None,
+) -> dict[str, torch.Tensor]:
+    """``sd`` (official keys) with the LoRAs merged in; fp8 weights with block scales dequantized first.
+
+    ``merge_loras_into_state_dict`` reads fp8 weights with per-tensor or per-channel scales; a weight
+    with block (or two-level) scales is turned into bfloat16 here. Quantizing that again with the
+    same block layout gives back the stored fp8 values (the bfloat16 rounding is far below fp8's).
+    """
+    from wan_kernel.lora import merge_loras_into_state_dict
+
+    for key in [k for k in sd if k.endswith(".scale_weight")]:
+        prefix = key[: -len(".scale_weight")]
+        weight, scale = sd.get(prefix + ".weight"), sd[key]
+        if weight is None or weight.dtype.itemsize != 1:
+            continue
+        simple = scale.numel() == 1 or (
+            scale.numel() == weight.shape[0] and scale.shape[0] == weight.shape[0]
+        )
+        if simple and prefix + ".scale_weight_tensor" not in sd:
+            continue
+        try:
+            total = _total_scale(sd, prefix)
+            sd[prefix + ".weight"] = dequantize_fp8_weight(weight, total, dtype=torch.bfloat16, name=key)
+        except WeightsError as exc:
+            raise WeightsError(f"{path}: {exc}") from None
+        del sd[key]
+        sd.pop(prefix + ".scale_weight_tensor", None)
+    try:
+        reports = merge_loras_into_state_dict(sd, specs, "official", device=device)
+    except WeightsError as exc:
+        raise WeightsError(f"merging LoRAs into {path}: {exc}") from None
+    if log is not None:
+        for report in reports:
+            log(report.summary())
+    return sd
+
+
 def load_dit(
     path: str | os.PathLike,
     *,
@@ -271,6 +328,8 @@ def load_dit(
     quant: Any = None,
     attention: str | Callable = "sdpa",
     task: str | None = None,
+    loras: Iterable[Any] | None = None,
+    log: Callable[[str], None] | None = None,
     plugin_manager=None,
 ) -> WanDiT:
     """Load a Wan2.1 DiT (t2v / i2v / flf2v, any size) from a file, a folder of shards or a ``.pth``.
@@ -286,12 +345,21 @@ def load_dit(
         dequantized to ``dtype`` (:func:`fold_fp8_scales`).
     :param attention: an attention plugin name (default ``sdpa``) or a callable ``fn(q, k, v, k_lens)``.
     :param task: optional task name (``t2v-14B``, ``i2v-14B``, ``t2v-1.3B``, ``t2v``, ...) the file must fit.
+    :param loras: :class:`wan_kernel.lora.LoraSpec` objects (or paths, or mappings
+        ``LoraSpec.coerce`` takes) merged into the state dict after the key layout is converted and
+        BEFORE quantization, so fp8 weights are quantized once, with the LoRA in them (computed in
+        float32 on ``device``). With ``quant``, fp8 weights of the file whose scales are not per
+        tensor or per output channel (block scales, musubi's two-level scales) are first
+        dequantized to bfloat16 so the LoRA can be added; the quantizer stores them again.
+    :param log: receives one summary line per LoRA file (what was merged, what had no target).
     :param plugin_manager: the ``PluginManager`` to resolve names with (default: the process-wide one).
     :returns: the model in eval mode with ``requires_grad`` off (training turns on what it trains).
     :raises WeightsError: the file is missing, unreadable, another kind of model, incomplete,
-        or wrong for ``task``.
+        or wrong for ``task``; a LoRA file is missing, unreadable or no LoRA.
+    :raises InputError: a LoRA matches nothing in the model or does not fit its shapes.
     """
     path = Path(path).expanduser()
+    lora_specs = _coerce_loras(loras)
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
     attention_fn = _resolve_attention(attention, plugin_manager)
@@ -322,6 +390,9 @@ def load_dit(
     else:
         # every tensor of the plain model must be there (perhaps already quantized) ...
         _check_keys(path, layout, sd, model.state_dict(), missing_only=True)
+    if lora_specs:
+        sd = _merge_loras(path, sd, lora_specs, device=device, log=log)
+    if quantizer is not None:
         model = quantizer.convert_for_runtime(model, target="dit")
         sd = quantizer.quantize_state_dict(sd, target="dit", device=device)
     # ... and the (converted) model must get exactly the tensors it declares
