@@ -316,7 +316,8 @@ class FileModels(ModelSource):
             self._info = ModelInfo(config.model_type, config.dim, config.num_layers, config.describe())
         return self._info
 
-    def load_dit(self, *, device, dtype, attention, quant):
+    def load_dit(self, *, device, dtype, attention, quant, loras=None, log=None):
+        """``loras``: merged into the state dict while loading, before ``quant`` quantizes it."""
         from wan_kernel.models.dit_loading import load_dit
 
         return load_dit(
@@ -326,6 +327,8 @@ class FileModels(ModelSource):
             num_heads=self.config.num_heads,
             quant=quant,
             attention=attention,
+            loras=loras,
+            log=log,
             plugin_manager=self.plugin_manager,
         )
 
@@ -342,9 +345,10 @@ class FileModels(ModelSource):
         from wan_kernel.models.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
         tokenizer = load_tokenizer(self.config.t5_tokenizer or DEFAULT_TOKENIZER)
-        t5 = load_t5(self.config.t5, device=device, dtype=dtype)
-        if quant is not None:
-            t5 = quantize_module(t5, quant, target="t5", device=device)
+        # quantized while loading (built on meta): never the full-precision encoder and its fp8 copy at once
+        t5 = load_t5(
+            self.config.t5, device=device, dtype=dtype, quant=quant, plugin_manager=self.plugin_manager
+        )
         return t5, tokenizer
 
     def load_clip(self, *, device, dtype, attention):
@@ -760,14 +764,19 @@ class GenerationPipeline:
         offload = self.offloader is not None
         quant = self.quantizer
         lora_specs = self._lora_specs()
+        extra: dict[str, Any] = {}
         if lora_specs and quant is not None:
             # merge into the high-precision weights while loading, before they are quantized
-            quant = self._lora_module().merging_quantizer(quant, lora_specs)
+            if isinstance(self.models, FileModels):
+                extra = {"loras": lora_specs, "log": self.log}
+            else:
+                quant = self._lora_module().merging_quantizer(quant, lora_specs)
         dit = self.models.load_dit(
             device=torch.device("cpu") if offload else self.device,
             dtype=self.dit_dtype,
             attention=self.attention,
             quant=quant,
+            **extra,
         )
         if lora_specs and self.quantizer is None:
             dit = self._lora_module().apply_loras(dit, lora_specs, log=self.log)
