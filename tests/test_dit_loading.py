@@ -523,6 +523,37 @@ def test_num_heads_resolution_order(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# reading the config without loading
+# --------------------------------------------------------------------------------------------
+
+
+def test_read_dit_config_every_layout(tmp_path):
+    from wan_kernel.models.dit_loading import read_dit_config
+
+    config, layout = read_dit_config(I2V / "weights.safetensors")  # heads from config.json beside
+    assert layout == "official" and config == load_dit(I2V / "weights.safetensors").config
+    assert (config.model_type, config.dim, config.num_heads, config.num_layers) == ("i2v", 64, 2, 2)
+    sd = weights(I2V)
+    for target in ("comfyui", "diffusers"):
+        save_file(dit_state_dict_to(target, sd), tmp_path / f"{target}.safetensors")
+        assert read_dit_config(tmp_path / f"{target}.safetensors", num_heads=2) == (config, target)
+    torch.save(weights(T2V), tmp_path / "dit.pth")
+    t2v, layout = read_dit_config(tmp_path / "dit.pth", num_heads=4)
+    assert layout == "official" and t2v.model_type == "t2v" and t2v.num_heads == 4
+
+
+def test_read_dit_config_errors(tmp_path):
+    from wan_kernel.models.dit_loading import read_dit_config
+
+    with pytest.raises(WeightsError, match="looks like a Wan VAE, not a Wan2.1 DiT"):
+        read_dit_config(FIXTURES / "vae" / "weights.safetensors")
+    with pytest.raises(WeightsError, match="not found"):
+        read_dit_config(tmp_path / "nope.safetensors")
+    with pytest.raises(WeightsError, match="num_heads=3"):
+        read_dit_config(T2V / "weights.safetensors", num_heads=3)
+
+
+# --------------------------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------------------------
 

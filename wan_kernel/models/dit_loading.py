@@ -33,6 +33,7 @@ __all__ = [
     "dit_state_dict_to",
     "fold_fp8_scales",
     "load_dit",
+    "read_dit_config",
     "resolve_dtype",
 ]
 
@@ -319,6 +320,34 @@ def _merge_loras(
     return sd
 
 
+def _read_dit(path: Path, num_heads: int | None) -> tuple[dict[str, torch.Tensor], DiTConfig, str]:
+    """The file's tensors in official names (memory-mapped where the format allows), its config and layout."""
+    raw = load_state_dict(path, what="DiT")
+    layout = _check_kind(path, list(raw))
+    sd = dit_state_dict_from(layout, raw)  # renames only (fused projections are split into views)
+    del raw
+    try:
+        config = infer_dit_config(sd, num_heads=num_heads, config_json=config_beside(path))
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
+    return sd, config, layout
+
+
+def read_dit_config(path: str | os.PathLike, *, num_heads: int | None = None) -> tuple[DiTConfig, str]:
+    """The DiT config and key layout of a weight file, read off its tensor names and shapes.
+
+    Nothing is copied: ``.safetensors`` files (and ``.pth`` files torch can memory-map) are mapped,
+    and only their headers / shapes are looked at. Heads as in :func:`load_dit`.
+
+    :returns: ``(config, layout)``, ``layout`` one of ``official``, ``comfyui``, ``diffusers``.
+    :raises WeightsError: the file is missing, unreadable, or not a Wan2.1 DiT (saying what it is).
+    """
+    path = Path(path).expanduser()
+    sd, config, layout = _read_dit(path, num_heads)
+    del sd
+    return config, layout
+
+
 def load_dit(
     path: str | os.PathLike,
     *,
@@ -365,14 +394,7 @@ def load_dit(
     attention_fn = _resolve_attention(attention, plugin_manager)
     quantizer = _resolve_quantizer(quant, plugin_manager)
 
-    raw = load_state_dict(path, what="DiT")
-    layout = _check_kind(path, list(raw))
-    sd = dit_state_dict_from(layout, raw)
-    del raw
-    try:
-        config = infer_dit_config(sd, num_heads=num_heads, config_json=config_beside(path))
-    except WeightsError as exc:
-        raise WeightsError(f"{path}: {exc}") from None
+    sd, config, layout = _read_dit(path, num_heads)
     if task is not None:
         _check_task(path, config, task)
     if dtype is None:

@@ -288,31 +288,13 @@ class FileModels(ModelSource):
 
     def dit_info(self) -> ModelInfo:
         if self._info is None:
-            from wan_kernel.models.dit_config import infer_dit_config
-            from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from
-            from wan_kernel.models.weights import (
-                config_beside,
-                describe_keys,
-                guess_model_kind,
-                load_state_dict,
-            )
+            from wan_kernel.models.dit_loading import read_dit_config
 
             path = Path(self.config.dit).expanduser()
-            raw = load_state_dict(path, what="DiT")  # memory-mapped: only the header is read here
-            layout = detect_layout(list(raw))
-            if layout is None:
-                raise WeightsError(
-                    f"--dit {path} looks like {guess_model_kind(list(raw))}, not a Wan2.1 DiT "
-                    f"(its tensors: {describe_keys(list(raw), 3)})"
-                )
-            sd = dit_state_dict_from(layout, raw)
-            try:
-                config = infer_dit_config(
-                    sd, num_heads=self.config.num_heads, config_json=config_beside(path)
-                )
+            try:  # memory-mapped: only the names and shapes are read here
+                config, _ = read_dit_config(path, num_heads=self.config.num_heads)
             except WeightsError as exc:
-                raise WeightsError(f"--dit {path}: {exc}") from None
-            del raw, sd
+                raise WeightsError(f"--dit {exc}") from None
             self._info = ModelInfo(config.model_type, config.dim, config.num_layers, config.describe())
         return self._info
 
