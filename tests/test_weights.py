@@ -12,6 +12,9 @@ from safetensors.torch import save_file
 from wan_kernel.errors import WeightsError
 from wan_kernel.models.weights import (
     config_beside,
+    dequantize_fp8_weight,
+    fold_fp8_scales,
+    fp8_weight_scale,
     guess_model_kind,
     load_pth,
     load_safetensors,
@@ -164,3 +167,81 @@ def test_strip_prefix_and_config_beside(tmp_path):
 )
 def test_guess_model_kind(keys, kind):
     assert guess_model_kind(keys) == kind
+
+
+# ---- scaled fp8 -----------------------------------------------------------------------------
+
+
+def _fp8_weight() -> torch.Tensor:
+    """A [6, 8] fp8 weight whose rows and 4-input blocks differ (so a mixed-up layout shows)."""
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(6, 8, generator=g) * 100).to(torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize(
+    "layout, scale",
+    [
+        ("scalar", torch.tensor(0.5)),
+        ("tensor", torch.tensor([0.25])),
+        ("channel", torch.arange(1, 7, dtype=torch.float32).reshape(6, 1) / 8),
+        ("channel_1d", torch.arange(1, 7, dtype=torch.float32) / 8),
+        ("block", torch.arange(1, 13, dtype=torch.float32).reshape(6, 2, 1) / 16),
+        ("block_flat", torch.arange(1, 13, dtype=torch.float32).reshape(6, 2) / 16),
+    ],
+)
+def test_dequantize_fp8_weight_every_scale_layout(layout, scale):
+    q = _fp8_weight()
+    w = q.float()
+    if scale.numel() == 12:  # one scale per 4 inputs of a row: element [o, i] uses scale[o, i // 4]
+        by_hand = w * scale.reshape(6, 2).repeat_interleave(4, dim=1)
+    elif scale.numel() == 6:
+        by_hand = w * scale.reshape(6, 1)
+    else:
+        by_hand = w * scale.item()
+    got = dequantize_fp8_weight(q, scale, dtype=torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, by_hand)
+    assert torch.equal(dequantize_fp8_weight(q, scale, dtype=torch.bfloat16), by_hand.to(torch.bfloat16))
+
+
+def test_dequantize_fp8_weight_without_scale_and_per_channel_conv():
+    q = _fp8_weight()
+    assert torch.equal(dequantize_fp8_weight(q, None, dtype=torch.float32), q.float())
+    conv = q.reshape(6, 2, 2, 2)  # [out, in, kh, kw]: per output channel only
+    scale = torch.arange(1, 7, dtype=torch.float32).reshape(6, 1, 1, 1)
+    assert torch.equal(dequantize_fp8_weight(conv, scale, dtype=torch.float32), conv.float() * scale)
+
+
+def test_dequantize_fp8_weight_refuses_a_scale_that_does_not_fit():
+    with pytest.raises(WeightsError, match=r"^layer\.weight: its scale_weight of shape \[6, 3, 1\]"):
+        dequantize_fp8_weight(_fp8_weight(), torch.ones(6, 3, 1), dtype=torch.float32, name="layer.weight")
+    with pytest.raises(WeightsError, match=r"scale_weight of shape \[4\]"):
+        dequantize_fp8_weight(_fp8_weight(), torch.ones(4), dtype=torch.float32)
+
+
+def test_two_level_scale_and_fold():
+    """musubi's ``scale_weight_tensor`` multiplies the block scales; ComfyUI's extra keys are dropped."""
+    q = _fp8_weight()
+    block = torch.rand(6, 2, 1, generator=torch.Generator().manual_seed(2)) + 0.5
+    sd = {
+        "a.weight": q,
+        "a.scale_weight": block,
+        "a.scale_weight_tensor": torch.tensor([0.125]),
+        "b.weight": q,
+        "b.scale_weight": torch.tensor(2.0),
+        "b.scale_input": torch.tensor(1.0),
+        "b.bias": torch.ones(6),
+        "c.weight": q,  # fp8 without a scale: left as it is
+        "scaled_fp8": torch.zeros(2, dtype=torch.float8_e4m3fn),
+    }
+    total = fp8_weight_scale(sd, "a")
+    assert torch.equal(total, block * 0.125)
+    assert fp8_weight_scale(sd, "c") is None and torch.equal(fp8_weight_scale(sd, "b"), sd["b.scale_weight"])
+    folded = fold_fp8_scales(sd, {"b.weight": torch.float16}, torch.float32)
+    assert folded.keys() == {"a.weight", "b.weight", "b.bias", "c.weight"}
+    assert torch.equal(folded["a.weight"], dequantize_fp8_weight(q, block * 0.125, dtype=torch.float32))
+    assert folded["b.weight"].dtype == torch.float16
+    assert torch.equal(folded["b.weight"], (q.float() * 2).half())
+    assert folded["c.weight"] is q and folded["b.bias"] is sd["b.bias"]
+    assert sd["a.weight"] is q and "a.scale_weight" in sd  # the input is not modified
+    with pytest.raises(WeightsError, match=r"a\.scale_weight_tensor has shape \[2\]; expected one value"):
+        fp8_weight_scale({**sd, "a.scale_weight_tensor": torch.ones(2)}, "a")

@@ -24,14 +24,20 @@ from wan_kernel.errors import InputError, PluginError, WeightsError
 from wan_kernel.models.dit import WanDiT
 from wan_kernel.models.dit_config import MODEL_TYPE_WORDS, PRESETS, DiTConfig, infer_dit_config
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
-from wan_kernel.models.weights import config_beside, describe_keys, guess_model_kind, load_state_dict
+from wan_kernel.models.weights import (
+    config_beside,
+    dequantize_fp8_weight,
+    describe_keys,
+    fold_fp8_scales,
+    fp8_weight_scale,
+    guess_model_kind,
+    load_state_dict,
+)
 
 __all__ = [
     "TASKS",
-    "dequantize_fp8_weight",
     "dit_state_dict_from",
     "dit_state_dict_to",
-    "fold_fp8_scales",
     "load_dit",
     "read_dit_config",
     "resolve_dtype",
@@ -59,8 +65,6 @@ COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KEEP_FP32 = ("modulation",)
 """Parameters (by last name) kept in float32 whatever ``dtype`` is: the modulation tables are
 added to the float32 time embedding, as in the official code."""
-SCALED_FP8_MARKERS = ("scaled_fp8",)
-SCALE_SUFFIXES = (".scale_weight", ".scale_weight_tensor", ".scale_input")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -155,75 +159,6 @@ def _check_task(path: Path, config: DiTConfig, task: str) -> None:
         )
 
 
-def dequantize_fp8_weight(
-    weight: torch.Tensor, scale: torch.Tensor, *, dtype: torch.dtype, name: str = "weight"
-) -> torch.Tensor:
-    """``weight * scale`` computed in float32 and cast to ``dtype``.
-
-    Scale layouts: one value (scalar or ``[1]``: per tensor); ``[out]`` / ``[out, 1, ...]`` (per
-    output channel); for a 2-D weight ``[out, in]`` also ``[out, nb, 1]`` or ``[out, nb]`` (one
-    scale per block of ``in / nb`` inputs of a row: the weight is viewed as ``[out, nb, block]``).
-
-    :raises WeightsError: the scale fits none of these layouts.
-    """
-    w = weight.float()
-    s = scale.to(device=w.device, dtype=torch.float32)
-    out_features, n = w.shape[0], s.numel()
-    if n == 1:
-        w = w * s.reshape(())
-    elif n == out_features and s.shape[0] == out_features:
-        w = w * s.reshape(out_features, *([1] * (w.ndim - 1)))
-    elif (
-        w.ndim == 2
-        and s.ndim in (2, 3)
-        and s.shape[0] == out_features
-        and s[0].numel() == s.shape[1]
-        and w.shape[1] % s.shape[1] == 0
-    ):
-        blocks = s.shape[1]
-        grouped = w.view(out_features, blocks, w.shape[1] // blocks)  # [out, nb, block]
-        w = (grouped * s.reshape(out_features, blocks, 1)).view(w.shape)
-    else:
-        raise WeightsError(
-            f"{name}: its scale_weight of shape {list(scale.shape)} does not fit the weight "
-            f"{list(weight.shape)}; expected one value, [out, 1] or [out, in/block, 1]"
-        )
-    return w.to(dtype)
-
-
-def fold_fp8_scales(
-    sd: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype], default: torch.dtype
-) -> dict[str, torch.Tensor]:
-    """Dequantize every ``P.weight`` that has a ``P.scale_weight`` (scaled-fp8 files loaded without a quantizer).
-
-    Read: musubi-tuner / ``fp8_scaled`` files (block ``[out, in/64, 1]``, per channel ``[out, 1]``,
-    per tensor ``[1]``; the two-level ``P.scale_weight_tensor`` factor is multiplied in) and
-    ComfyUI ``scaled_fp8`` files (scalar scales; their ``P.scale_input`` and the ``scaled_fp8``
-    marker carry no weights and are dropped). A weight becomes ``dtypes[key]`` (else ``default``);
-    every other tensor is returned as it is. The input mapping is not modified.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        if key in SCALED_FP8_MARKERS or key.endswith(SCALE_SUFFIXES):
-            continue
-        scale = _total_scale(sd, key[: -len(".weight")]) if key.endswith(".weight") else None
-        if scale is not None:
-            value = dequantize_fp8_weight(value, scale, dtype=dtypes.get(key, default), name=key)
-        out[key] = value
-    return out
-
-
-def _total_scale(sd: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor | None:
-    """``P.scale_weight`` times musubi's two-level ``P.scale_weight_tensor`` factor (if any)."""
-    scale = sd.get(prefix + ".scale_weight")
-    factor = sd.get(prefix + ".scale_weight_tensor")
-    if scale is None or factor is None:
-        return scale
-    if factor.numel() != 1:
-        raise WeightsError(f"{prefix}.scale_weight_tensor has shape {list(factor.shape)}; expected one value")
-    return scale.float() * factor.float().reshape(())
-
-
 def _set_dtypes(model: nn.Module, dtype: torch.dtype) -> None:
     """Put every parameter of the (meta) model in ``dtype``, the modulation tables in float32."""
     model.to(dtype)
@@ -304,7 +239,7 @@ def _merge_loras(
         if simple and prefix + ".scale_weight_tensor" not in sd:
             continue
         try:
-            total = _total_scale(sd, prefix)
+            total = fp8_weight_scale(sd, prefix)
             sd[prefix + ".weight"] = dequantize_fp8_weight(weight, total, dtype=torch.bfloat16, name=key)
         except WeightsError as exc:
             raise WeightsError(f"{path}: {exc}") from None
@@ -371,7 +306,7 @@ def load_dit(
     :param num_heads: attention heads; else ``config.json`` beside the weights; else ``dim // 128``.
     :param quant: a quantization plugin name (``fp8``, ``fp8_scaled``) or a ``Quantizer`` object.
         Without it, scaled-fp8 files (musubi-tuner, ``fp8_scaled``, ComfyUI ``scaled_fp8``) are
-        dequantized to ``dtype`` (:func:`fold_fp8_scales`).
+        dequantized to ``dtype`` (:func:`wan_kernel.models.weights.fold_fp8_scales`).
     :param attention: an attention plugin name (default ``sdpa``) or a callable ``fn(q, k, v, k_lens)``.
     :param task: optional task name (``t2v-14B``, ``i2v-14B``, ``t2v-1.3B``, ``t2v``, ...) the file must fit.
     :param loras: :class:`wan_kernel.lora.LoraSpec` objects (or paths, or mappings

@@ -28,7 +28,7 @@ import attrs
 import torch
 
 from wan_kernel.errors import InputError, WeightsError
-from wan_kernel.models.weights import describe_keys, guess_model_kind, load_state_dict
+from wan_kernel.models.weights import describe_keys, fold_fp8_scales, guess_model_kind, load_state_dict
 
 #: The official text length: every prompt is padded (or cut) to this many tokens.
 TEXT_LEN = 512
@@ -146,11 +146,10 @@ def _normalise_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _dequantize_fp8(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Undo scaled-fp8 storage (ComfyUI ``*_fp8_e4m3fn_scaled``, ``fp8_t5``/musubi block scales).
 
-    ``weight = fp8_weight * scale_weight`` for every scale layout :func:`fold_fp8_scales` reads
-    (per tensor, per channel, per block of inputs); fp8 tensors without a scale are up-cast.
+    ``weight = fp8_weight * scale_weight`` for every scale layout
+    :func:`~wan_kernel.models.weights.fold_fp8_scales` reads (per tensor, per channel, per block of
+    inputs, musubi's two-level scales); fp8 tensors without a scale are up-cast.
     """
-    from wan_kernel.models.dit_loading import fold_fp8_scales
-
     folded = fold_fp8_scales(state, {}, dtype)
     return {k: v.to(dtype) if v.dtype in _FP8 else v for k, v in folded.items()}
 

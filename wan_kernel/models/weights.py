@@ -5,6 +5,10 @@ checkpoint costs no RAM until a tensor is touched, and ``load_state_dict(assign=
 them without a second copy. ``.pth`` files load with ``torch.load(weights_only=True)``: a pickle
 that tries to run code is refused. Every problem becomes a :class:`WeightsError` that names the
 file and says what to do.
+
+Scaled-fp8 files (musubi-tuner / ``fp8_scaled``, ComfyUI ``scaled_fp8``) store ``P.weight`` in fp8
+with a ``P.scale_weight``; :func:`dequantize_fp8_weight` and :func:`fold_fp8_scales` are the one
+place the kernel turns them back into plain weights (the DiT and T5 loaders, LoRA merging).
 """
 
 from __future__ import annotations
@@ -36,6 +40,12 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+SCALED_FP8_MARKERS = ("scaled_fp8",)
+"""ComfyUI's marker tensor of scaled-fp8 files; it carries no weights."""
+FP8_SCALE_SUFFIXES = (".scale_weight", ".scale_weight_tensor", ".scale_input")
+"""The per-layer keys of a scaled-fp8 file beside ``P.weight``: the weight scale, musubi's two-level
+per-tensor factor, and ComfyUI's static activation scale (unused here: activations are not fp8)."""
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
@@ -236,3 +246,87 @@ def guess_model_kind(keys: Iterable[str]) -> str:
     if "visual." in joined or "vision_model." in joined or "patch_embedding" in joined:
         return "a CLIP model"
     return "an unrecognised model"
+
+
+# --------------------------------------------------------------------------------------------
+# scaled fp8
+# --------------------------------------------------------------------------------------------
+
+
+def fp8_weight_scale(sd: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor | None:
+    """The total scale of the layer ``prefix``: ``P.scale_weight`` times musubi's two-level
+    ``P.scale_weight_tensor`` factor (if any); ``None`` when the layer has no ``scale_weight``.
+
+    :raises WeightsError: ``scale_weight_tensor`` is not one value.
+    """
+    scale = sd.get(prefix + ".scale_weight")
+    factor = sd.get(prefix + ".scale_weight_tensor")
+    if scale is None or factor is None:
+        return scale
+    if factor.numel() != 1:
+        raise WeightsError(f"{prefix}.scale_weight_tensor has shape {list(factor.shape)}; expected one value")
+    return scale.float() * factor.float().reshape(())
+
+
+def dequantize_fp8_weight(
+    weight: torch.Tensor, scale: torch.Tensor | None, *, dtype: torch.dtype, name: str = "weight"
+) -> torch.Tensor:
+    """``weight * scale`` computed in float32 and cast to ``dtype`` (``scale`` ``None``: a plain cast).
+
+    Scale layouts: one value (scalar or ``[1]``: per tensor); ``[out]`` / ``[out, 1, ...]`` (per
+    output channel); for a 2-D weight ``[out, in]`` also ``[out, nb, 1]`` or ``[out, nb]`` (one
+    scale per block of ``in / nb`` inputs of a row: the weight is viewed as ``[out, nb, block]``).
+    Give the total scale of a layer (:func:`fp8_weight_scale`) for musubi's two-level files.
+
+    :raises WeightsError: the scale fits none of these layouts.
+    """
+    w = weight.float()
+    if scale is None:
+        return w.to(dtype)
+    s = scale.to(device=w.device, dtype=torch.float32)
+    out_features, n = w.shape[0], s.numel()
+    if n == 1:
+        w = w * s.reshape(())
+    elif n == out_features and s.shape[0] == out_features:
+        w = w * s.reshape(out_features, *([1] * (w.ndim - 1)))
+    elif (
+        w.ndim == 2
+        and s.ndim in (2, 3)
+        and s.shape[0] == out_features
+        and s[0].numel() == s.shape[1]
+        and w.shape[1] % s.shape[1] == 0
+    ):
+        blocks = s.shape[1]
+        grouped = w.view(out_features, blocks, w.shape[1] // blocks)  # [out, nb, block]
+        w = (grouped * s.reshape(out_features, blocks, 1)).view(w.shape)
+    else:
+        raise WeightsError(
+            f"{name}: its scale_weight of shape {list(scale.shape)} does not fit the weight "
+            f"{list(weight.shape)}; expected one value, [out, 1] or [out, in/block, 1]"
+        )
+    return w.to(dtype)
+
+
+def fold_fp8_scales(
+    sd: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype], default: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Dequantize every ``P.weight`` that has a ``P.scale_weight`` (scaled-fp8 files loaded without a quantizer).
+
+    Read: musubi-tuner / ``fp8_scaled`` files (block ``[out, in/64, 1]``, per channel ``[out, 1]``,
+    per tensor ``[1]``; the two-level ``P.scale_weight_tensor`` factor is multiplied in) and
+    ComfyUI ``scaled_fp8`` files (scalar scales; their ``P.scale_input`` and the ``scaled_fp8``
+    marker carry no weights and are dropped). A weight becomes ``dtypes[key]`` (else ``default``);
+    every other tensor is returned as it is (fp8 tensors without a scale too). The input mapping
+    is not modified.
+
+    :raises WeightsError: a scale does not fit its weight (the message names the key).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key in SCALED_FP8_MARKERS or key.endswith(FP8_SCALE_SUFFIXES):
+            continue
+        scale = fp8_weight_scale(sd, key[: -len(".weight")]) if key.endswith(".weight") else None
+        if scale is not None:
+            value = dequantize_fp8_weight(value, scale, dtype=dtypes.get(key, default), name=key)
+        out[key] = value
+    return out
