@@ -454,46 +454,78 @@ def test_loras_with_fp8_scaled_equal_merging_then_quantizing(tmp_path):
     )
 
 
-def test_loras_into_a_block_scaled_fp8_file(tmp_path):
-    """A pre-quantized ``fp8_scaled`` file (ffn.2: scales [64, 2, 1]) with a LoRA, with and without quant."""
-    checkpoint = pytest.importorskip("wan_quant_fp8.checkpoint")
-    from wan_quant_fp8.scheme import SCHEMES
-    from wan_quant_fp8.tensors import dequantize_weight, quantize_weight
-
-    from wan_kernel.lora import LoraSpec, apply_loras, read_lora
+def block_scaled_file(tmp_path: Path, layout: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A pre-quantized DiT file: the quant plugin's ``fp8_scaled`` (ffn.2: [64, 2, 1]) or a hand-made one."""
+    if layout != "fp8_scaled":
+        return scaled_fp8_file(tmp_path, layout)
+    from wan_quant_fp8 import checkpoint
 
     quantized = checkpoint.quantize_model(load_dit(T2V / "weights.safetensors"), "fp8_scaled", target="dit")
     path = checkpoint.save_quantized(quantized, tmp_path / "dit_fp8_scaled.safetensors")
-    stored = load_file(path)
+    return path, load_file(path)
+
+
+@pytest.mark.parametrize("layout", ["fp8_scaled", "two_level", "block16_flat"])
+def test_loras_into_a_block_scaled_fp8_file(tmp_path, layout):
+    """LoRA + a pre-quantized block-scaled file, with and without quant, equals merging by hand.
+
+    With ``quant``: a layer the LoRA touches is dequantized in float32 (every block layout, the
+    two-level factor multiplied in), merged, rounded to bfloat16 and quantized once; every other
+    layer is what loading the file with the quantizer and no LoRA gives (for the plugin's own
+    files: the stored fp8 values and scales, untouched).
+    """
+    pytest.importorskip("wan_quant_fp8")
+    from wan_quant_fp8.scheme import SCHEMES
+    from wan_quant_fp8.tensors import quantize_weight
+
+    from wan_kernel.lora import LoraSpec, apply_loras, merging_quantizer, read_lora
+
+    path, stored = block_scaled_file(tmp_path, layout)
+    assert stored["blocks.1.ffn.2.scale_weight"].numel() > 64  # block scales: several per row
     specs = [LoraSpec(lora_file(tmp_path), multiplier=0.8)]
+    lora = read_lora(specs[0].path)
 
     # without quant: the same as merging into the dequantized float32 model
     merged = load_dit(path, num_heads=2, dtype=torch.float32, loras=specs).state_dict()
     by_hand = apply_loras(load_dit(path, num_heads=2, dtype=torch.float32), specs).state_dict()
+    assert merged.keys() == by_hand.keys()
     for key in merged:
         assert torch.equal(merged[key], by_hand[key]), key
 
-    # with quant: merged layers are dequantized to bf16, merged, quantized once more ...
+    # with quant: each merged layer quantized once from the float32 merge (by hand) ...
     loaded = load_dit(path, num_heads=2, dtype=torch.float32, quant="fp8_scaled", loras=specs).state_dict()
-    module = read_lora(specs[0].path).modules["lora_unet_blocks_1_ffn_2"]
-    p = "blocks.1.ffn.2."
-    w = dequantize_weight(stored[p + "weight"], stored[p + "scale_weight"]).to(torch.bfloat16)
-    w = torch.add(w.float(), module.weight_delta((64, 128)), alpha=0.8).to(torch.bfloat16)
-    q, scale = quantize_weight(w, SCHEMES["fp8_scaled"])
-    assert torch.equal(loaded[p + "weight"].float(), q.float()) and torch.equal(
-        loaded[p + "scale_weight"], scale
-    )
-    # ... and the block-scaled layers the LoRA leaves alone keep their stored fp8 values
-    p = "blocks.0.ffn.2."
-    assert stored[p + "scale_weight"].shape == (64, 2, 1)
-    assert torch.equal(loaded[p + "weight"].float(), stored[p + "weight"].float())
-    torch.testing.assert_close(loaded[p + "scale_weight"], stored[p + "scale_weight"], rtol=4e-3, atol=0)
-    assert torch.equal(
-        loaded["blocks.0.self_attn.k.weight"].float(), stored["blocks.0.self_attn.k.weight"].float()
-    )
-    assert torch.equal(
-        loaded["blocks.0.self_attn.k.scale_weight"], stored["blocks.0.self_attn.k.scale_weight"]
-    )
+    for name, shape in LORA_TARGETS.items():
+        delta = lora.modules["lora_unet_" + name.replace(".", "_")].weight_delta(shape)
+        w = torch.add(expected_weight(stored, name), delta, alpha=0.8).to(torch.bfloat16)
+        q, scale = quantize_weight(w, SCHEMES["fp8_scaled"])
+        assert torch.equal(loaded[name + ".weight"].float(), q.float()), name
+        assert torch.equal(loaded[name + ".scale_weight"], scale), name
+    # ... every other tensor as loading the file with the quantizer and no LoRA gives it ...
+    without = load_dit(path, num_heads=2, dtype=torch.float32, quant="fp8_scaled").state_dict()
+    assert loaded.keys() == without.keys()
+    untouched = [k for k in loaded if k.rsplit(".", 1)[0] not in LORA_TARGETS]
+    for key in untouched:
+        assert torch.equal(loaded[key].float(), without[key].float()), key
+    if layout == "fp8_scaled":  # ... which, for a file in the quantizer's own layout, is the file
+        for key in untouched:
+            if key in stored and stored[key].dtype == torch.float8_e4m3fn:
+                scale_key = key[: -len("weight")] + "scale_weight"
+                assert torch.equal(loaded[key].float(), stored[key].float()), key
+                assert torch.equal(loaded[scale_key], stored[scale_key]), scale_key
+
+    # merging_quantizer (load_dit(quant=...) merging right before quantizing) gives the same model
+    wrapped = merging_quantizer("fp8_scaled", specs)
+    through = load_dit(path, num_heads=2, dtype=torch.float32, quant=wrapped).state_dict()
+    assert through.keys() == loaded.keys() and len(wrapped.reports) == 1
+    for key in loaded:
+        assert torch.equal(through[key].float(), loaded[key].float()), key
+
+    # and the fp8 model with the LoRA computes what the dequantized one with the LoRA does, to fp8 rounding
+    _, tensors = case(T2V)
+    plain = load_dit(path, num_heads=2, dtype=torch.float32, loras=specs)
+    fp8 = load_dit(path, num_heads=2, dtype=torch.float32, quant="fp8_scaled", loras=specs)
+    want, got = run(plain, tensors), run(fp8, tensors)
+    assert (got - want).pow(2).mean().sqrt() < 0.05 * want.pow(2).mean().sqrt()
 
 
 def test_bad_lora_spec_is_refused_before_loading(tmp_path):

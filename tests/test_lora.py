@@ -348,18 +348,77 @@ def test_merge_into_state_dict(layout, tmp_path, base_sd):
         torch.testing.assert_close(sd[key], expected[key], atol=1e-6, rtol=1e-6)
 
 
-def test_merge_into_scaled_fp8_state_dict(tmp_path, base_sd):
-    delta = random_delta(base_sd, targets=["blocks.0.ffn.2"], alpha=1.0)
+def fp8_with_scales(w: torch.Tensor, layout: str) -> dict[str, torch.Tensor]:
+    """``{"weight": fp8, "scale_weight": ..., ...}`` of a weight ``[out, in]`` in a scaled-fp8 layout."""
+    out_f, in_f = w.shape
+    if layout in ("tensor", "comfyui"):
+        scale = w.abs().max() / 448.0
+        q = (w / scale).to(torch.float8_e4m3fn)
+        parts = {"weight": q, "scale_weight": scale.reshape(1) if layout == "tensor" else scale}
+        if layout == "comfyui":
+            parts["scale_input"] = torch.ones(())
+        return parts
+    if layout == "channel":
+        scale = w.abs().amax(dim=1, keepdim=True) / 448.0  # [out, 1]
+        return {"weight": (w / scale).to(torch.float8_e4m3fn), "scale_weight": scale}
+    grouped = w.view(out_f, in_f // 16, 16)  # [out, nb, 16]
+    scale = grouped.abs().amax(dim=2, keepdim=True) / 448.0  # [out, nb, 1]
+    q = (grouped / scale).to(torch.float8_e4m3fn).view(out_f, in_f)
+    if layout == "block":
+        return {"weight": q, "scale_weight": scale}
+    if layout == "block_flat":
+        return {"weight": q, "scale_weight": scale[..., 0]}  # [out, nb]
+    assert layout == "two_level"  # musubi: block scales relative to one per-tensor factor
+    factor = scale.max()
+    return {"weight": q, "scale_weight": scale / factor, "scale_weight_tensor": factor.reshape(1)}
+
+
+def dequantized_by_hand(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    q = parts["weight"].float()
+    scale = parts["scale_weight"].float() * parts.get("scale_weight_tensor", torch.ones(())).float()
+    if scale.numel() == 1:
+        return q * scale.reshape(())
+    if scale.numel() == q.shape[0]:
+        return q * scale.reshape(-1, 1)
+    # element [o, i] uses the scale of its block of 16 inputs: scale[o, i // 16]
+    return q * scale.reshape(q.shape[0], -1).repeat_interleave(16, dim=1)
+
+
+@pytest.mark.parametrize("layout", ["tensor", "comfyui", "channel", "block", "block_flat", "two_level"])
+def test_merge_into_scaled_fp8_state_dict(layout, tmp_path, base_sd):
+    """An fp8 weight is dequantized in float32 with any scale layout, merged, kept bf16 without scales."""
+    targets = ["blocks.0.ffn.2", "blocks.1.self_attn.q"]  # [64, 128] and [64, 64]
+    delta = random_delta(base_sd, targets=targets, alpha=1.0)
     path = write_lora(tmp_path / "l.safetensors", delta)
-    w = base_sd["blocks.0.ffn.2.weight"]
-    scale = w.abs().max() / 448.0
     sd = dict(base_sd)
-    sd["blocks.0.ffn.2.weight"] = (w / scale).to(torch.float8_e4m3fn)
-    sd["blocks.0.ffn.2.scale_weight"] = scale.reshape(1)
-    lora.merge_loras_into_state_dict(sd, [path])
-    assert "blocks.0.ffn.2.scale_weight" not in sd and sd["blocks.0.ffn.2.weight"].dtype == torch.bfloat16
-    error = sd["blocks.0.ffn.2.weight"].float() - hand_merged(base_sd, (delta, 1.0))["blocks.0.ffn.2.weight"]
-    assert error.abs().max() < 0.1 * w.abs().max()  # fp8 + bf16 rounding only
+    stored = {}
+    for name in [*targets, "blocks.0.ffn.0"]:  # blocks.0.ffn.0: fp8 the LoRA does not touch
+        stored[name] = fp8_with_scales(base_sd[name + ".weight"], layout)
+        sd.update({f"{name}.{k}": v for k, v in stored[name].items()})
+    lora.merge_loras_into_state_dict(sd, [LoraSpec(path, 0.5)])
+    for name in targets:
+        assert not any(k.startswith(name + ".scale") for k in sd), name
+        assert sd[name + ".weight"].dtype == torch.bfloat16
+        down, up, alpha = delta[name]
+        product = (up @ down) * (alpha / RANK)
+        want = torch.add(dequantized_by_hand(stored[name]), product, alpha=0.5).to(torch.bfloat16)
+        assert torch.equal(sd[name + ".weight"], want), name  # float32 merge, one bf16 rounding
+        error = sd[name + ".weight"].float() - hand_merged(base_sd, (delta, 0.5))[name + ".weight"]
+        assert error.abs().max() < 0.07 * base_sd[name + ".weight"].abs().max()  # fp8 + bf16 rounding only
+    for key, value in stored["blocks.0.ffn.0"].items():  # left as stored
+        assert sd["blocks.0.ffn.0." + key] is value, key
+
+
+def test_fp8_scale_that_does_not_fit_is_refused_before_any_change(tmp_path, base_sd):
+    delta = random_delta(base_sd, targets=["blocks.0.ffn.0", "blocks.1.ffn.0"], alpha=1.0)
+    path = write_lora(tmp_path / "l.safetensors", delta)
+    sd = dict(base_sd)
+    sd["blocks.1.ffn.0.weight"] = base_sd["blocks.1.ffn.0.weight"].to(torch.float8_e4m3fn)  # [128, 64]
+    sd["blocks.1.ffn.0.scale_weight"] = torch.ones(128, 3, 1)  # 64 inputs are no 3 equal blocks
+    before = dict(sd)
+    with pytest.raises(WeightsError, match=r"ffn\.0\.weight: its scale_weight of shape \[128, 3, 1\]"):
+        lora.merge_loras_into_state_dict(sd, [path])
+    assert sd.keys() == before.keys() and all(sd[k] is before[k] for k in sd)
 
 
 class RecordingQuantizer:

@@ -57,7 +57,10 @@ from wan_kernel.models.dit_keys import (
     strip_comfyui_prefix,
 )
 from wan_kernel.models.weights import (
+    FP8_SCALE_SUFFIXES,
+    dequantize_fp8_weight,
     describe_keys,
+    fp8_weight_scale,
     guess_model_kind,
     load_state_dict,
     read_safetensors_metadata,
@@ -559,14 +562,19 @@ def _merged(
     delta: Callable[[LoraModule], torch.Tensor | None],
     *,
     device: torch.device | None,
-    scale: torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``tensor (* scale) + sum(multiplier * delta)`` computed in float32 on ``device``, cast back."""
+    """``base + sum(multiplier * delta)`` computed in float32 on ``device``, cast back.
+
+    ``base``: the float32 value of ``tensor`` when it is not ``tensor.float()`` (a dequantized fp8
+    weight); the result goes where ``tensor`` is, in ``out_dtype`` (default: ``tensor``'s dtype).
+    """
     where = device or tensor.device
-    acc = tensor.to(where, torch.float32, copy=True)  # the input (maybe a memory map) is never written
-    if scale is not None:
-        acc = acc * scale.to(where).float()
+    if base is None:
+        acc = tensor.to(where, torch.float32, copy=True)  # the input (maybe a memory map) is never written
+    else:
+        acc = base.to(where, torch.float32)
     for multiplier, module in entries:
         d = delta(module)
         if d is not None:
@@ -612,16 +620,20 @@ def merge_loras_into_state_dict(
 ) -> list[LoraReport]:
     """Merge LoRA files into a DiT state dict, in place (merged tensors are replaced, never written into).
 
-    Call it before quantization. A weight stored in fp8 with a ``<module>.scale_weight`` (a
-    scaled-fp8 file) is dequantized, merged and stored back in bfloat16 without its scale, so
-    that a quantizer afterwards quantizes the merged weight.
+    Call it before quantization. A weight stored in fp8 (plain, or a scaled-fp8 file's with a
+    ``<module>.scale_weight`` of any layout :func:`~wan_kernel.models.weights.dequantize_fp8_weight`
+    reads: per tensor, per channel, per block, musubi's two-level ``scale_weight_tensor``) is
+    dequantized in float32, merged, and stored in bfloat16 with its scale keys removed, so that a
+    quantizer afterwards quantizes the merged weight once. fp8 weights no LoRA touches are left
+    as stored.
 
     :param state_dict: tensors keyed in ``layout``.
     :param layout: ``official``, ``comfyui`` or ``diffusers`` key names; ``None``: detect.
     :param specs: :class:`LoraSpec` objects (or paths, or mappings :meth:`LoraSpec.coerce` takes).
     :param device: where to compute (e.g. the GPU); merged tensors go back where they were.
     :returns: one :class:`LoraReport` per file.
-    :raises WeightsError: a file is missing, unreadable or not a LoRA.
+    :raises WeightsError: a file is missing, unreadable or not a LoRA; an fp8 weight's scale does
+        not fit it (checked, like everything else, before any tensor is changed).
     :raises InputError: a LoRA matches nothing in the model, or its shapes do not fit it.
     """
     device = None if device is None else torch.device(device)
@@ -633,38 +645,50 @@ def merge_loras_into_state_dict(
         if key[: -len("weight")] + "bias" in state_dict
     }
     plan = _plan(specs, shapes, biases)
+    for name in plan.weight:  # every target is checked before any is changed
+        _check_state_dict_target(state_dict, keys[name])
     for name, entries in plan.weight.items():
         key = keys[name]
         weight = state_dict[key]
-        scale_key = key[: -len("weight")] + "scale_weight"
-        scale, out_dtype = None, None
-        if not weight.dtype.is_floating_point:
-            raise InputError(
-                f"cannot merge a LoRA into {key}: it is stored as {weight.dtype}; "
-                "load the bf16/fp16 DiT instead"
-            )
-        if weight.dtype.itemsize == 1:  # fp8: dequantize (with its scale), merge, keep bfloat16
-            scale = state_dict.pop(scale_key, None)
-            if scale is not None and scale.numel() != 1 and scale.shape[0] != weight.shape[0]:
-                raise InputError(
-                    f"cannot merge a LoRA into {key}: its block-wise fp8 scale {list(scale.shape)} "
-                    "is not supported; load the bf16/fp16 DiT instead"
-                )
-            if scale is not None and scale.numel() != 1:
-                scale = scale.reshape(weight.shape[0], *([1] * (weight.dim() - 1)))
+        base, out_dtype = None, None
+        if weight.dtype.itemsize == 1:  # fp8: dequantize (with its scales), merge, keep bfloat16
+            prefix = key[: -len(".weight")]
+            where = device or weight.device
+            scale = fp8_weight_scale(state_dict, prefix)
+            base = dequantize_fp8_weight(weight.to(where), scale, dtype=torch.float32, name=key)
+            for suffix in FP8_SCALE_SUFFIXES:
+                state_dict.pop(prefix + suffix, None)
             out_dtype = torch.bfloat16
         state_dict[key] = _merged(
             weight,
             entries,
             lambda m, s=weight.shape: m.weight_delta(s),
             device=device,
-            scale=scale,
+            base=base,
             out_dtype=out_dtype,
         )
     for name, entries in plan.bias.items():
         key = keys[name][: -len("weight")] + "bias"
         state_dict[key] = _merged(state_dict[key], entries, LoraModule.bias_delta, device=device)
     return plan.reports
+
+
+def _check_state_dict_target(state_dict: Mapping[str, torch.Tensor], key: str) -> None:
+    """A LoRA can be merged into ``state_dict[key]``: a float weight, and an fp8 one's scales fit it.
+
+    The scales are tried on the ``meta`` device: nothing is computed or copied.
+    """
+    weight = state_dict[key]
+    if not weight.dtype.is_floating_point:
+        raise InputError(
+            f"cannot merge a LoRA into {key}: it is stored as {weight.dtype}; load the bf16/fp16 DiT instead"
+        )
+    if weight.dtype.itemsize == 1:
+        prefix = key[: -len(".weight")]
+        names = (prefix + ".scale_weight", prefix + ".scale_weight_tensor")
+        scales = {k: state_dict[k].to("meta") for k in names if k in state_dict}
+        scale = fp8_weight_scale(scales, prefix)
+        dequantize_fp8_weight(weight.to("meta"), scale, dtype=torch.float32, name=key)
 
 
 def _strip_compiled(name: str) -> str:

@@ -26,10 +26,8 @@ from wan_kernel.models.dit_config import MODEL_TYPE_WORDS, PRESETS, DiTConfig, i
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
 from wan_kernel.models.weights import (
     config_beside,
-    dequantize_fp8_weight,
     describe_keys,
     fold_fp8_scales,
-    fp8_weight_scale,
     guess_model_kind,
     load_state_dict,
 )
@@ -220,31 +218,13 @@ def _merge_loras(
     device: torch.device,
     log: Callable[[str], None] | None,
 ) -> dict[str, torch.Tensor]:
-    """``sd`` (official keys) with the LoRAs merged in; fp8 weights with block scales dequantized first.
+    """``sd`` (official keys) with the LoRAs merged in (in place; ``sd`` is returned).
 
-    ``merge_loras_into_state_dict`` reads fp8 weights with per-tensor or per-channel scales; a weight
-    with block (or two-level) scales is turned into bfloat16 here. Quantizing that again with the
-    same block layout gives back the stored fp8 values (the bfloat16 rounding is far below fp8's).
+    fp8 weights a LoRA touches (any scaled-fp8 layout) are dequantized in float32, merged and kept
+    in bfloat16 without their scales, for the quantizer to quantize once; the others stay as stored.
     """
     from wan_kernel.lora import merge_loras_into_state_dict
 
-    for key in [k for k in sd if k.endswith(".scale_weight")]:
-        prefix = key[: -len(".scale_weight")]
-        weight, scale = sd.get(prefix + ".weight"), sd[key]
-        if weight is None or weight.dtype.itemsize != 1:
-            continue
-        simple = scale.numel() == 1 or (
-            scale.numel() == weight.shape[0] and scale.shape[0] == weight.shape[0]
-        )
-        if simple and prefix + ".scale_weight_tensor" not in sd:
-            continue
-        try:
-            total = fp8_weight_scale(sd, prefix)
-            sd[prefix + ".weight"] = dequantize_fp8_weight(weight, total, dtype=torch.bfloat16, name=key)
-        except WeightsError as exc:
-            raise WeightsError(f"{path}: {exc}") from None
-        del sd[key]
-        sd.pop(prefix + ".scale_weight_tensor", None)
     try:
         reports = merge_loras_into_state_dict(sd, specs, "official", device=device)
     except WeightsError as exc:
@@ -312,9 +292,9 @@ def load_dit(
     :param loras: :class:`wan_kernel.lora.LoraSpec` objects (or paths, or mappings
         ``LoraSpec.coerce`` takes) merged into the state dict after the key layout is converted and
         BEFORE quantization, so fp8 weights are quantized once, with the LoRA in them (computed in
-        float32 on ``device``). With ``quant``, fp8 weights of the file whose scales are not per
-        tensor or per output channel (block scales, musubi's two-level scales) are first
-        dequantized to bfloat16 so the LoRA can be added; the quantizer stores them again.
+        float32 on ``device``). With ``quant``, an fp8 weight of the file that a LoRA touches is
+        dequantized (any scale layout), merged and handed to the quantizer in bfloat16; fp8
+        weights no LoRA touches reach the quantizer as stored.
     :param log: receives one summary line per LoRA file (what was merged, what had no target).
     :param plugin_manager: the ``PluginManager`` to resolve names with (default: the process-wide one).
     :returns: the model in eval mode with ``requires_grad`` off (training turns on what it trains).

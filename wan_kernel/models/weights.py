@@ -310,7 +310,7 @@ def dequantize_fp8_weight(
 def fold_fp8_scales(
     sd: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype], default: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """Dequantize every ``P.weight`` that has a ``P.scale_weight`` (scaled-fp8 files loaded without a quantizer).
+    """Dequantize every ``P.weight`` that has a ``P.scale_weight`` (scaled-fp8 files read unquantized).
 
     Read: musubi-tuner / ``fp8_scaled`` files (block ``[out, in/64, 1]``, per channel ``[out, 1]``,
     per tensor ``[1]``; the two-level ``P.scale_weight_tensor`` factor is multiplied in) and
