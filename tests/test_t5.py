@@ -203,23 +203,51 @@ def test_fp8_t5_plugin_through_load_t5(case):
     assert 0.02 < _rel_err(hidden, tensors) < 0.2
 
 
-def test_fp8_t5_block_scaled_file_with_and_without_quant(t5, case, tmp_path):
+def assert_tied(model) -> None:
+    """One embedding Parameter under both names, as transformers ties them."""
+    assert model.shared.weight is model.encoder.embed_tokens.weight
+
+
+def test_loaded_embedding_is_tied():
+    model = load_t5(CASE / "weights.safetensors", dtype=torch.bfloat16)
+    assert_tied(model)
+    model.half()  # converted once, and still one tensor (not one copy per name)
+    assert_tied(model)
+    assert model.encoder.embed_tokens.weight.dtype == torch.float16
+
+
+def test_fp8_t5_save_quantized_round_trip_with_and_without_quant(case, tmp_path):
+    """``save_quantized`` writes the tied embedding once; ``load_t5`` reads the file back, tied."""
     pytest.importorskip("wan_quant_fp8")
-    from wan_quant_fp8 import quantize_model
+    from wan_quant_fp8 import quantize_model, read_quantization_tag, save_quantized
     from wan_quant_fp8.tensors import dequantize_weight
 
     _, tensors = case
     quantized = quantize_model(load_t5(CASE / "weights.safetensors"), "fp8_t5", target="t5")
-    stored = _hf_state(quantized)  # the stored form (save_quantized refuses the tied embedding)
-    path = tmp_path / "umt5_fp8_t5.safetensors"
-    save_file(stored, path)
+    path = save_quantized(quantized, tmp_path / "umt5_fp8_t5.safetensors", mode="fp8_t5")
+    assert read_quantization_tag(path) == "fp8_t5"
+    stored = load_file(path)
+    assert stored.keys() == quantized.state_dict().keys() - {"encoder.embed_tokens.weight"}
+    assert torch.equal(stored["shared.weight"], quantized.shared.weight)
     wo = "encoder.block.0.layer.1.DenseReluDense.wo."
+    assert stored[wo + "weight"].dtype == torch.float8_e4m3fn
     assert stored[wo + "scale_weight"].shape == (32, 1, 1)  # [out, in/64, 1]
+
     plain = load_t5(path, dtype=torch.float32)  # no quantizer: dequantized
+    assert_tied(plain)
     want = dequantize_weight(stored[wo + "weight"], stored[wo + "scale_weight"])
     torch.testing.assert_close(plain.state_dict()[wo + "weight"], want, rtol=0, atol=0)
+    torch.testing.assert_close(
+        plain(tensors["ids"], tensors["mask"]).last_hidden_state,
+        quantized(tensors["ids"], tensors["mask"]).last_hidden_state,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
     again = load_t5(path, quant="fp8_t5", dtype=torch.float32)  # the stored fp8 values pass through
-    assert torch.equal(again.state_dict()[wo + "weight"].float(), stored[wo + "weight"].float())
+    assert_tied(again)
+    for key, value in quantized.state_dict().items():
+        assert torch.equal(again.state_dict()[key].float(), value.float()), key
     torch.testing.assert_close(
         again(tensors["ids"], tensors["mask"]).last_hidden_state,
         quantized(tensors["ids"], tensors["mask"]).last_hidden_state,

@@ -331,6 +331,9 @@ def build_t5(
         raise WeightsError(
             f"{source}: tensor shapes do not fit a umt5 encoder ({str(exc).splitlines()[-1].strip()})"
         ) from None
+    # assign=True gave the two names two Parameters over one tensor: make them one again, as
+    # transformers ties them (a later .to(dtype) would otherwise copy the embedding twice)
+    model.encoder.embed_tokens.weight = model.shared.weight
     return model.eval().requires_grad_(False)
 
 

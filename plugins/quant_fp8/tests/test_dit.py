@@ -119,6 +119,23 @@ def test_save_quantized_then_load_gives_identical_outputs(tmp_path, tiny_dit_fil
         assert torch.equal(again.state_dict()[key].view(torch.uint8), value.view(torch.uint8)), key
 
 
+def test_save_quantized_keeps_every_view_of_one_tensor(tmp_path, tiny_dit_file, dit_inputs):
+    """Biases that are views of one fused tensor (a fused-qkv file) are not tied weights: all are written."""
+    model = load_dit(tiny_dit_file, num_heads=2, quant="fp8_scaled")
+    attn = model.blocks[0].self_attn
+    fused = torch.cat([attn.q.bias, attn.k.bias, attn.v.bias])  # [3 * dim]
+    for i, name in enumerate("qkv"):
+        getattr(attn, name).bias = torch.nn.Parameter(fused[i * 128 : (i + 1) * 128], requires_grad=False)
+    assert attn.k.bias.untyped_storage().data_ptr() == attn.q.bias.untyped_storage().data_ptr()
+    path = save_quantized(model, tmp_path / "views.safetensors")
+    stored = load_file(str(path))
+    assert stored.keys() == model.state_dict().keys()
+    for name in "qkv":
+        assert torch.equal(stored[f"blocks.0.self_attn.{name}.bias"], getattr(attn, name).bias), name
+    again = load_dit(path, num_heads=2, dtype="float32", quant="fp8_scaled")
+    assert torch.equal(_run(again, dit_inputs), _run(model, dit_inputs))
+
+
 def test_save_quantized_refuses_a_model_without_fp8_layers(tmp_path, tiny_dit_file):
     from wan_kernel.errors import InputError
 

@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from wan_quant_fp8 import Fp8T5Quantizer, quantize_model
+from safetensors.torch import load_file
+from wan_quant_fp8 import Fp8T5Quantizer, quantize_model, save_quantized
 from wan_quant_fp8.linear import Fp8DenseFFN, Fp8Linear
 from wan_quant_fp8.tensors import FP8
 from wan_quant_fp8.testing import relative_error
@@ -69,6 +70,22 @@ def test_fp8_t5_through_the_quantizer_protocol_on_meta():
     stored = q.quantize_state_dict(sd, target="t5")
     model.load_state_dict(stored, strict=True, assign=True)
     assert relative_error(_encode(model.eval()), _encode(reference)) < 0.08
+
+
+def test_save_quantized_writes_the_tied_embedding_once(tmp_path):
+    """UMT5 holds one embedding as ``shared.weight`` and ``encoder.embed_tokens.weight``: written once."""
+    from wan_kernel.models.t5 import load_t5
+
+    model = quantize_model(_tiny_umt5(), "fp8_t5", target="t5")
+    path = save_quantized(model, tmp_path / "umt5_fp8_t5.safetensors", mode="fp8_t5")
+    stored = load_file(str(path))
+    assert stored.keys() == model.state_dict().keys() - {"encoder.embed_tokens.weight"}
+    assert torch.equal(stored["shared.weight"], model.shared.weight)
+    again = load_t5(path, quant="fp8_t5", dtype=torch.float32)
+    assert again.shared.weight is again.encoder.embed_tokens.weight  # tied again
+    for key, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[key].float(), value.float()), key
+    assert torch.equal(_encode(again), _encode(model))
 
 
 def test_targets_are_checked():

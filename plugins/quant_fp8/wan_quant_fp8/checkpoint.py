@@ -1,7 +1,8 @@
 """Quantize a live model, write a quantized model to safetensors, and read the file's tag back.
 
 A file written by :func:`save_quantized` holds the model's state dict as stored (fp8 weights,
-``scale_weight`` tensors, high-precision rest, same key names) plus the safetensors metadata
+``scale_weight`` tensors, high-precision rest, same key names; a tied tensor under its first name
+only) plus the safetensors metadata
 ``{"wan_quant": <mode>, "wan_quant_version": "1"}``. Loading it with the same mode
 (``load_dit(path, quant="fp8_scaled")``) skips quantization: the fp8 tensors pass through
 ``quantize_state_dict`` unchanged.
@@ -60,6 +61,10 @@ def quantized_mode_of(model: nn.Module) -> str | None:
 def save_quantized(model: nn.Module, path: str | os.PathLike, *, mode: str | None = None) -> Path:
     """Write a quantized model (fp8 weights + scales + high-precision rest) as one safetensors file.
 
+    A tensor the model holds under two names (tied weights: the T5's ``shared.weight`` and
+    ``encoder.embed_tokens.weight``) is written once, under its first name in ``state_dict()``
+    order; the kernel's T5 loader ties it again. safetensors refuses to write shared tensors.
+
     :param mode: the tag to record (default: read off the model's layers; pass ``fp8_t5`` for a T5).
     :returns: the path written. The write is atomic (a temporary file renamed into place).
     :raises InputError: the model has no fp8 layers (quantize it or load it with ``quant=`` first).
@@ -75,17 +80,42 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, mode: str | Non
     mode = mode or found
     if mode not in SCHEMES:
         raise InputError(f"unknown fp8 mode {mode!r}; known: {', '.join(SCHEMES)}")
-    tensors = {}
-    for key, value in model.state_dict().items():
-        if value.is_meta:
-            raise InputError(f"{key} has no data (still on the meta device); load the weights before saving")
-        tensors[key] = value.detach().to("cpu").contiguous()
+    tensors = _tensors_to_save(model)
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={METADATA_FORMAT: mode, METADATA_VERSION: FORMAT_VERSION})
     os.replace(tmp, path)
     return path
+
+
+def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict on the CPU, each tensor once.
+
+    A name whose tensor is exactly an earlier one (same storage, offset, shape and strides: a tied
+    weight) is left out. Other views of one storage (e.g. the parts of a fused projection) are
+    distinct tensors and are all kept.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[tuple] = set()
+    for key, value in model.state_dict().items():
+        if value.is_meta:
+            raise InputError(f"{key} has no data (still on the meta device); load the weights before saving")
+        value = value.detach()
+        if value.numel():
+            ident = (
+                value.device,
+                value.untyped_storage().data_ptr(),
+                value.storage_offset(),
+                tuple(value.shape),
+                value.stride(),
+                value.dtype,
+            )
+            if ident in seen:
+                continue  # tied to a name written already
+            seen.add(ident)
+        tensors[key] = value.to("cpu").contiguous()
+    return tensors
 
 
 def read_quantization_tag(path: str | os.PathLike) -> str | None:
