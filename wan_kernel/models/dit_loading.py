@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from wan_kernel.errors import InputError, PluginError, WeightsError
+from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.models.quantization import resolve_quantizer
 from wan_kernel.models.dit import WanDiT
 from wan_kernel.models.dit_config import MODEL_TYPE_WORDS, PRESETS, DiTConfig, infer_dit_config
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
@@ -97,29 +98,6 @@ def _resolve_attention(attention: str | Callable, manager) -> Callable:
     if callable(attention):
         return attention
     raise InputError(f"attention must be a backend name (e.g. 'sdpa') or a callable, got {attention!r}")
-
-
-def _resolve_quantizer(quant: Any, manager) -> Any:
-    if quant is None:
-        return None
-    if isinstance(quant, str):
-        from wan_kernel.plugins import resolve
-
-        quant = resolve("quantization", quant, manager=manager)
-    if not (
-        callable(getattr(quant, "convert_for_runtime", None))
-        and callable(getattr(quant, "quantize_state_dict", None))
-    ):
-        raise InputError(
-            f"quant must be a quantization plugin name (e.g. 'fp8') or a Quantizer, got {quant!r}"
-        )
-    targets = getattr(quant, "supported_targets", ("dit",))
-    if "dit" not in targets:
-        raise PluginError(
-            f"quantization {getattr(quant, 'name', quant)!r} does not support the DiT "
-            f"(it handles: {', '.join(targets)})"
-        )
-    return quant
 
 
 def _check_kind(path: Path, keys: list[str]) -> str:
@@ -307,7 +285,7 @@ def load_dit(
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
     attention_fn = _resolve_attention(attention, plugin_manager)
-    quantizer = _resolve_quantizer(quant, plugin_manager)
+    quantizer = resolve_quantizer(quant, target="dit", manager=plugin_manager)
 
     sd, config, layout = _read_dit(path, num_heads)
     if task is not None:

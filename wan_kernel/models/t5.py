@@ -28,6 +28,7 @@ import attrs
 import torch
 
 from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.models.quantization import resolve_quantizer
 from wan_kernel.models.weights import describe_keys, fold_fp8_scales, guess_model_kind, load_state_dict
 
 #: The official text length: every prompt is padded (or cut) to this many tokens.
@@ -236,30 +237,6 @@ def _default_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def _resolve_quantizer(quant: Any, manager) -> Any:
-    """A quantizer object for the T5 from a plugin name or an object (``None`` stays ``None``)."""
-    if quant is None:
-        return None
-    if isinstance(quant, str):
-        from wan_kernel.plugins import resolve
-
-        quant = resolve("quantization", quant, manager=manager)
-    if not (
-        callable(getattr(quant, "convert_for_runtime", None))
-        and callable(getattr(quant, "quantize_state_dict", None))
-    ):
-        raise InputError(
-            f"quant must be a quantization plugin name (e.g. 'fp8_t5') or a Quantizer, got {quant!r}"
-        )
-    targets = tuple(getattr(quant, "supported_targets", ("dit",)))
-    if "t5" not in targets:
-        raise InputError(
-            f"quantization {getattr(quant, 'name', quant)!r} handles the {', '.join(targets)}, not the "
-            "T5 text encoder; use fp8_t5 for the text encoder"
-        )
-    return quant
-
-
 def _check_state_keys(
     state: Mapping[str, torch.Tensor],
     expected: Mapping[str, torch.Tensor],
@@ -359,7 +336,7 @@ def load_t5(
         returns an output whose ``last_hidden_state`` is ``[B, L, dim]``.
     :raises InputError: ``quant`` is not a quantizer, or does not handle the text encoder.
     """
-    quantizer = _resolve_quantizer(quant, plugin_manager)
+    quantizer = resolve_quantizer(quant, target="t5", manager=plugin_manager)
     device = torch.device(device)
     raw = load_state_dict(path, what="T5 text encoder")
     state = t5_state_to_hf(raw, source=str(path))
