@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from wan_kernel import hookimpl
 from wan_kernel.interfaces import AttentionBackend, Availability
+from wan_kernel.machine import installed_torch_version
 
 
 class SdpaAttention(AttentionBackend):
@@ -19,15 +20,13 @@ class SdpaAttention(AttentionBackend):
 
     def availability(self) -> Availability:
         # Judged from the installed distribution, without importing torch (`wan plugins` stays fast).
-        import importlib.metadata
-
-        try:
-            version = importlib.metadata.version("torch")
-        except importlib.metadata.PackageNotFoundError:
+        version = installed_torch_version()
+        if version is None:
             return Availability.no("torch is not installed; pip install torch")
-        major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
-        if major < 2:
-            return Availability.no(f"torch {version} has no scaled_dot_product_attention; install torch>=2.0")
+        if version < (2, 0):
+            return Availability.no(
+                f"torch {version[0]}.{version[1]} has no scaled_dot_product_attention; install torch>=2.0"
+            )
         return Availability.yes()
 
     def __call__(self, q, k, v, k_lens=None):
