@@ -77,6 +77,13 @@ def _install_hint(distribution: str) -> str:
     return f"pip install {distribution} (or, from a checkout, pip install -e plugins/{folder})"
 
 
+def _provider_distributions(concern: str, name: str) -> set[str]:
+    """Normalised names of the distributions that would provide ``name`` (lower-case, stripped):
+    its first-party provider, the concern's own distribution, and ``wan-<concern>-<name>``."""
+    candidates = (FIRST_PARTY_PROVIDERS.get((concern, name)), CONCERN_DISTRIBUTIONS.get(concern))
+    return {_normalise(d) for d in (*candidates, f"wan-{concern}-{name}") if d}
+
+
 @attrs.define
 class PluginRecord:
     """One discovered plugin (an entry point), loaded or broken."""
@@ -374,9 +381,9 @@ class PluginManager:
         raise UnknownPluginError(concern, name, self.names(concern), self._unknown_hint(concern, name))
 
     def _unknown_hint(self, concern: str, name: str) -> str | None:
-        provider = FIRST_PARTY_PROVIDERS.get((concern, name.strip().lower()))
-        expected = {_normalise(d) for d in (provider, CONCERN_DISTRIBUTIONS.get(concern)) if d}
-        expected.add(_normalise(f"wan-{concern}-{name}"))
+        key = name.strip().lower()
+        provider = FIRST_PARTY_PROVIDERS.get((concern, key))
+        expected = _provider_distributions(concern, key)
         for skipped in self.skipped:
             if _normalise(skipped.distribution) in expected:
                 return f"{skipped.distribution} is installed but was skipped ({skipped.reason})."
@@ -403,12 +410,7 @@ class PluginManager:
 
     def _broken_provider(self, concern: str, name: str) -> PluginRecord | None:
         """The broken plugin that would have provided ``name``, judged by distribution naming."""
-        expected = {
-            FIRST_PARTY_PROVIDERS.get((concern, name)),
-            CONCERN_DISTRIBUTIONS.get(concern),
-            f"wan-{concern}-{name}",
-        }
-        expected = {_normalise(e) for e in expected if e}
+        expected = _provider_distributions(concern, name)
         entry_names = {_normalise(f"{concern}-{name}"), _normalise(name)}
         for record in self.broken():
             if _normalise(record.distribution) in expected or _normalise(record.name) in entry_names:
