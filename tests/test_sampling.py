@@ -291,6 +291,16 @@ def _field(x, t):
     return torch.tanh(0.5 * x) * (float(t) / 1000) + 0.1 * torch.cos(x) - 0.3 * x
 
 
+def _assert_denoise_matches(ref, solver, steps, *, seed):
+    """``denoise`` (shift 5) agrees with stepping the diffusers scheduler ``ref`` on ``_field``."""
+    x = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(seed))
+    expected = x.clone()
+    for t in ref.timesteps:
+        expected = ref.step(_field(expected, t), t, expected, return_dict=False)[0]
+    got = denoise(lambda y, t: _field(y, t[0]), x, solver=solver, steps=steps, shift=5.0)
+    assert torch.allclose(got, expected, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notice inside diffusers
 @pytest.mark.parametrize("steps", [1, 4, 10])
 def test_dpm_matches_diffusers_dpmsolver_multistep(steps):
@@ -303,12 +313,7 @@ def test_dpm_matches_diffusers_dpmsolver_multistep(steps):
     )
     ref.set_timesteps(steps)
     ref.sigmas, ref.timesteps = schedule.sigmas.clone(), schedule.timesteps.to(torch.int64)
-    x = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(3))
-    expected = x.clone()
-    for t in ref.timesteps:
-        expected = ref.step(_field(expected, t), t, expected, return_dict=False)[0]
-    got = denoise(lambda y, t: _field(y, t[0]), x, solver="dpm++", steps=steps, shift=5.0)
-    assert torch.allclose(got, expected, atol=1e-6, rtol=1e-6)
+    _assert_denoise_matches(ref, "dpm++", steps, seed=3)
 
 
 @pytest.mark.parametrize("steps", [1, 4, 10])
@@ -322,12 +327,7 @@ def test_unipc_matches_diffusers_unipc_multistep(steps):
     )
     ref.set_timesteps(steps)
     ref.sigmas, ref.timesteps = schedule.sigmas.clone(), schedule.timesteps.to(torch.int64)
-    x = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(4))
-    expected = x.clone()
-    for t in ref.timesteps:
-        expected = ref.step(_field(expected, t), t, expected, return_dict=False)[0]
-    got = denoise(lambda y, t: _field(y, t[0]), x, solver="unipc", steps=steps, shift=5.0)
-    assert torch.allclose(got, expected, atol=1e-6, rtol=1e-6)
+    _assert_denoise_matches(ref, "unipc", steps, seed=4)
 
 
 def test_euler_matches_diffusers_flow_match_euler_on_our_grid():
@@ -336,12 +336,7 @@ def test_euler_matches_diffusers_flow_match_euler_on_our_grid():
     ref = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     ref.set_timesteps(sigmas=schedule.sigmas[:-1].numpy())
     assert torch.allclose(ref.sigmas, schedule.sigmas)
-    x = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(5))
-    expected = x.clone()
-    for t in ref.timesteps:
-        expected = ref.step(_field(expected, t), t, expected, return_dict=False)[0]
-    got = denoise(lambda y, t: _field(y, t[0]), x, solver="euler", steps=6, shift=5.0)
-    assert torch.allclose(got, expected, atol=1e-6, rtol=1e-6)
+    _assert_denoise_matches(ref, "euler", 6, seed=5)
 
 
 def test_euler_step_is_the_plain_update():
