@@ -162,8 +162,8 @@ class LayerNorm(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class SelfAttention(nn.Module):
-    """Self-attention over the video tokens with qk RMSNorm (over the full width) and 3-D RoPE."""
+class _Projections(nn.Module):
+    """The ``q``/``k``/``v``/``o`` Linears and qk RMSNorms (over the full width) both attentions share."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
         super().__init__()
@@ -175,6 +175,10 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
         self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+
+
+class SelfAttention(_Projections):
+    """Self-attention over the video tokens with qk RMSNorm (over the full width) and 3-D RoPE."""
 
     def forward(
         self,
@@ -197,7 +201,7 @@ class SelfAttention(nn.Module):
         return self.o(out.flatten(2).to(dtype))  # [B, L, C]
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Projections):
     """Cross-attention to the text rows (unmasked), plus the image rows for i2v/flf2v models.
 
     The image branch has its own key/value projections (``k_img``/``v_img``, ``norm_k_img``);
@@ -207,15 +211,7 @@ class CrossAttention(nn.Module):
     def __init__(
         self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6, image: bool = False
     ):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps) if qk_norm else nn.Identity()
-        self.norm_k = RMSNorm(dim, eps) if qk_norm else nn.Identity()
+        super().__init__(dim, num_heads, qk_norm, eps)
         self.image = image
         if image:
             self.k_img = nn.Linear(dim, dim)
