@@ -40,7 +40,8 @@ from wan_kernel.models.dit_config import IMAGE_DIM, IMAGE_TOKENS, ROPE_MAX_POSIT
 AttentionFn = Callable[..., torch.Tensor]
 """``fn(q, k, v, k_lens=None)``: ``[B, Lq, H, D]`` x ``[B, Lk, H, D]`` -> ``[B, Lq, H, D]``."""
 
-_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes the DiT computes in (``load_dit(dtype=)`` accepts these; fp8 goes through ``quant=``)."""
 
 
 def _fp32_region(device: torch.device):
@@ -55,7 +56,7 @@ def _fp32_linear(layer: nn.Module, x: torch.Tensor, compute_dtype: torch.dtype) 
 
     Modules swapped in by a quantizer run as they are (in ``compute_dtype``), output made float32.
     """
-    if type(layer) is nn.Linear and layer.weight.dtype in _COMPUTE_DTYPES:
+    if type(layer) is nn.Linear and layer.weight.dtype in COMPUTE_DTYPES:
         bias = None if layer.bias is None else layer.bias.float()
         return F.linear(x.float(), layer.weight.float(), bias)
     return layer(x.to(compute_dtype)).float()
@@ -414,7 +415,7 @@ class WanDiT(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         """Dtype of the matmuls: that of ``patch_embedding.weight`` (bfloat16 if it is not a float type)."""
         dtype = self.patch_embedding.weight.dtype
-        return dtype if dtype in _COMPUTE_DTYPES else torch.bfloat16
+        return dtype if dtype in COMPUTE_DTYPES else torch.bfloat16
 
     def init_weights(self) -> None:
         """The official initialisation (Xavier linears, zero biases, N(0, .02) embeddings, zero head)."""

@@ -22,7 +22,7 @@ from torch import nn
 
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models.quantization import resolve_quantizer
-from wan_kernel.models.dit import WanDiT
+from wan_kernel.models.dit import COMPUTE_DTYPES, WanDiT
 from wan_kernel.models.dit_config import MODEL_TYPE_WORDS, PRESETS, DiTConfig, infer_dit_config
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
 from wan_kernel.models.weights import (
@@ -60,7 +60,6 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
-COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KEEP_FP32 = ("modulation",)
 """Parameters (by last name) kept in float32 whatever ``dtype`` is: the modulation tables are
 added to the float32 time embedding, as in the official code."""
