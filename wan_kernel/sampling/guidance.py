@@ -89,6 +89,7 @@ class CfgVelocity:
         self.step = 0
         self.forwards = 0
         self.applied: list[bool] = []  # per step taken: did guidance apply?
+        self._batched_args: dict[str, Any] | None = None  # cond and uncond joined, built once
 
     def reset(self) -> None:
         self.step = 0
@@ -118,11 +119,12 @@ class CfgVelocity:
         self.step += 1
         if apply and self.batched_cfg:
             batch = x.shape[0]
-            args = {
-                key: _merge_arg(key, self.cond_args[key], self.uncond_args[key])
-                for key in self.cond_args
-            }
-            out = self._forward(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), args)
+            if self._batched_args is None:  # the same every step: join the arguments once
+                self._batched_args = {
+                    key: _merge_arg(key, self.cond_args[key], self.uncond_args[key])
+                    for key in self.cond_args
+                }
+            out = self._forward(torch.cat([x, x], dim=0), torch.cat([t, t], dim=0), self._batched_args)
             return combine_cfg(out[:batch], out[batch:], self.guidance_scale)
         return guided_velocity(
             lambda: self._forward(x, t, self.cond_args),
