@@ -39,10 +39,6 @@ SCALINGS = ("none", "block", "channel")
 SCALE_KEY = "scale_weight"
 SCALE_TENSOR_KEY = "scale_weight_tensor"
 """musubi-tuner's second-level (per-tensor) factor of block scales; folded into ``scale_weight``."""
-DROPPED_SUFFIXES = (".scale_input",)
-"""ComfyUI's static activation scales: not used (activation scales are dynamic here)."""
-MARKER_KEYS = ("scaled_fp8",)
-"""ComfyUI's marker tensor of scaled-fp8 files; carries no weights."""
 
 METADATA_FORMAT = "wan_quant"
 """safetensors metadata key :func:`wan_quant_fp8.checkpoint.save_quantized` writes (value: the mode)."""

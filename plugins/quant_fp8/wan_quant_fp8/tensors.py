@@ -10,10 +10,9 @@ from collections.abc import Mapping
 import torch
 
 from wan_kernel.errors import WeightsError
+from wan_kernel.models.weights import dequantize_fp8_weight, fold_fp8_scales, fp8_weight_scale
 from wan_quant_fp8.scheme import (
-    DROPPED_SUFFIXES,
     FP8_MAX,
-    MARKER_KEYS,
     SCALE_FLOOR,
     SCALE_KEY,
     SCALE_TENSOR_KEY,
@@ -59,31 +58,12 @@ def quantize_weight(
 
 
 def dequantize_weight(
-    q: torch.Tensor, scale: torch.Tensor | None, *, dtype: torch.dtype = torch.float32
+    q: torch.Tensor, scale: torch.Tensor | None, *, dtype: torch.dtype = torch.float32, name: str = "weight"
 ) -> torch.Tensor:
-    """``q * scale`` as ``dtype`` ``[out, in]``; ``scale`` may be ``None``, ``[1]``/scalar, ``[out]``,
-    ``[out, 1]`` or block-wise ``[out, nb, 1]`` / ``[out, nb]`` (``in % nb == 0``)."""
-    out_features, in_features = q.shape
-    w = q.to(dtype) if dtype in (torch.float32, torch.bfloat16) else q.float()
-    if scale is None:
-        return w.to(dtype)
-    s = scale.to(device=w.device, dtype=w.dtype)
-    n = s.numel()
-    if n == 1:
-        w = w * s.reshape(())
-    elif n == out_features:
-        w = w * s.reshape(out_features, 1)
-    elif n % out_features == 0 and in_features % (n // out_features) == 0:
-        blocks = n // out_features
-        w = (w.view(out_features, blocks, in_features // blocks) * s.reshape(out_features, blocks, 1)).view(
-            out_features, in_features
-        )
-    else:
-        raise WeightsError(
-            f"scale of shape {list(scale.shape)} does not fit a weight [{out_features}, {in_features}]: "
-            "expected [1], [out, 1] or [out, in/block, 1]"
-        )
-    return w.to(dtype)
+    """``q * scale`` as ``dtype`` (computed in float32): the kernel's
+    :func:`~wan_kernel.models.weights.dequantize_fp8_weight`, which reads every scale layout
+    (``None``, ``[1]``/scalar, ``[out]``, ``[out, 1]``, block-wise ``[out, nb, 1]`` / ``[out, nb]``)."""
+    return dequantize_fp8_weight(q, scale, dtype=dtype, name=name)
 
 
 def adapt_prequantized(
@@ -117,16 +97,6 @@ def adapt_prequantized(
     return quantize_weight(dequantize_weight(q, s), scheme, name=name)
 
 
-def _total_scale(sd: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor | None:
-    scale = sd.get(f"{prefix}.{SCALE_KEY}")
-    factor = sd.get(f"{prefix}.{SCALE_TENSOR_KEY}")
-    if scale is None:
-        return None
-    if factor is not None:  # musubi's two-level block scales: total = block scale * tensor scale
-        scale = scale.float() * factor.float().reshape(())
-    return scale
-
-
 def _is_fp8(t: torch.Tensor) -> bool:
     return t.dtype == FP8 or t.dtype in _OTHER_FP8
 
@@ -147,8 +117,8 @@ def quantize_state_dict(
       brought into the scheme's layout (:func:`adapt_prequantized`);
     - ``P.bias`` unchanged.
 
-    Other tensors stay as they are, except fp8 tensors with a scale outside the quantized layers,
-    which are dequantized to float32. ComfyUI's ``scale_input`` and ``scaled_fp8`` marker, and
+    Other tensors stay as they are, except weights with a scale outside the quantized layers,
+    which are dequantized to float32 (:func:`wan_kernel.models.weights.fold_fp8_scales`). ComfyUI's ``scale_input`` and ``scaled_fp8`` marker, and
     musubi's ``scale_weight_tensor`` (folded in) are dropped. The input mapping is not modified.
     """
     device = torch.device(device)
@@ -163,7 +133,7 @@ def quantize_state_dict(
     for prefix in sorted(layer_prefixes):
         wkey = f"{prefix}.weight"
         weight = state_dict[wkey]
-        scale = _total_scale(state_dict, prefix)
+        scale = fp8_weight_scale(state_dict, prefix)
         consumed.update({wkey, f"{prefix}.{SCALE_KEY}", f"{prefix}.{SCALE_TENSOR_KEY}"})
         if weight.dtype == FP8:
             q, s = adapt_prequantized(weight.to(work), scale, scheme, name=wkey)
@@ -173,31 +143,11 @@ def quantize_state_dict(
         out[wkey] = q
         if s is not None:
             out[f"{prefix}.{SCALE_KEY}"] = s
-    for key, value in state_dict.items():
-        if key in consumed or key in MARKER_KEYS or key.endswith(DROPPED_SUFFIXES):
-            continue
-        if key.endswith((f".{SCALE_KEY}", f".{SCALE_TENSOR_KEY}")):
-            continue  # scales of layers kept in high precision: folded in below
-        if _is_fp8(value):
-            scale = _total_scale(state_dict, key[: -len(".weight")]) if key.endswith(".weight") else None
-            if scale is not None:
-                value = _dequantize_any(value, scale)
-        out[key] = value
+    # the rest, scales of layers kept in high precision folded in (float32), as the kernel's
+    # loader does without quantization
+    rest = {key: value for key, value in state_dict.items() if key not in consumed}
+    out.update(fold_fp8_scales(rest, {}, torch.float32))
     return out
-
-
-def _dequantize_any(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float32 ``value * scale`` for a tensor of any rank (scale per tensor or per first dim)."""
-    if value.ndim == 2:
-        return dequantize_weight(value, scale)
-    s = scale.float().to(value.device)
-    if s.numel() == 1:
-        return value.float() * s.reshape(())
-    if s.numel() == value.shape[0]:
-        return value.float() * s.reshape(value.shape[0], *([1] * (value.ndim - 1)))
-    raise WeightsError(
-        f"scale of shape {list(scale.shape)} does not fit a tensor of shape {list(value.shape)}"
-    )
 
 
 def merge_before_quantize(
@@ -224,8 +174,7 @@ def merge_before_quantize(
                 f"LoRA delta for {key!r} has shape {list(delta.shape)}, the weight has {list(weight.shape)}"
             )
         prefix = key.removesuffix(".weight")
-        total = _total_scale(merged, prefix)
-        base = dequantize_weight(weight, total) if (total is not None or _is_fp8(weight)) else weight.float()
+        base = dequantize_weight(weight, fp8_weight_scale(merged, prefix), name=key)  # float32
         merged.pop(f"{prefix}.{SCALE_KEY}", None)
         merged.pop(f"{prefix}.{SCALE_TENSOR_KEY}", None)
         keep = torch.bfloat16 if _is_fp8(weight) else weight.dtype  # quantized again right after
