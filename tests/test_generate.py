@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,3 +248,38 @@ def test_bad_requests_are_input_errors(make, tmp_path):
         with pytest.raises(InputError, match=message):
             make(**overrides)[0].run()
     assert not (tmp_path / "out").exists()
+
+
+FIXTURE_DIT = Path(__file__).resolve().parents[2] / "shared/fixtures/wan21_reference/dit_t2v/weights.safetensors"
+
+
+@pytest.mark.skipif(not FIXTURE_DIT.is_file(), reason="reference fixtures not found")
+@pytest.mark.parametrize("quant", [None, "fp8_scaled"])
+def test_lora_weights_reach_the_dit_as_load_dit_merges_them(tmp_path, quant):
+    """--lora_weight with the file models: the DiT the pipeline builds is load_dit(loras=) itself
+    (merged before the quantizer with --quant), and one summary line per LoRA is logged."""
+    if quant is not None:
+        pytest.importorskip("wan_quant_fp8")
+    from safetensors.torch import save_file
+
+    from wan_kernel.models.dit_loading import load_dit
+
+    gen = torch.Generator().manual_seed(0)
+    lora = {
+        "lora_unet_blocks_1_ffn_0.lora_down.weight": torch.randn(4, 64, generator=gen) * 0.1,
+        "lora_unet_blocks_1_ffn_0.lora_up.weight": torch.randn(128, 4, generator=gen) * 0.1,
+    }
+    save_file(lora, tmp_path / "lora.safetensors")
+    lines: list[str] = []
+    config = GenerateConfig(
+        dit=str(FIXTURE_DIT), t5=str(FIXTURE_DIT), output_type="latent", device="cpu", quant=quant,
+        dit_dtype="float32", lora_weights=[str(tmp_path / "lora.safetensors")], lora_multipliers=[0.5],
+    )  # fmt: skip
+    pipeline = GenerationPipeline(config, log=lines.append).setup()
+    got = pipeline._prepare_dit().state_dict()
+    specs = [{"path": tmp_path / "lora.safetensors", "multiplier": 0.5}]
+    want = load_dit(FIXTURE_DIT, dtype=torch.float32, quant=quant, loras=specs).state_dict()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key].float(), want[key].float()), key
+    assert sum("lora.safetensors" in line and "merged into 1 module" in line for line in lines) == 1

@@ -298,8 +298,7 @@ class FileModels(ModelSource):
             self._info = ModelInfo(config.model_type, config.dim, config.num_layers, config.describe())
         return self._info
 
-    def load_dit(self, *, device, dtype, attention, quant, loras=None, log=None):
-        """``loras``: merged into the state dict while loading, before ``quant`` quantizes it."""
+    def load_dit(self, *, device, dtype, attention, quant):
         from wan_kernel.models.dit_loading import load_dit
 
         return load_dit(
@@ -309,8 +308,6 @@ class FileModels(ModelSource):
             num_heads=self.config.num_heads,
             quant=quant,
             attention=attention,
-            loras=loras,
-            log=log,
             plugin_manager=self.plugin_manager,
         )
 
@@ -746,22 +743,20 @@ class GenerationPipeline:
         offload = self.offloader is not None
         quant = self.quantizer
         lora_specs = self._lora_specs()
-        extra: dict[str, Any] = {}
         if lora_specs and quant is not None:
             # merge into the high-precision weights while loading, before they are quantized
-            if isinstance(self.models, FileModels):
-                extra = {"loras": lora_specs, "log": self.log}
-            else:
-                quant = self._lora_module().merging_quantizer(quant, lora_specs)
+            quant = self._lora_module().merging_quantizer(quant, lora_specs)
         dit = self.models.load_dit(
             device=torch.device("cpu") if offload else self.device,
             dtype=self.dit_dtype,
             attention=self.attention,
             quant=quant,
-            **extra,
         )
         if lora_specs and self.quantizer is None:
             dit = self._lora_module().apply_loras(dit, lora_specs, log=self.log)
+        elif lora_specs:
+            for report in quant.reports:
+                self.log(report.summary())
         if offload:
             for name, child in dit.named_children():
                 if name != "blocks":
