@@ -36,7 +36,7 @@ from torch import nn
 from wan_kernel.errors import InputError
 from wan_kernel.interfaces import BlockRunner
 
-from .schedule import BACKWARD, FORWARD, Load, SwapSchedule
+from .schedule import BACKWARD, FORWARD, SwapSchedule
 
 ALIGN = 256
 """Byte alignment of every tensor inside the flat buffers (enough for vectorised kernels)."""
@@ -102,7 +102,7 @@ class _Entry:
 class _HostBlock:
     """A streamed block's frozen tensors, packed into one flat host buffer."""
 
-    def __init__(self, block: nn.Module, index: int, pin_memory: bool):
+    def __init__(self, block: nn.Module, pin_memory: bool):
         layout, offset = [], 0
         for name, tensor in _frozen_tensors(block):
             layout.append(_Entry(name, tensor, offset))
@@ -267,7 +267,7 @@ class BlockSwapRunner(BlockRunner):
                 host = self._host.get(index)
                 # new, or its weights were changed or moved since release()
                 if host is None or not host.still_current(self.blocks[index]):
-                    self._host[index] = _HostBlock(self.blocks[index], index, self.pin_memory)
+                    self._host[index] = _HostBlock(self.blocks[index], self.pin_memory)
                 for param in _trainable(self.blocks[index]):
                     _move(param, self.device)
             self._allocate_slots()
@@ -408,13 +408,6 @@ class BlockSwapRunner(BlockRunner):
         self._slots[slot] = index
         self.copies += 1
         self.bytes_copied += host.nbytes
-
-    def plan_load(self, index: int) -> Load:
-        """The :class:`Load` that bringing ``index`` in now would be (for inspection and tests)."""
-        slot = self.schedule.slot_of(index)
-        if slot is None:
-            raise ValueError(f"block {index} is pinned on the device; it is never loaded")
-        return Load(index, slot, self._slots[slot])
 
 
 def move_except_blocks(model: nn.Module, blocks: Sequence[nn.Module], device: torch.device | str) -> None:
