@@ -15,7 +15,9 @@ from wan_kernel.models.weights import (
     dequantize_fp8_weight,
     fold_fp8_scales,
     fp8_weight_scale,
+    float_elements_by_dtype,
     guess_model_kind,
+    key_mismatch,
     load_pth,
     load_safetensors,
     load_state_dict,
@@ -167,6 +169,20 @@ def test_strip_prefix_and_config_beside(tmp_path):
 )
 def test_guess_model_kind(keys, kind):
     assert guess_model_kind(keys) == kind
+
+
+def test_key_mismatch_and_float_elements_by_dtype():
+    expected = {"a.weight": 0, "b.weight": 0, "c.bias": 0}
+    assert key_mismatch(expected, ["a.weight", "b.weight", "c.bias"]) == ""
+    assert key_mismatch(expected, ["a.weight", "z.extra"]) == "missing b.weight, c.bias; unexpected z.extra"
+    assert key_mismatch(expected, ["a.weight", "z.extra"], missing_only=True) == "missing b.weight, c.bias"
+    assert key_mismatch(expected, [*expected, "z.extra"], missing_only=True) == ""
+    assert float_elements_by_dtype(tensors()) == {
+        torch.float32: 12,
+        torch.bfloat16: 5,
+        torch.float16: 4,
+        torch.float8_e4m3fn: 8,
+    }
 
 
 # ---- scaled fp8 -----------------------------------------------------------------------------

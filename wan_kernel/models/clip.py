@@ -32,7 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_kernel.errors import InputError, WeightsError
-from wan_kernel.models.weights import config_beside, describe_keys, guess_model_kind, load_state_dict
+from wan_kernel.models.weights import (
+    config_beside,
+    describe_keys,
+    guess_model_kind,
+    key_mismatch,
+    load_state_dict,
+)
 
 #: OpenAI CLIP normalisation the official ``CLIPModel.visual`` applies.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -403,20 +409,9 @@ def load_clip_vision(
         raise WeightsError(f"{source}: weights are stored as {dtype}; pass a float dtype=")
     with torch.device("meta"):
         model = ClipVisionTower(spec, attention)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise WeightsError(
-            f"{source}: CLIP vision tensors do not fit the architecture: "
-            + "; ".join(
-                p
-                for p in (
-                    missing and f"missing {describe_keys(missing)}",
-                    unexpected and f"unexpected {describe_keys(unexpected)}",
-                )
-                if p
-            )
-        )
+    mismatch = key_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise WeightsError(f"{source}: CLIP vision tensors do not fit the architecture: {mismatch}")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True, assign=True)

@@ -28,6 +28,7 @@ from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_s
 from wan_kernel.models.weights import (
     config_beside,
     describe_keys,
+    float_elements_by_dtype,
     fold_fp8_scales,
     guess_model_kind,
     load_state_dict,
@@ -81,10 +82,7 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def _file_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
     """The dtype holding most of the floating-point elements; fp8 and others map to bfloat16."""
-    counts: dict[torch.dtype, int] = {}
-    for t in sd.values():
-        if t.is_floating_point():
-            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    counts = float_elements_by_dtype(sd)
     dominant = max(counts, key=counts.get) if counts else torch.bfloat16
     return dominant if dominant in COMPUTE_DTYPES else torch.bfloat16
 

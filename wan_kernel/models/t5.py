@@ -29,7 +29,14 @@ import torch
 
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models.quantization import resolve_quantizer
-from wan_kernel.models.weights import describe_keys, fold_fp8_scales, guess_model_kind, load_state_dict
+from wan_kernel.models.weights import (
+    describe_keys,
+    float_elements_by_dtype,
+    fold_fp8_scales,
+    guess_model_kind,
+    key_mismatch,
+    load_state_dict,
+)
 
 #: The official text length: every prompt is padded (or cut) to this many tokens.
 TEXT_LEN = 512
@@ -228,10 +235,7 @@ def infer_t5_spec(state: Mapping[str, torch.Tensor], *, source: str = "weights")
 
 def _default_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
     """The dtype most weight values are stored in; files with fp8 weights compute in bfloat16."""
-    counts: dict[torch.dtype, int] = {}
-    for v in state.values():
-        if v.is_floating_point():
-            counts[v.dtype] = counts.get(v.dtype, 0) + v.numel()
+    counts = float_elements_by_dtype(state)
     if any(d in _FP8 for d in counts):
         return torch.bfloat16
     return max(counts, key=counts.get) if counts else torch.float32
@@ -244,15 +248,9 @@ def _check_state_keys(
     *,
     missing_only=False,
 ) -> None:
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = [] if missing_only else sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {describe_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {describe_keys(unexpected)}")
-        raise WeightsError(f"{source}: the umt5 encoder tensors do not match its shape: {'; '.join(parts)}")
+    mismatch = key_mismatch(expected, state, missing_only=missing_only)
+    if mismatch:
+        raise WeightsError(f"{source}: the umt5 encoder tensors do not match its shape: {mismatch}")
 
 
 def build_t5(

@@ -231,6 +231,27 @@ def describe_keys(keys: Iterable[str], limit: int = 5) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def key_mismatch(expected: Iterable[str], present: Iterable[str], *, missing_only: bool = False) -> str:
+    """``missing a, b; unexpected c`` (samples by :func:`describe_keys`) for a loader's error
+    message; empty when every expected name is present (and, unless ``missing_only``, no other)."""
+    expected, present = set(expected), set(present)
+    parts = []
+    if missing := expected - present:
+        parts.append(f"missing {describe_keys(missing)}")
+    if not missing_only and (unexpected := present - expected):
+        parts.append(f"unexpected {describe_keys(unexpected)}")
+    return "; ".join(parts)
+
+
+def float_elements_by_dtype(state: Mapping[str, torch.Tensor]) -> dict[torch.dtype, int]:
+    """How many floating-point values ``state`` stores in each dtype (for a loader's default dtype)."""
+    counts: dict[torch.dtype, int] = {}
+    for t in state.values():
+        if t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return counts
+
+
 def guess_model_kind(keys: Iterable[str]) -> str:
     """What a set of tensor names looks like, for 'this is not a ... file' messages."""
     keys = list(keys)
