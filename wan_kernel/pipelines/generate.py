@@ -39,6 +39,7 @@ import attrs
 import torch
 
 from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.models.quantization import resolve_quantizer
 from wan_kernel.pipelines import media
 from wan_kernel.pipelines.conditioning import ImageConditioning, encode_conditioning
 from wan_kernel.pipelines.prompts import PromptSpec
@@ -346,12 +347,7 @@ class FileModels(ModelSource):
 
 def quantize_module(model: torch.nn.Module, quantizer, *, target: str, device) -> torch.nn.Module:
     """Quantize a loaded model in place through a quantization plugin (used for ``--fp8_t5``)."""
-    targets = getattr(quantizer, "supported_targets", ("dit",))
-    if target not in targets:
-        raise InputError(
-            f"quantization {getattr(quantizer, 'name', quantizer)!r} cannot quantize the {target.upper()} "
-            f"(it handles: {', '.join(targets)})"
-        )
+    quantizer = resolve_quantizer(quantizer, target=target)
     state = model.state_dict()
     model = quantizer.convert_for_runtime(model, target=target)
     state = quantizer.quantize_state_dict(state, target=target, device=device)
@@ -458,10 +454,9 @@ class GenerationPipeline:
     # -- set-up -------------------------------------------------------------------------------
 
     def _resolve(self, concern: str, name: str):
-        from wan_kernel.plugins import get_plugin_manager
+        from wan_kernel.plugins import resolve
 
-        manager = self.plugin_manager or get_plugin_manager()
-        return manager.get(concern, name)
+        return resolve(concern, name, manager=self.plugin_manager)
 
     def setup(self) -> "GenerationPipeline":
         """Resolve the device, the plugins and the task; check the inputs the stages will need."""
@@ -481,18 +476,9 @@ class GenerationPipeline:
         # plugins: resolved once here, called directly in the loop
         self.attention = self._resolve("attention", cfg.attn)
         self.cfg_schedule = self._resolve("cfg_schedule", cfg.cfg_skip_mode)
-        self.quantizer = self._resolve("quantization", cfg.quant) if cfg.quant else None
-        self.t5_quantizer = self._resolve("quantization", cfg.t5_quant) if cfg.t5_quant else None
-        for quantizer, target, option in (
-            (self.quantizer, "dit", "--quant"),
-            (self.t5_quantizer, "t5", "--t5_quant"),
-        ):
-            targets = getattr(quantizer, "supported_targets", ("dit",))
-            if quantizer is not None and target not in targets:
-                raise InputError(
-                    f"{option} {quantizer.name}: this quantization handles the {', '.join(targets)}, not the "
-                    f"{target.upper()}" + (" (for the T5 use --fp8_t5)" if target == "t5" else "")
-                )
+        # checked now against the model each one is for (the loaders check again, at no cost)
+        self.quantizer = resolve_quantizer(cfg.quant, target="dit", manager=self.plugin_manager)
+        self.t5_quantizer = resolve_quantizer(cfg.t5_quant, target="t5", manager=self.plugin_manager)
         offload = cfg.offload or ("blockswap" if cfg.blocks_to_swap else None)
         if offload and self.device.type != "cuda":
             raise InputError(
