@@ -810,15 +810,8 @@ def load_dit_with_loras(
     log: Callable[[str], None] | None = None,
     **load_kwargs: Any,
 ) -> nn.Module:
-    """``load_dit(path, quant=quant, **load_kwargs)`` with LoRAs merged (before quantization if ``quant``)."""
+    """``load_dit(path, quant=quant, loras=specs, log=log, **load_kwargs)``: LoRAs merged while
+    loading (before quantization if ``quant``)."""
     from wan_kernel.models.dit_loading import load_dit
 
-    specs = [LoraSpec.coerce(s) for s in specs]
-    if quant is None:
-        return apply_loras(load_dit(path, **load_kwargs), specs, log=log)
-    merging = merging_quantizer(quant, specs)
-    model = load_dit(path, quant=merging, **load_kwargs)
-    if log is not None:
-        for report in merging.reports:
-            log(report.summary())
-    return model
+    return load_dit(path, quant=quant, loras=specs, log=log, **load_kwargs)
