@@ -289,55 +289,23 @@ def generate(ctx: click.Context, **options) -> None:
     run_generate(ctx, options)
 
 
-def _build_config(ctx: click.Context, options: dict):
+def _build_config(options: dict):
+    """The :class:`GenerateConfig` of the parsed options: same-named options are passed as they
+    are; the seed's spellings (--fp8*, --fp8_t5, vanilla, singular --lora_*) are translated."""
+    import attrs
+
     from wan_kernel.pipelines.generate import GenerateConfig
 
-    quant = _quant_choice(options["quant"], options["fp8"], options["fp8_scaled"], options["fp8_fast"])
-    t5_quant = options["t5_quant"] or ("fp8_t5" if options["fp8_t5"] else None)
-    return GenerateConfig(
-        prompt=options["prompt"],
-        negative_prompt=options["negative_prompt"],
-        task=options["task"],
-        video_size=options["video_size"],
-        video_length=options["video_length"],
-        fps=options["fps"],
-        infer_steps=options["infer_steps"],
-        flow_shift=options["flow_shift"],
-        guidance_scale=options["guidance_scale"],
+    fields = {field.name for field in attrs.fields(GenerateConfig)}
+    values = {name: value for name, value in options.items() if name in fields}
+    values.update(
+        quant=_quant_choice(options["quant"], options["fp8"], options["fp8_scaled"], options["fp8_fast"]),
+        t5_quant=options["t5_quant"] or ("fp8_t5" if options["fp8_t5"] else None),
         sample_solver="euler" if options["sample_solver"] == "vanilla" else options["sample_solver"],
-        seed=options["seed"],
-        cpu_noise=options["cpu_noise"],
-        image_path=options["image_path"],
-        end_image_path=options["end_image_path"],
-        image_background=options["image_background"],
-        trim_tail_frames=options["trim_tail_frames"],
-        cfg_skip_mode=options["cfg_skip_mode"],
-        cfg_apply_ratio=options["cfg_apply_ratio"],
-        output_type=options["output_type"],
-        save_path=options["save_path"],
-        latent_path=options["latent_path"],
-        no_metadata=options["no_metadata"],
-        dit=options["dit"],
-        vae=options["vae"],
-        t5=options["t5"],
-        clip=options["clip"],
-        t5_tokenizer=options["t5_tokenizer"],
-        num_heads=options["num_heads"],
-        dit_dtype=options["dit_dtype"],
-        vae_dtype=options["vae_dtype"],
-        attn=options["attn"],
-        quant=quant,
-        t5_quant=t5_quant,
-        offload=options["offload"],
-        blocks_to_swap=options["blocks_to_swap"],
-        compile=options["compile"],
-        vae_cache_cpu=options["vae_cache_cpu"],
-        device=options["device"],
         lora_weights=options["lora_weight"],
         lora_multipliers=options["lora_multiplier"],
-        include_patterns=options["include_patterns"],
-        exclude_patterns=options["exclude_patterns"],
     )
+    return GenerateConfig(**values)
 
 
 def _apply_demo_preset(ctx: click.Context, config) -> None:
@@ -372,7 +340,7 @@ def run_generate(ctx: click.Context, options: dict) -> None:
     from wan_kernel.pipelines.generate import GenerationPipeline
     from wan_kernel.pipelines.prompts import read_prompt_file
 
-    config = _build_config(ctx, options)
+    config = _build_config(options)
     modes = [name for name in ("prompt", "from_file", "interactive", "latent_path") if options[name]]
     if len(modes) > 1:
         raise InputError(
