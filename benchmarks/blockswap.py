@@ -30,14 +30,12 @@ import json
 import platform
 import statistics
 import sys
-import time
 
-import attrs
 import torch
+from _common import latent_grid, random_dit, timed
 
 from wan_kernel.models.dit import WanDiT
 from wan_kernel.models.dit_config import PRESETS, DiTConfig
-from wan_kernel.models.dit_loading import KEEP_FP32
 from wan_offload_blockswap import BlockSwapOffloader
 from wan_offload_blockswap.runner import move_except_blocks
 
@@ -62,39 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def latent_grid(size: str) -> tuple[int, int, int]:
-    try:
-        w, h, f = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        sys.exit(f"--sizes: expected WxHxF such as 832x480x81, got {size!r}")
-    if w % 16 or h % 16 or (f - 1) % 4:
-        sys.exit(f"--sizes {size}: W and H must be multiples of 16 and F of the form 4k+1")
-    return (f - 1) // 4 + 1, h // 8, w // 8
-
-
 @torch.no_grad()
 def build_model(cfg: DiTConfig, device: torch.device, fmt: str, seed: int) -> WanDiT:
     """A DiT on ``device`` in bf16 (modulation fp32, as ``load_dit`` keeps it) with random weights."""
-    from wan_attention_sdpa import SdpaAttention
-
-    with torch.device("meta"):
-        model = WanDiT(cfg, attention=SdpaAttention())
-    model = model.to(torch.bfloat16).to_empty(device=device)  # allocate bf16 directly (14B: 28 GB, not 56)
-    for module in model.modules():
-        for name in KEEP_FP32:
-            if isinstance(module._parameters.get(name), torch.nn.Parameter):
-                module._parameters[name] = torch.nn.Parameter(module._parameters[name].float())
-    g = torch.Generator(device=device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32)
-        if p.ndim == 1 and name.endswith("weight"):
-            noise = 1 + 0.1 * noise
-        elif name.endswith("bias") or "modulation" in name:
-            noise = 0.1 * noise
-        else:
-            noise = noise / (p[0].numel() if p.ndim > 1 else p.numel()) ** 0.5
-        p.copy_(noise.to(p.dtype))
-        del noise
+    model = random_dit(cfg, device, torch.bfloat16, seed)
     if fmt == "fp8_scaled":
         from wan_quant_fp8.checkpoint import quantize_model
 
@@ -133,25 +102,19 @@ def step_fn(model: WanDiT, inputs: dict, mode: str):
 
 
 def measure(step, runs: int, warmup: int, device: torch.device) -> dict:
+    """Median and peak GPU memory of ``runs`` steps after ``warmup`` (peak from the first timed one)."""
+    timed(step, 0, warmup, device)
     cuda = device.type == "cuda"
-    times, out = [], None
-    for i in range(warmup + runs):
-        if cuda:
-            torch.cuda.synchronize(device)
-            if i == warmup:
-                torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        out = step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    times, out = timed(step, runs, 0, device)
     peak = torch.cuda.max_memory_allocated(device) if cuda else 0
     return {"median_s": statistics.median(times), "times_s": times, "peak_bytes": peak, "output": out}
 
 
 def run_case(cfg, cfg_name, size, fmt, swaps, args, device) -> list[dict]:
-    grid = latent_grid(size)
+    grid = latent_grid(size, "--sizes")
     model = build_model(cfg, device, fmt, args.seed)
     if args.mode == "train":
         model.enable_gradient_checkpointing(True)

@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
-import time
 
 import torch
+from _common import latent_grid, random_dit, timed
 
 from wan_kernel.models.dit import WanDiT
 from wan_kernel.models.dit_config import PRESETS, DiTConfig
 from wan_kernel.models.dit_keys import diffusers_config, dit_state_dict_to
-from wan_kernel.models.dit_loading import KEEP_FP32, resolve_dtype
+from wan_kernel.models.dit_loading import resolve_dtype
 
 TINY = DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64)
 DEFAULT_SIZES = {"tiny": "64x64x9", "1.3B": "832x480x81", "14B": "832x480x81"}
@@ -58,45 +57,6 @@ def model_config(name: str, model_type: str) -> DiTConfig:
 
     base = TINY if name == "tiny" else PRESETS["t2v-1.3B" if name == "1.3B" else "t2v-14B"]
     return attrs.evolve(base, model_type=model_type, in_dim=16 if model_type == "t2v" else 36)
-
-
-def latent_shape(size: str) -> tuple[int, int, int]:
-    try:
-        w, h, f = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        sys.exit(f"--size must be WxHxF, e.g. 832x480x81; got {size!r}")
-    if w % 16 or h % 16 or (f - 1) % 4:
-        sys.exit(f"--size {size}: W and H must be multiples of 16 and F of the form 4k+1")
-    return (f - 1) // 4 + 1, h // 8, w // 8
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Non-trivial weights (the official init zeroes the head and biases), drawn on the model's device."""
-    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
-        if p.ndim == 1 and name.endswith("weight"):
-            noise = 1 + 0.1 * noise
-        elif name.endswith("bias") or "modulation" in name or "emb_pos" in name:
-            noise = 0.1 * noise
-        else:
-            noise = noise / (p[0].numel() if p.ndim > 1 else p.numel()) ** 0.5
-        p.copy_(noise.to(p.dtype))
-
-
-def build_ours(cfg: DiTConfig, device: torch.device, dtype: torch.dtype, seed: int) -> WanDiT:
-    from wan_attention_sdpa import SdpaAttention
-
-    with torch.device("meta"):
-        model = WanDiT(cfg, attention=SdpaAttention())
-    model = model.to_empty(device=device).to(dtype)
-    for module in model.modules():  # as load_dit does: modulation tables stay float32
-        for name in KEEP_FP32:
-            if isinstance(module._parameters.get(name), torch.nn.Parameter):
-                module._parameters[name] = torch.nn.Parameter(module._parameters[name].float())
-    randomize_(model, seed)
-    return model.eval().requires_grad_(False)
 
 
 def build_diffusers(ours: WanDiT, device: torch.device):
@@ -130,31 +90,16 @@ def make_inputs(cfg: DiTConfig, batch: int, grid: tuple[int, int, int], device, 
     return inputs
 
 
-def timed(fn, runs: int, warmup: int, device: torch.device) -> tuple[list[float], torch.Tensor]:
-    out = None
-    times = []
-    for i in range(warmup + runs):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times, out
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     dtype = resolve_dtype(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = model_config(args.config, args.model_type)
-    grid = latent_shape(args.size or DEFAULT_SIZES[args.config])
+    grid = latent_grid(args.size or DEFAULT_SIZES[args.config])
     tokens = grid[0] * (grid[1] // 2) * (grid[2] // 2)
     torch.manual_seed(args.seed)
 
-    ours = build_ours(cfg, device, dtype, args.seed)
+    ours = random_dit(cfg, device, dtype, args.seed)
     ours.enable_gradient_checkpointing(args.checkpointing)
     inputs = make_inputs(cfg, args.batch, grid, device, args.seed)
     ctx_padded = torch.zeros(args.batch, cfg.text_len, cfg.text_dim, device=device)

@@ -22,10 +22,10 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from _common import latent_grid, timed
 from wan_quant_fp8 import Fp8FastQuantizer, Fp8Quantizer, Fp8ScaledQuantizer
 from wan_quant_fp8.testing import randomize_, relative_error, state_bytes
 
@@ -52,28 +52,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_time(fn, device: torch.device, runs: int, warmup: int) -> float:
     """Median seconds of ``fn()`` over ``runs`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, runs, warmup, device)[0])
 
 
 def build_inputs(config: DiTConfig, size: str, device: torch.device, seed: int):
-    w, h, frames = (int(v) for v in size.lower().split("x"))
-    latent = (1, config.in_dim, (frames - 1) // 4 + 1, h // 8, w // 8)  # [B, C, F, H, W]
+    latent = (1, config.in_dim, *latent_grid(size))  # [B, C, F, H, W]
     g = torch.Generator(device=device).manual_seed(seed + 1)
     x = torch.randn(latent, generator=g, device=device)
     t = torch.tensor([700.0], device=device)
