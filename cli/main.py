@@ -48,6 +48,10 @@ RUN_COMMANDS: dict[str, LazyCommand] = {
         "wan_cli.generate:generate",
         "Generate videos with a Wan2.1 model (text-, image- and first-last-frame-to-video).",
     ),
+    "train": LazyCommand(
+        "wan_cli.train:train",
+        "Train a LoRA for a Wan2.1 DiT from cached latents and text embeddings.",
+    ),
 }
 """``wan run`` subcommands: name -> where it lives and its one-line help (shown without importing it)."""
 

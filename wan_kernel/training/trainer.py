@@ -563,17 +563,17 @@ class Trainer:
         start = time.time()
         losses: list[float] = []
         recent: list[float] = []
+        self.log(
+            f"{self.data.num_items} items, {self.batches_per_epoch} batches per epoch and process, "
+            f"{self.steps_per_epoch} steps per epoch, {self.max_steps} steps ({self.num_epochs} epochs), "
+            f"{acc.num_processes} process(es)"
+        )
         progress = tqdm(
             total=self.max_steps,
             initial=self.global_step,
             disable=not (self.is_main and cfg.show_progress),
             desc="steps",
             dynamic_ncols=True,
-        )
-        self.log(
-            f"{self.data.num_items} items, {self.batches_per_epoch} batches per epoch and process, "
-            f"{self.steps_per_epoch} steps per epoch, {self.max_steps} steps ({self.num_epochs} epochs), "
-            f"{acc.num_processes} process(es)"
         )
         if cfg.sample_at_first and self.sample_hook is not None and self.resumed_from is None:
             self.sample_hook(self, epoch=0, step=0)
