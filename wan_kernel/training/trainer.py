@@ -247,6 +247,7 @@ class Trainer:
         handlers = [DistributedDataParallelKwargs(find_unused_parameters="module_dropout" in net_args)]
         try:
             return Accelerator(
+                cpu=not torch.cuda.is_available(),  # lets torchrun/gloo start several CPU processes
                 mixed_precision=config.mixed_precision,
                 log_with=_log_with(config),
                 project_dir=str(config.logging_dir) if config.logging_dir else None,
