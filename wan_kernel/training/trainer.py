@@ -240,11 +240,16 @@ class Trainer:
 
     def _make_accelerator(self):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
         from accelerate.utils import DistributedDataParallelKwargs
 
         config = self.config
         net_args = " ".join(config.network_args)
         handlers = [DistributedDataParallelKwargs(find_unused_parameters="module_dropout" in net_args)]
+        # one run per Accelerator: forget the settings of an earlier run in this process (the
+        # process group, PartialState, is kept)
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         try:
             return Accelerator(
                 cpu=not torch.cuda.is_available(),  # lets torchrun/gloo start several CPU processes

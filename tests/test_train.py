@@ -1,0 +1,449 @@
+"""LoRA training (``wan_kernel.training``, ``wan run train``) on a tiny random DiT and tiny caches."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from wan_kernel.errors import InputError
+from wan_kernel.testing.training import write_tiny_caches, write_tiny_dit
+from wan_kernel.training.config import TrainConfig
+from wan_kernel.training.trainer import Trainer, TrainingStopped, train
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = lambda message: None  # noqa: E731
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run far faster on one thread (and CI has two cores shared by everything)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_tiny_dit(root / "dit.safetensors")
+    write_tiny_dit(root / "i2v.safetensors", "i2v")
+    write_tiny_caches(root / "cache", 5)
+    write_tiny_caches(root / "cache_i2v", 2, image="i2v")
+    (root / "dataset.toml").write_text(
+        '[general]\nresolution = [32, 32]\nbatch_size = 2\n\n[[datasets]]\nimage_directory = "img"\n'
+        'cache_directory = "cache"\nnum_repeats = 1\n'
+    )
+    return root
+
+
+def _config(files: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(
+        dit=files / "dit.safetensors",
+        cache_directories=[files / "cache"],
+        batch_size=2,
+        output_dir=out,
+        output_name="t",
+        network_dim=4,
+        network_alpha=2.0,
+        learning_rate=1e-2,
+        max_train_steps=4,
+        seed=3,
+        timestep_sampling="shift",
+        discrete_flow_shift=3.0,
+        show_progress=False,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _setup(config: TrainConfig) -> Trainer:
+    trainer = Trainer(config, log=QUIET)
+    trainer.setup()
+    return trainer
+
+
+# --------------------------------------------------------------------------------------------
+# The objective
+# --------------------------------------------------------------------------------------------
+
+
+def test_one_step_loss_and_lora_gradients_match_a_hand_written_flow_matching_step(files, tmp_path):
+    from wan_kernel.models import load_dit
+    from wan_kernel.training.data import load_batch
+
+    trainer = _setup(_config(files, tmp_path, weighting_scheme="cosmap", mixed_precision="no"))
+    torch.manual_seed(0)
+    for lora in trainer.network.loras.values():  # a non-zero LoRA, so both factors get gradients
+        torch.nn.init.normal_(lora.lora_up.weight, std=0.1)
+    batch = load_batch(trainer.data.all_items()[:2])
+    loss = trainer.batch_loss(batch, torch.Generator().manual_seed(7))
+    loss.backward()
+
+    # by hand: the same draws, the LoRA merged into plain weights W + (alpha / r) up @ down
+    g = torch.Generator().manual_seed(7)
+    x0 = batch["latents"].float()
+    noise = torch.randn(x0.shape, generator=g)
+    t = trainer.sampler.sample(2, config=trainer.timestep_config, latent_shape=tuple(x0.shape), generator=g)
+    x_t = (1 - t.view(2, 1, 1, 1, 1)) * x0 + t.view(2, 1, 1, 1, 1) * noise
+    dit = load_dit(files / "dit.safetensors", dtype=torch.float32)
+    params = {}
+    weights = {name: p for name, p in dit.named_parameters()}
+    factors = {}
+    for name, path in trainer.network.module_paths.items():
+        lora = trainer.network.loras[name]
+        down = lora.lora_down.weight.detach().clone().requires_grad_(True)
+        up = lora.lora_up.weight.detach().clone().requires_grad_(True)
+        factors[name] = (down, up)
+        params[f"{path}.weight"] = weights[f"{path}.weight"] + (2.0 / 4) * up @ down
+    pred = torch.func.functional_call(dit, params, (x_t, 1000 * t, batch["t5"]))
+    weight = 2 / (math.pi * (1 - 2 * t + 2 * t**2))
+    expected = (weight.view(2, 1, 1, 1, 1) * (pred - (noise - x0)) ** 2).mean()
+    expected.backward()
+
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    for name, (down, up) in factors.items():
+        lora = trainer.network.loras[name]
+        torch.testing.assert_close(lora.lora_down.weight.grad, down.grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(lora.lora_up.weight.grad, up.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_loss_falls_over_30_steps_on_a_tiny_cached_dataset(files, tmp_path):
+    from wan_kernel.training.data import load_batch
+
+    one = tmp_path / "one"
+    write_tiny_caches(one, 1, seed=5)
+    config = _config(
+        files, tmp_path, cache_directories=[one], batch_size=1, learning_rate=3e-2, network_alpha=4.0,
+        max_train_steps=30, timestep_sampling="uniform", min_timestep=0, max_timestep=200,
+    )
+    trainer = _setup(config)
+    batch = load_batch(trainer.data.all_items())
+
+    def held_out_loss() -> float:  # the same 8 noise/timestep draws before and after
+        with torch.no_grad():
+            return sum(float(trainer.batch_loss(batch, torch.Generator().manual_seed(1000 + i))) for i in range(8)) / 8
+
+    before = held_out_loss()
+    losses = trainer.run().losses
+    after = held_out_loss()
+    assert len(losses) == 30
+    assert after < 0.9 * before
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+
+
+def test_lora_network_names_targets_and_initialisation(files, tmp_path):
+    trainer = _setup(_config(files, tmp_path, network_args=["exclude_patterns=[r'.*ffn.*']"]))
+    names = sorted(trainer.network.loras)
+    assert names[0] == "lora_unet_blocks_0_cross_attn_k"
+    assert len(names) == 2 * 8  # q/k/v/o of both attentions, the FFN excluded
+    lora = trainer.network.loras["lora_unet_blocks_1_self_attn_q"]
+    assert torch.count_nonzero(lora.lora_up.weight) == 0 and lora.lora_down.weight.abs().sum() > 0
+    assert lora.lora_down.weight.dtype == torch.float32 and lora.scale == 0.5
+
+    i2v = _setup(_config(files, tmp_path / "i", dit=files / "i2v.safetensors", cache_directories=[files / "cache_i2v"]))
+    assert len(i2v.network.loras) == 2 * 12 and "lora_unet_blocks_0_cross_attn_k_img" in i2v.network.loras
+
+
+def test_loraplus_puts_up_weights_in_their_own_group(files, tmp_path):
+    trainer = _setup(_config(files, tmp_path, network_args=["loraplus_lr_ratio=4"]))
+    lrs = [g["lr"] for g in trainer.optimizer.param_groups]
+    assert lrs == [1e-2, 4e-2]
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and resuming
+# --------------------------------------------------------------------------------------------
+
+
+def test_saved_lora_is_kohya_layout_with_metadata(files, tmp_path):
+    result = train(_config(files, tmp_path, save_every_n_steps=2, save_precision="bf16"), log=QUIET)
+    assert result.final_lora == tmp_path / "t.safetensors"
+    assert (tmp_path / "t-step00000002.safetensors").exists()
+    sd = load_file(result.final_lora)
+    assert sd["lora_unet_blocks_0_self_attn_q.lora_down.weight"].shape == (4, 32)
+    assert sd["lora_unet_blocks_0_ffn_2.lora_up.weight"].shape == (32, 4)
+    assert sd["lora_unet_blocks_0_ffn_2.alpha"].item() == 2.0
+    assert all(t.dtype == torch.bfloat16 for t in sd.values())
+    with safe_open(str(result.final_lora), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "networks.lora_wan" and meta["ss_network_dim"] == "4"
+    assert meta["ss_steps"] == "4" and meta["ss_seed"] == "3"
+    assert meta["modelspec.architecture"] == "wan2.1/lora" and meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert len(meta["sshs_model_hash"]) == 64
+    effective = (tmp_path / "t_config.toml").read_text()
+    assert "network_dim = 4" in effective and "seed = 3" in effective
+
+
+@pytest.mark.parametrize("every", [3, 4])  # a state in the middle of an epoch, and at its end
+def test_resume_equals_an_uninterrupted_run_to_the_bit(files, tmp_path, every):
+    base = dict(
+        max_train_steps=7,
+        gradient_accumulation_steps=2,
+        network_dropout=0.1,
+        network_args=["rank_dropout=0.2", "module_dropout=0.1"],
+        lr_scheduler="cosine",
+        lr_warmup_steps="2",
+    )
+    whole = train(_config(files, tmp_path / "whole", **base), log=QUIET)
+    train(_config(files, tmp_path / "first", save_every_n_steps=every, save_state=True, **base), log=QUIET)
+    lines = []
+    state = tmp_path / "first" / f"t-step{every:08d}-state"
+    resumed = train(_config(files, tmp_path / "resumed", resume=state, **base), log=lines.append)
+    assert any(line.startswith(f"resumed at step {every} (epoch ") for line in lines)
+    assert resumed.resumed_from == every and resumed.global_step == 7
+    assert resumed.losses == whole.losses[every:]
+    a, b = load_file(whole.final_lora), load_file(resumed.final_lora)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_save_last_n_steps_keeps_only_recent_checkpoints(files, tmp_path):
+    train(_config(files, tmp_path, max_train_steps=7, save_every_n_steps=1, save_last_n_steps=2, save_state=True,
+                  save_last_n_steps_state=1), log=QUIET)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "t-state", "t-step00000005.safetensors", "t-step00000006-state", "t-step00000006.safetensors",
+        "t.safetensors", "t_config.toml",
+    ]
+
+
+KILL_SCRIPT = """
+import sys, time, torch
+torch.set_num_threads(1)
+from pathlib import Path
+import wan_kernel.training.checkpoint as ckpt
+from wan_kernel.training.config import TrainConfig
+from wan_kernel.training.trainer import train
+
+files, out = Path(sys.argv[1]), Path(sys.argv[2])
+real_write = ckpt.write_bytes_atomic
+calls = []
+
+def slow_write(path, data):  # the second LoRA save hangs half-way through writing its temp file
+    if path.suffix == ".safetensors":
+        calls.append(path)
+    if path.suffix == ".safetensors" and len(calls) == 2:
+        tmp = ckpt._tmp_path(path)
+        with open(tmp, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            print("WRITING", flush=True)
+            time.sleep(60)
+    real_write(path, data)
+
+ckpt.write_bytes_atomic = slow_write
+train(TrainConfig(dit=files / "dit.safetensors", cache_directories=[files / "cache"], batch_size=2,
+                  output_dir=out, output_name="t", network_dim=4, learning_rate=1e-2, max_train_steps=6,
+                  seed=1, save_every_n_steps=2, show_progress=False), log=lambda m: None)
+"""
+
+
+def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(files, tmp_path):
+    script = tmp_path / "kill_me.py"
+    script.write_text(KILL_SCRIPT)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(files), str(out)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        assert proc.stdout.readline().strip() == "WRITING"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    assert visible == ["t-step00000002.safetensors", "t_config.toml"]
+    sd = load_file(out / "t-step00000002.safetensors")
+    assert all(torch.isfinite(t).all() for t in sd.values())
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert leftovers and all(".tmp" in name for name in leftovers)
+
+
+def test_a_non_finite_loss_stops_with_the_step_and_saves_nothing(files, tmp_path):
+    bad = tmp_path / "bad"
+    write_tiny_caches(bad, 2)
+    path = next(bad.glob("item001_*_wan.safetensors"))
+    sd = load_file(path)
+    key = next(iter(sd))
+    sd[key][0, 0, 0, 0] = float("nan")
+    save_file(sd, str(path), metadata={"architecture": "wan"})
+    out = tmp_path / "out"
+    with pytest.raises(TrainingStopped, match=r"training stopped at step \d+ \(epoch 1\): the loss is nan"):
+        train(_config(files, out, cache_directories=[bad], batch_size=1, max_train_steps=4), log=QUIET)
+    assert not list(out.glob("*.safetensors"))
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before the first step
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_i2v_cache_with_a_t2v_dit_is_a_clear_error(files, tmp_path):
+    with pytest.raises(InputError, match="image-to-video cache.*text-to-video DiT"):
+        _setup(_config(files, tmp_path, cache_directories=[files / "cache_i2v"]))
+    with pytest.raises(InputError, match="no image latents"):
+        _setup(_config(files, tmp_path, dit=files / "i2v.safetensors"))
+
+
+def test_a_text_width_that_does_not_match_is_a_clear_error(files, tmp_path):
+    wide = tmp_path / "wide"
+    write_tiny_caches(wide, 1, text_dim=48)
+    with pytest.raises(InputError, match="text embeddings are 48 wide but the DiT"):
+        _setup(_config(files, tmp_path, cache_directories=[wide]))
+
+
+def test_i2v_training_runs_on_i2v_caches(files, tmp_path):
+    result = train(_config(files, tmp_path, dit=files / "i2v.safetensors", cache_directories=[files / "cache_i2v"],
+                           max_train_steps=2), log=QUIET)
+    assert "lora_unet_blocks_1_cross_attn_v_img.lora_up.weight" in load_file(result.final_lora)
+
+
+def test_block_swap_on_cpu_is_a_clear_error(files, tmp_path):
+    with pytest.raises(InputError, match="CUDA"):
+        _setup(_config(files, tmp_path, blocks_to_swap=1))
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------
+
+
+def _run_cli(args, cwd: Path):
+    from wan_cli.main import cli
+
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(cli, ["run", "train", *args], catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+SEED_COMMAND = (
+    "--task t2v-1.3B --dit dit.safetensors --dataset_config dataset.toml --sdpa --mixed_precision bf16 "
+    "--fp8_base --optimizer_type adamw8bit --learning_rate 2e-4 --gradient_checkpointing "
+    "--max_data_loader_n_workers 2 --persistent_data_loader_workers --network_module networks.lora_wan "
+    "--network_dim 32 --timestep_sampling shift --discrete_flow_shift 3.0 --max_train_epochs 16 "
+    "--save_every_n_epochs 1 --seed 42 --output_dir out --output_name name-of-lora"
+)
+
+
+def test_every_option_of_the_seed_example_command_is_accepted(files):
+    # the tiny DiT is not the 1.3B model: --task is checked against the weights, after all options parsed
+    result = _run_cli(SEED_COMMAND.split(), files)
+    assert result.exit_code == 1
+    assert "the task t2v-1.3B needs dim 1536 with 30 layers" in result.output
+    assert "note: --max_data_loader_n_workers has no effect here" in result.output
+
+    args = SEED_COMMAND.replace("--task t2v-1.3B ", "").replace("--max_train_epochs 16", "--max_train_epochs 2")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        refused = _run_cli(args.split(), files)
+        assert refused.exit_code == 1 and "pip install bitsandbytes" in refused.output
+        args = args.replace("adamw8bit", "adamw")
+    result = _run_cli(args.split(), files)
+    assert result.exit_code == 0, result.output
+    out = files / "out"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "name-of-lora-000001.safetensors", "name-of-lora.safetensors"
+    ]
+
+
+def test_config_file_gives_defaults_and_the_command_line_wins(files, tmp_path):
+    (tmp_path / "train.toml").write_text(
+        f'[model]\ndit = "{files / "dit.safetensors"}"\n[training]\nnetwork_dim = 8\nmax_train_steps = 1\n'
+        f'network_args = ["rank_dropout=0.1"]\nlearning_rate = 0.5\n'
+    )
+    args = ["--config_file", "train.toml", "--dataset_config", str(files / "dataset.toml"), "--output_dir", "o",
+            "--output_name", "c", "--learning_rate", "0.001"]
+    result = _run_cli(args, tmp_path)
+    assert result.exit_code == 0, result.output
+    sd = load_file(tmp_path / "o" / "c.safetensors")
+    assert sd["lora_unet_blocks_0_ffn_0.lora_down.weight"].shape[0] == 8
+    effective = (tmp_path / "o" / "c_config.toml").read_text()
+    assert "learning_rate = 0.001" in effective and 'network_args = ["rank_dropout=0.1"]' in effective
+
+    (tmp_path / "bad.toml").write_text("netwrk_dim = 8\n")
+    bad = _run_cli(["--config_file", "bad.toml", *args[2:]], tmp_path)
+    assert bad.exit_code == 2 and "unknown keys netwrk_dim" in bad.output
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--sage_attn"], "SageAttention has no backward"),
+        (["--network_module", "networks.lokr"], "only networks.lora_wan"),
+        (["--dit_high_noise", "x"], "Wan2.2"),
+        (["--network_args", "conv_dim=4"], "no convolution inside its blocks"),
+        (["--optimizer_type", "NoSuchOptimizer"], "unknown --optimizer_type"),
+        (["--lr_scheduler", "rex"], "unknown --lr_scheduler 'rex'"),
+        (["--fp8_scaled"], "--fp8_scaled needs --fp8_base"),
+        (["--num_timestep_buckets", "4"], "--num_timestep_buckets is not supported"),
+    ],
+)
+def test_options_that_cannot_work_fail_with_a_message(files, tmp_path, extra, fragment):
+    args = ["--dit", str(files / "dit.safetensors"), "--dataset_config", str(files / "dataset.toml"),
+            "--output_dir", "o", "--output_name", "x", "--max_train_steps", "1", *extra]
+    result = _run_cli(args, tmp_path)
+    assert result.exit_code == 1, result.output
+    assert fragment in result.output and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# What the LoRA does elsewhere
+# --------------------------------------------------------------------------------------------
+
+
+def test_saved_lora_has_the_same_effect_in_the_generation_loader(files, tmp_path):
+    from wan_kernel.lora import apply_loras
+    from wan_kernel.models import load_dit
+    from wan_kernel.training.data import load_batch
+
+    trainer = _setup(_config(files, tmp_path, max_train_steps=3, learning_rate=5e-2))
+    trainer.run()
+    trainer.model.eval()
+    batch = load_batch(trainer.data.all_items()[:1])
+    x = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        trained = trainer.model(x, t, batch["t5"])
+        plain = load_dit(files / "dit.safetensors", dtype=torch.float32)
+        merged = apply_loras(plain, [tmp_path / "t.safetensors"])
+        generated = merged(x, t, batch["t5"])
+        base = load_dit(files / "dit.safetensors", dtype=torch.float32)(x, t, batch["t5"])
+    assert not torch.allclose(trained, base, atol=1e-4)  # the LoRA changes the output ...
+    torch.testing.assert_close(generated, trained, rtol=1e-4, atol=1e-5)  # ... the same way in both
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_lora(files, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(torchrun), "--nproc_per_node", "2", "--master_port", "29531", "-m", "wan_cli.main", "run", "train",
+        "--dit", str(files / "dit.safetensors"), "--dataset_config", str(files / "dataset.toml"),
+        "--output_dir", str(tmp_path / "o"), "--output_name", "dp", "--network_dim", "4",
+        "--max_train_steps", "3", "--seed", "1", "--learning_rate", "1e-2", "--save_state_on_train_end",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert result.stdout.count("saved ") == 2  # rank 0 alone reports (and writes) the LoRA and the state
+    sd = load_file(tmp_path / "o" / "dp.safetensors")
+    assert any(k.endswith("lora_up.weight") and t.abs().sum() > 0 for k, t in sd.items())
+    state = tmp_path / "o" / "dp-state"
+    assert json.loads((state / "train_state.json").read_text())["num_processes"] == 2
+    assert sorted(p.name for p in state.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
