@@ -447,3 +447,42 @@ def test_two_processes_train_one_lora(files, tmp_path):
     state = tmp_path / "o" / "dp-state"
     assert json.loads((state / "train_state.json").read_text())["num_processes"] == 2
     assert sorted(p.name for p in state.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+
+
+FIXTURES = REPO.parent / "shared" / "fixtures" / "wan21_reference"
+
+
+@pytest.mark.skipif(not (FIXTURES / "t5" / "weights.safetensors").exists(), reason="needs ../shared/fixtures")
+def test_samples_during_training_equal_wan_run_generate_with_the_saved_lora(files, tmp_path):
+    from wan_kernel.pipelines.generate import GenerateConfig, generate
+    from wan_kernel.training.samples import SampleHook
+
+    prompts = tmp_path / "prompts.toml"
+    prompts.write_text(
+        '[prompt]\nwidth = 32\nheight = 32\nsample_steps = 3\nguidance_scale = 4.0\n\n'
+        '[[prompt.subset]]\nprompt = "a red fox"\nseed = 11\n\n[[prompt.subset]]\nprompt = "a cat"\n'
+    )
+    t5, vae = FIXTURES / "t5" / "weights.safetensors", FIXTURES / "vae" / "weights.safetensors"
+    config = _config(files, tmp_path / "o", max_train_steps=2, save_every_n_steps=1, sample_every_n_steps=1,
+                     sample_prompts=prompts, t5=t5, vae=vae, t5_tokenizer="builtin:bytes", learning_rate=5e-2)
+    trainer = Trainer(config, log=QUIET)
+    hook = SampleHook.from_config(config)
+    made = []
+    trainer.sample_hook = lambda tr, **kw: made.extend(hook(tr, **kw))
+    trainer.setup()
+    trainer.run()
+    samples = sorted(p.name for p in (tmp_path / "o" / "sample").iterdir())
+    assert samples[:2] == ["t_000001_00_11.png", "t_000001_01_4.png"]  # prompt 2: training seed + index
+
+    reference = generate(
+        GenerateConfig(
+            prompt="a red fox", seed=11, video_size=(32, 32), video_length=1, infer_steps=3, guidance_scale=4.0,
+            dit=str(files / "dit.safetensors"), vae=str(vae), t5=str(t5), t5_tokenizer="builtin:bytes",
+            dit_dtype="float32", lora_weights=[str(tmp_path / "o" / "t-step00000001.safetensors")],
+            save_path=str(tmp_path / "ref"), output_type="both",
+        ),
+        log=QUIET,
+        progress=False,
+    )[0]
+    torch.testing.assert_close(made[0].latent, reference.latent, rtol=1e-4, atol=1e-4)
+    assert (made[0].video - reference.video).abs().max() < 2e-3

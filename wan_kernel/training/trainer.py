@@ -582,7 +582,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         if cfg.sample_at_first and self.sample_hook is not None and self.resumed_from is None:
-            self.sample_hook(self, epoch=0, step=0)
+            self.sample_hook(self, epoch=0, step=0, at="step")
         self.model.train()
         epoch = self.start_epoch
         position = self.start_batch
@@ -610,7 +610,7 @@ class Trainer:
                     self._prune("step", self.global_step)
                 every = cfg.sample_every_n_steps
                 if self.sample_hook and every and self.global_step % every == 0 and not done:
-                    self.sample_hook(self, epoch=epoch + 1, step=self.global_step)
+                    self.sample_hook(self, epoch=epoch + 1, step=self.global_step, at="step")
             epoch += 1
             if position >= len(batches) and not done:  # a whole epoch, and not the end of training
                 if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
@@ -620,7 +620,7 @@ class Trainer:
                         self.save_state(f"{name}-state", epoch=epoch, batches_done=0)
                     self._prune("epoch", epoch)
                 if self.sample_hook and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
-                    self.sample_hook(self, epoch=epoch, step=self.global_step)
+                    self.sample_hook(self, epoch=epoch, step=self.global_step, at="epoch")
         progress.close()
 
         final_epoch = last[0] + 1
@@ -628,7 +628,7 @@ class Trainer:
         if cfg.save_state or cfg.save_state_on_train_end:
             self.save_state(f"{cfg.output_name}-state", epoch=last[0], batches_done=last[1])
         if self.sample_hook and (cfg.sample_every_n_epochs or cfg.sample_every_n_steps):
-            self.sample_hook(self, epoch=final_epoch, step=self.global_step)
+            self.sample_hook(self, epoch=final_epoch, step=self.global_step, at="epoch" if cfg.sample_every_n_epochs else "step")
         acc.end_training()
         seconds = time.time() - start
         peak = _peak_memory(self.device)
