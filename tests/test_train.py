@@ -486,3 +486,101 @@ def test_samples_during_training_equal_wan_run_generate_with_the_saved_lora(file
     )[0]
     torch.testing.assert_close(made[0].latent, reference.latent, rtol=1e-4, atol=1e-4)
     assert (made[0].video - reference.video).abs().max() < 2e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Options around the network, memory and optimizer
+# --------------------------------------------------------------------------------------------
+
+
+def test_network_weights_and_dim_from_weights_start_from_a_file(files, tmp_path):
+    first = train(_config(files, tmp_path / "a", network_dim=8, network_alpha=3.0, max_train_steps=2), log=QUIET)
+    start = load_file(first.final_lora)
+    trainer = _setup(_config(files, tmp_path / "b", network_weights=first.final_lora, dim_from_weights=True))
+    again = trainer.network.kohya_state_dict()
+    assert again.keys() == start.keys() and all(torch.equal(again[k], start[k]) for k in start)
+    with pytest.raises(InputError, match="--dim_from_weights"):
+        _setup(_config(files, tmp_path / "c", network_weights=first.final_lora))  # rank 4 != 8
+
+
+def test_base_weights_are_merged_into_the_frozen_dit_before_training(files, tmp_path):
+    from wan_kernel.lora import apply_loras
+    from wan_kernel.models import load_dit
+    from wan_kernel.training.data import load_batch
+
+    first = train(_config(files, tmp_path / "a", max_train_steps=2, learning_rate=5e-2), log=QUIET)
+    trainer = _setup(_config(files, tmp_path / "b", base_weights=[first.final_lora], base_weights_multiplier=[0.5]))
+    batch = load_batch(trainer.data.all_items()[:1])
+    x, t = torch.randn(batch["latents"].shape), torch.tensor([300.0])
+    with torch.no_grad():
+        expected = apply_loras(load_dit(files / "dit.safetensors", dtype=torch.float32),
+                               [{"path": first.final_lora, "multiplier": 0.5}])(x, t, batch["t5"])
+        torch.testing.assert_close(trainer.model(x, t, batch["t5"]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_and_its_cpu_offload_give_the_same_gradients(files, tmp_path):
+    from wan_kernel.training.data import load_batch
+
+    grads = []
+    for extra in ({}, {"gradient_checkpointing": True}, {"gradient_checkpointing": True,
+                                                          "gradient_checkpointing_cpu_offload": True}):
+        trainer = _setup(_config(files, tmp_path / str(len(grads)), network_dropout=0.1, **extra))
+        for lora in trainer.network.loras.values():
+            torch.nn.init.constant_(lora.lora_up.weight, 0.01)
+        torch.manual_seed(0)  # the dropout masks
+        trainer.batch_loss(load_batch(trainer.data.all_items()[:2]), torch.Generator().manual_seed(1)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.network.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[2], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_block_swap_training_gives_the_same_gradients_as_resident_blocks(files, tmp_path):
+    """The LoRA hooks through the blockswap plugin's training runner (run on the CPU test path)."""
+    from wan_offload_blockswap import BlockSwapOffloader
+
+    from wan_kernel.training.data import load_batch
+
+    grads = []
+    for swap in (0, 1):
+        trainer = _setup(_config(files, tmp_path / str(swap), gradient_checkpointing=bool(swap)))
+        for lora in trainer.network.loras.values():
+            torch.nn.init.constant_(lora.lora_up.weight, 0.01)
+        if swap:
+            runner = BlockSwapOffloader().attach(
+                trainer.dit.blocks, device="cpu", blocks_to_swap=1, training=True, pin_memory=False,
+                _allow_cpu_for_tests=True,
+            )
+            trainer.dit.set_block_runner(runner)
+            runner.prepare()
+        trainer.batch_loss(load_batch(trainer.data.all_items()[:2]), torch.Generator().manual_seed(1)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.network.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "optimizer, extra",
+    [
+        ("AdaFactor", {"lr_scheduler": "adafactor"}),
+        ("AdaFactor", {"optimizer_args": ["relative_step=False", "scale_parameter=False", "warmup_init=False"]}),
+        ("torch.optim.SGD", {"optimizer_args": ["momentum=0.9"], "lr_scheduler": "linear", "lr_warmup_steps": "50%"}),
+        ("AdamW8bit", {}),
+    ],
+)
+def test_optimizers_by_the_seed_names(files, tmp_path, optimizer, extra):
+    if optimizer == "AdamW8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(InputError, match="pip install bitsandbytes"):
+            _setup(_config(files, tmp_path, optimizer_type=optimizer))
+        return
+    result = train(_config(files, tmp_path, optimizer_type=optimizer, max_train_steps=2, **extra), log=QUIET)
+    sd = load_file(result.final_lora)
+    assert any(k.endswith("lora_up.weight") and t.abs().sum() > 0 for k, t in sd.items())
+
+
+def test_tensorboard_logs_loss_and_learning_rate(files, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(_config(files, tmp_path / "o", logging_dir=tmp_path / "logs", max_train_steps=3), log=QUIET)
+    events = list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    scalars = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"loss/current", "loss/average", "lr/group0"} <= set(scalars)

@@ -564,7 +564,7 @@ class Trainer:
 
         cfg, acc = self.config, self.accelerator
         self.save_effective_config()
-        if acc.trackers:
+        if acc.log_with:
             acc.init_trackers(cfg.log_tracker_name or "network_train", config={"seed": self.seed, "task": self.task})
         start = time.time()
         losses: list[float] = []
