@@ -584,3 +584,39 @@ def test_tensorboard_logs_loss_and_learning_rate(files, tmp_path):
     assert events
     scalars = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
     assert {"loss/current", "loss/average", "lr/group0"} <= set(scalars)
+
+
+def test_diffusers_wan_lora_loader_reads_the_saved_lora_with_the_same_effect(files, tmp_path):
+    """diffusers' ``WanLoraLoaderMixin.lora_state_dict`` converts our file (kohya layout) to its
+    PEFT names; that delta merged into diffusers' transformer gives our trained model's output."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.loaders import WanLoraLoaderMixin
+
+    from wan_kernel.models import load_dit
+    from wan_kernel.models.dit_keys import diffusers_config, dit_state_dict_to
+    from wan_kernel.training.data import load_batch
+
+    trainer = _setup(_config(files, tmp_path, max_train_steps=3, learning_rate=5e-2))
+    trainer.run()
+    trainer.model.eval()
+    converted = WanLoraLoaderMixin.lora_state_dict(str(tmp_path / "t.safetensors"))
+    plain = load_dit(files / "dit.safetensors", dtype=torch.float32)
+    theirs = diffusers.WanTransformer3DModel(**diffusers_config(plain.config)).eval()
+    sd = dit_state_dict_to("diffusers", plain.state_dict())
+    merged = 0
+    for key, down in converted.items():
+        if key.endswith(".lora_A.weight"):
+            target = key.removeprefix("transformer.").replace(".lora_A.weight", ".weight")
+            up = converted[key.replace(".lora_A.", ".lora_B.")]
+            sd[target] = sd[target] + up.float() @ down.float()  # diffusers folds alpha/rank into A and B
+            merged += 1
+    assert merged == len(trainer.network.loras)
+    theirs.load_state_dict(sd, strict=True)
+    batch = load_batch(trainer.data.all_items()[:1])
+    x, t = torch.randn(batch["latents"].shape), torch.tensor([421.0])
+    ctx = batch["t5"][0].float()
+    padded = torch.cat([ctx, torch.zeros(512 - ctx.shape[0], ctx.shape[1])])[None]
+    with torch.no_grad():
+        ours = trainer.model(x, t, [ctx])
+        ref = theirs(x, t, padded, return_dict=False)[0]
+    torch.testing.assert_close(ours, ref.float(), atol=1e-4, rtol=1e-4)
