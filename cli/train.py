@@ -41,6 +41,8 @@ Example (the seed's command, one process):
 Several processes (data parallel; rank 0 writes the files):
   accelerate launch --num_processes 2 -m wan_cli.main run train ...same options...
 Resume: --resume out/my-lora-step00000500-state (add --save_state to write state folders).
+
+Also accepted for compatibility with the seed (each prints a note on what it does here): {noted}.
 """
 
 
@@ -70,9 +72,13 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("flash3", _flag("Attention: FlashAttention 3 (plugin wan-attention-flash).")),
     ("fp8_base", _flag("Keep the frozen DiT in fp8 (quantization plugin 'fp8').")),
     ("fp8_scaled", _flag("With --fp8_base: scaled fp8 (quantization plugin 'fp8_scaled').")),
-    ("mixed_precision", _val(click.Choice(["no", "fp16", "bf16"]), None, "Compute dtype of the DiT and autocast.  [default: no]")),
+    ("mixed_precision", _val(click.Choice(["no", "fp16", "bf16"]), "no", "Compute dtype of the DiT and autocast.")),
     # data and outputs
-    ("dataset_config", _val(EXISTING, None, "Dataset TOML (the one the cache step used).", required=True)),
+    ("dataset_config", _val(EXISTING, None, "Dataset TOML (the one the cache step used).")),
+    ("cache_directories", _multi(EXISTING, "Cache folders to train on instead of --dataset_config")),
+    ("batch_size", _val(int, 1, "Batch size with --cache_directories.")),
+    ("num_repeats", _val(int, 1, "Repeats with --cache_directories.")),
+    ("quant", _val(str, None, "Quantization plugin for the frozen DiT by name (--fp8_base/--fp8_scaled pick one).")),
     ("output_dir", _val(PATH, None, "Folder for LoRA files, state folders, the effective config.", required=True)),
     ("output_name", _val(str, None, "Base name of the outputs.", required=True)),
     # network
@@ -324,7 +330,7 @@ def build_config(ctx: click.Context, options: dict[str, Any], log=print):
     return TrainConfig(**values)
 
 
-@click.command("train", cls=TrainCommand, epilog=EPILOG, context_settings={"max_content_width": 110})
+@click.command("train", cls=TrainCommand, epilog=EPILOG.format(noted=", ".join(f"--{n}" for n in NOTED)), context_settings={"max_content_width": 110})
 @_add_options
 @click.pass_context
 @handle_wan_errors

@@ -362,6 +362,38 @@ def test_every_option_of_the_seed_example_command_is_accepted(files):
     ]
 
 
+SEED_OPTIONS = """
+task fp8_scaled t5 fp8_t5 clip vae_cache_cpu one_frame force_v2_1_time_embedding dit_high_noise timestep_boundary
+offload_inactive_dit config_file dataset_config sdpa flash_attn sage_attn xformers flash3 split_attn compile
+compile_backend compile_mode compile_dynamic compile_fullgraph compile_cache_size_limit cuda_allow_tf32
+cuda_cudnn_benchmark dynamo_backend dynamo_mode dynamo_fullgraph dynamo_dynamic max_train_steps max_train_epochs
+max_data_loader_n_workers persistent_data_loader_workers seed gradient_checkpointing
+gradient_checkpointing_cpu_offload gradient_accumulation_steps mixed_precision save_precision logging_dir log_with
+log_prefix log_tracker_name wandb_run_name log_tracker_config wandb_api_key log_config ddp_timeout
+ddp_gradient_as_bucket_view ddp_static_graph sample_every_n_steps sample_at_first sample_every_n_epochs
+sample_prompts optimizer_type optimizer_args learning_rate max_grad_norm lr_scheduler lr_warmup_steps lr_decay_steps
+lr_scheduler_num_cycles lr_scheduler_power lr_scheduler_timescale lr_scheduler_min_lr_ratio lr_scheduler_type
+lr_scheduler_args fp8_base blocks_to_swap use_pinned_memory_for_block_swap block_swap_h2d_only block_swap_ring_size
+img_in_txt_in_offloading disable_numpy_memmap guidance_scale timestep_sampling discrete_flow_shift sigmoid_scale
+weighting_scheme logit_mean logit_std mode_scale min_timestep max_timestep preserve_distribution_shape
+num_timestep_buckets show_timesteps no_metadata network_weights network_module network_dim network_alpha
+network_dropout network_args training_comment dim_from_weights scale_weight_norms base_weights
+base_weights_multiplier output_dir output_name resume save_every_n_epochs save_every_n_steps save_last_n_epochs
+save_last_n_epochs_state save_last_n_steps save_last_n_steps_state save_state save_state_on_train_end
+metadata_title metadata_author metadata_description metadata_license metadata_tags metadata_reso metadata_arch
+huggingface_repo_id huggingface_repo_type huggingface_path_in_repo huggingface_token huggingface_repo_visibility
+save_state_to_huggingface resume_from_huggingface async_upload dit vae vae_dtype
+""".split()
+"""Every option of the seed's ``wan_train_network.py`` (reference inventory section 1.2)."""
+
+
+def test_every_seed_training_option_is_an_option_of_wan_run_train():
+    from wan_cli.train import train as command
+
+    ours = {p.name for p in command.params}
+    assert not set(SEED_OPTIONS) - ours
+
+
 def test_config_file_gives_defaults_and_the_command_line_wins(files, tmp_path):
     (tmp_path / "train.toml").write_text(
         f'[model]\ndit = "{files / "dit.safetensors"}"\n[training]\nnetwork_dim = 8\nmax_train_steps = 1\n'
@@ -375,6 +407,10 @@ def test_config_file_gives_defaults_and_the_command_line_wins(files, tmp_path):
     assert sd["lora_unet_blocks_0_ffn_0.lora_down.weight"].shape[0] == 8
     effective = (tmp_path / "o" / "c_config.toml").read_text()
     assert "learning_rate = 0.001" in effective and 'network_args = ["rank_dropout=0.1"]' in effective
+
+    again = _run_cli(["--config_file", "o/c_config.toml", "--output_name", "d"], tmp_path)  # the saved one
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "o" / "d.safetensors").exists()
 
     (tmp_path / "bad.toml").write_text("netwrk_dim = 8\n")
     bad = _run_cli(["--config_file", "bad.toml", *args[2:]], tmp_path)

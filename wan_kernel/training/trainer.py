@@ -554,6 +554,7 @@ class Trainer:
         values = self.config.to_dict()
         values["seed"] = self.seed
         values.pop("show_progress", None)
+        values = {k: v for k, v in values.items() if v not in (None, [], "")}
         ckpt.write_bytes_atomic(path, dump_toml(values).encode())
         return path
 
@@ -602,25 +603,11 @@ class Trainer:
                 recent = (recent + [value])[-100:]
                 self._report(progress, value, sum(recent) / len(recent), epoch)
                 done = self.global_step >= self.max_steps
-                if cfg.save_every_n_steps and self.global_step % cfg.save_every_n_steps == 0 and not done:
-                    name = ckpt.step_name(cfg.output_name, self.global_step)
-                    self.save_lora(name, epoch=epoch + 1)
-                    if cfg.save_state:
-                        self.save_state(f"{name}-state", epoch=epoch, batches_done=position)
-                    self._prune("step", self.global_step)
-                every = cfg.sample_every_n_steps
-                if self.sample_hook and every and self.global_step % every == 0 and not done:
-                    self.sample_hook(self, epoch=epoch + 1, step=self.global_step, at="step")
+                if not done:
+                    self._after_step(epoch, position)
             epoch += 1
             if position >= len(batches) and not done:  # a whole epoch, and not the end of training
-                if cfg.save_every_n_epochs and epoch % cfg.save_every_n_epochs == 0:
-                    name = ckpt.epoch_name(cfg.output_name, epoch)
-                    self.save_lora(name, epoch=epoch)
-                    if cfg.save_state:
-                        self.save_state(f"{name}-state", epoch=epoch, batches_done=0)
-                    self._prune("epoch", epoch)
-                if self.sample_hook and cfg.sample_every_n_epochs and epoch % cfg.sample_every_n_epochs == 0:
-                    self.sample_hook(self, epoch=epoch, step=self.global_step, at="epoch")
+                self._after_epoch(epoch)
         progress.close()
 
         final_epoch = last[0] + 1
@@ -648,6 +635,30 @@ class Trainer:
             losses=losses,
             resumed_from=self.resumed_from,
         )
+
+    def _after_step(self, epoch: int, position: int) -> None:
+        """Checkpoints and samples due after an optimizer step (not the last one)."""
+        cfg, step = self.config, self.global_step
+        if cfg.save_every_n_steps and step % cfg.save_every_n_steps == 0:
+            name = ckpt.step_name(cfg.output_name, step)
+            self.save_lora(name, epoch=epoch + 1)
+            if cfg.save_state:
+                self.save_state(f"{name}-state", epoch=epoch, batches_done=position)
+            self._prune("step", step)
+        if self.sample_hook and cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0:
+            self.sample_hook(self, epoch=epoch + 1, step=step, at="step")
+
+    def _after_epoch(self, epochs_done: int) -> None:
+        """Checkpoints and samples due after a whole epoch (not the last one)."""
+        cfg = self.config
+        if cfg.save_every_n_epochs and epochs_done % cfg.save_every_n_epochs == 0:
+            name = ckpt.epoch_name(cfg.output_name, epochs_done)
+            self.save_lora(name, epoch=epochs_done)
+            if cfg.save_state:
+                self.save_state(f"{name}-state", epoch=epochs_done, batches_done=0)
+            self._prune("epoch", epochs_done)
+        if self.sample_hook and cfg.sample_every_n_epochs and epochs_done % cfg.sample_every_n_epochs == 0:
+            self.sample_hook(self, epoch=epochs_done, step=self.global_step, at="epoch")
 
     def _optimizer_step(self, batches, group: range, epoch: int, trainable: list) -> float:
         """Forward/backward of the batches ``group`` of this epoch, then one optimizer step; the mean loss."""
