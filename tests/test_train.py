@@ -44,9 +44,10 @@ def files(tmp_path_factory):
     write_tiny_dit(root / "i2v.safetensors", "i2v")
     write_tiny_caches(root / "cache", 5)
     write_tiny_caches(root / "cache_i2v", 2, image="i2v")
+    (root / "img").mkdir()
     (root / "dataset.toml").write_text(
-        '[general]\nresolution = [32, 32]\nbatch_size = 2\n\n[[datasets]]\nimage_directory = "img"\n'
-        'cache_directory = "cache"\nnum_repeats = 1\n'
+        f'[general]\nresolution = [32, 32]\nbatch_size = 2\n\n[[datasets]]\nimage_directory = "{root / "img"}"\n'
+        f'cache_directory = "{root / "cache"}"\nnum_repeats = 1\n'
     )
     return root
 

@@ -416,6 +416,13 @@ class Trainer:
         if state["seed"] != self.seed and self.config.seed is not None:
             self.log(f"note: the state was trained with --seed {state['seed']}; continuing with its seed")
         self.seed = int(state["seed"])
+        saved_processes = int(state.get("num_processes", 1))
+        if saved_processes != self.accelerator.num_processes:
+            self.log(
+                f"note: the state was saved by {saved_processes} process(es), this run has "
+                f"{self.accelerator.num_processes}: the batches of the current epoch are shared out anew, so the "
+                "run continues from the same step but is not the one an uninterrupted run would have made"
+            )
         self.accelerator.load_state(str(state_dir))
         self.global_step = int(state["global_step"])
         self.start_epoch = int(state["epoch"])
