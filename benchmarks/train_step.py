@@ -28,7 +28,12 @@ from _common import latent_grid, random_dit, synchronize, timed
 
 from wan_kernel.interfaces import TimestepSamplingConfig
 from wan_kernel.models.dit_config import PRESETS, DiTConfig
-from wan_kernel.training.flow_matching import flow_matching_loss, model_timesteps, noisy_latents, velocity_target
+from wan_kernel.training.flow_matching import (
+    flow_matching_loss,
+    model_timesteps,
+    noisy_latents,
+    velocity_target,
+)
 from wan_kernel.training.network import LoraNetwork, NetworkConfig
 
 CONFIGS = {
@@ -36,11 +41,15 @@ CONFIGS = {
     "14B-image": dict(preset="t2v-14B", size="1280x720x1", quant="fp8_scaled", blocks_to_swap=20),
     "tiny": dict(preset=None, size="64x64x5", quant=None, blocks_to_swap=0),
 }
-TINY = DiTConfig(model_type="t2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=64)
+TINY = DiTConfig(
+    model_type="t2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=64
+)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", choices=sorted(CONFIGS), default="1.3B")
     parser.add_argument("--size", default=None, help="WxHxF override, e.g. 832x480x81")
     parser.add_argument("--blocks_to_swap", type=int, default=None)
@@ -76,7 +85,9 @@ def main() -> None:
         for name, child in dit.named_children():
             if name != "blocks":
                 child.to(device)
-        runner = resolve("offload", "blockswap").attach(dit.blocks, device=device, blocks_to_swap=swap, training=True)
+        runner = resolve("offload", "blockswap").attach(
+            dit.blocks, device=device, blocks_to_swap=swap, training=True
+        )
         dit.set_block_runner(runner)
         runner.prepare()
     network.train()

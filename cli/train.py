@@ -63,30 +63,54 @@ EXISTING = click.Path(path_type=Path, exists=True)
 
 OPTIONS: list[tuple[str, dict[str, Any]]] = [
     # model
-    ("dit", _val(EXISTING, None, "DiT weights (.safetensors file, folder of shards, or .pth).", required=True)),
-    ("task", _val(click.Choice(TASK_NAMES), None, "Task; read from the DiT when left out (checked when given).")),
-    ("attn", _val(str, None, "Attention plugin by name (sdpa, xformers, flash_attn, flash3).  [default: sdpa]")),
+    (
+        "dit",
+        _val(EXISTING, None, "DiT weights (.safetensors file, folder of shards, or .pth).", required=True),
+    ),
+    (
+        "task",
+        _val(click.Choice(TASK_NAMES), None, "Task; read from the DiT when left out (checked when given)."),
+    ),
+    (
+        "attn",
+        _val(str, None, "Attention plugin by name (sdpa, xformers, flash_attn, flash3).  [default: sdpa]"),
+    ),
     ("sdpa", _flag("Attention: torch scaled_dot_product_attention.")),
     ("xformers", _flag("Attention: xformers (plugin wan-attention-xformers).")),
     ("flash_attn", _flag("Attention: FlashAttention 2 (plugin wan-attention-flash).")),
     ("flash3", _flag("Attention: FlashAttention 3 (plugin wan-attention-flash).")),
     ("fp8_base", _flag("Keep the frozen DiT in fp8 (quantization plugin 'fp8').")),
     ("fp8_scaled", _flag("With --fp8_base: scaled fp8 (quantization plugin 'fp8_scaled').")),
-    ("mixed_precision", _val(click.Choice(["no", "fp16", "bf16"]), "no", "Compute dtype of the DiT and autocast.")),
+    (
+        "mixed_precision",
+        _val(click.Choice(["no", "fp16", "bf16"]), "no", "Compute dtype of the DiT and autocast."),
+    ),
     # data and outputs
     ("dataset_config", _val(EXISTING, None, "Dataset TOML (the one the cache step used).")),
     ("cache_directories", _multi(EXISTING, "Cache folders to train on instead of --dataset_config")),
     ("batch_size", _val(int, 1, "Batch size with --cache_directories.")),
     ("num_repeats", _val(int, 1, "Repeats with --cache_directories.")),
-    ("quant", _val(str, None, "Quantization plugin for the frozen DiT by name (--fp8_base/--fp8_scaled pick one).")),
-    ("output_dir", _val(PATH, None, "Folder for LoRA files, state folders, the effective config.", required=True)),
+    (
+        "quant",
+        _val(str, None, "Quantization plugin for the frozen DiT by name (--fp8_base/--fp8_scaled pick one)."),
+    ),
+    (
+        "output_dir",
+        _val(PATH, None, "Folder for LoRA files, state folders, the effective config.", required=True),
+    ),
     ("output_name", _val(str, None, "Base name of the outputs.", required=True)),
     # network
     ("network_module", _val(str, "networks.lora_wan", "Only networks.lora_wan (our LoRA) is available.")),
     ("network_dim", _val(int, None, "LoRA rank.  [default: 4]")),
     ("network_alpha", _val(float, 1.0, "LoRA alpha (scale alpha/rank).")),
     ("network_dropout", _val(float, None, "Dropout on the LoRA's down projection output.")),
-    ("network_args", _multi(str, "key=value: rank_dropout, module_dropout, include_patterns, exclude_patterns, loraplus_lr_ratio")),
+    (
+        "network_args",
+        _multi(
+            str,
+            "key=value: rank_dropout, module_dropout, include_patterns, exclude_patterns, loraplus_lr_ratio",
+        ),
+    ),
     ("network_weights", _val(EXISTING, None, "Start from this LoRA file.")),
     ("dim_from_weights", _flag("Take ranks and alphas from --network_weights.")),
     ("base_weights", _multi(EXISTING, "LoRA files merged into the DiT before training")),
@@ -100,7 +124,10 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("blocks_to_swap", _val(int, None, "Keep N DiT blocks in host memory, streamed to the GPU (CUDA only).")),
     ("use_pinned_memory_for_block_swap", _flag("Pinned host memory for swapped blocks.")),
     # optimisation
-    ("optimizer_type", _val(str, "", "AdamW (default), AdamW8bit and other bitsandbytes ones, AdaFactor, module.Class.")),
+    (
+        "optimizer_type",
+        _val(str, "", "AdamW (default), AdamW8bit and other bitsandbytes ones, AdaFactor, module.Class."),
+    ),
     ("optimizer_args", _multi(str, "key=value arguments of the optimizer")),
     ("learning_rate", _val(float, 2e-6, "Learning rate.")),
     ("max_grad_norm", _val(float, 1.0, "Gradient clipping (0: off).")),
@@ -110,15 +137,24 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("lr_scheduler_num_cycles", _val(int, 1, "Cycles of cosine_with_restarts.")),
     ("lr_scheduler_power", _val(float, 1.0, "Power of polynomial.")),
     ("lr_scheduler_timescale", _val(int, None, "Timescale of inverse_sqrt.")),
-    ("lr_scheduler_min_lr_ratio", _val(float, None, "Minimum LR ratio (cosine_with_min_lr, warmup_stable_decay).")),
-    ("lr_scheduler_type", _val(str, "", "A scheduler class module.Class (gets the optimizer and --lr_scheduler_args).")),
+    (
+        "lr_scheduler_min_lr_ratio",
+        _val(float, None, "Minimum LR ratio (cosine_with_min_lr, warmup_stable_decay)."),
+    ),
+    (
+        "lr_scheduler_type",
+        _val(str, "", "A scheduler class module.Class (gets the optimizer and --lr_scheduler_args)."),
+    ),
     ("lr_scheduler_args", _multi(str, "key=value arguments of the scheduler")),
     ("gradient_accumulation_steps", _val(int, 1, "Batches per optimizer step.")),
     ("max_train_steps", _val(int, 1600, "Optimizer steps (--max_train_epochs wins).")),
     ("max_train_epochs", _val(int, None, "Epochs to train.")),
     ("seed", _val(int, None, "Random seed (random when left out; recorded in the outputs).")),
     # timesteps
-    ("timestep_sampling", _val(str, "sigma", "Timestep-sampling plugin (sigma, uniform, sigmoid, shift, flux_shift, logsnr).")),
+    (
+        "timestep_sampling",
+        _val(str, "sigma", "Timestep-sampling plugin (sigma, uniform, sigmoid, shift, flux_shift, logsnr)."),
+    ),
     ("discrete_flow_shift", _val(float, 1.0, "Shift of 'shift' sampling.")),
     ("sigmoid_scale", _val(float, 1.0, "Scale of the sigmoid samplers.")),
     ("weighting_scheme", _val(str, "none", "Loss weighting: none, logit_normal, mode, cosmap, sigma_sqrt.")),
@@ -127,10 +163,20 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("mode_scale", _val(float, 1.29, "Scale of 'mode' weighting.")),
     ("min_timestep", _val(float, None, "Lowest timestep (0..1000).")),
     ("max_timestep", _val(float, None, "Highest timestep (0..1000).")),
-    ("preserve_distribution_shape", _flag("Keep the sampler's shape inside the min/max range (rejection sampling).")),
+    (
+        "preserve_distribution_shape",
+        _flag("Keep the sampler's shape inside the min/max range (rejection sampling)."),
+    ),
     ("num_timestep_buckets", _val(int, None, "Not supported (an error when > 1).")),
     # saving
-    ("save_precision", _val(click.Choice(["float", "fp32", "fp16", "bf16"]), None, "Dtype of saved LoRA files.  [default: float]")),
+    (
+        "save_precision",
+        _val(
+            click.Choice(["float", "fp32", "fp16", "bf16"]),
+            None,
+            "Dtype of saved LoRA files.  [default: float]",
+        ),
+    ),
     ("save_every_n_epochs", _val(int, None, "Save NAME-EEEEEE.safetensors every N epochs.")),
     ("save_every_n_steps", _val(int, None, "Save NAME-stepSSSSSSSS.safetensors every N steps.")),
     ("save_last_n_epochs", _val(int, None, "Keep only the last N epoch checkpoints.")),
@@ -149,7 +195,12 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("metadata_arch", _val(str, None, "modelspec.architecture")),
     # logging
     ("logging_dir", _val(PATH, None, "TensorBoard event files go here.")),
-    ("log_with", _val(click.Choice(["tensorboard", "wandb", "all"]), None, "Trackers (tensorboard when --logging_dir).")),
+    (
+        "log_with",
+        _val(
+            click.Choice(["tensorboard", "wandb", "all"]), None, "Trackers (tensorboard when --logging_dir)."
+        ),
+    ),
     ("log_prefix", _val(str, None, "Prefix of logged names.")),
     ("log_tracker_name", _val(str, None, "Tracker run name.  [default: network_train]")),
     ("wandb_run_name", _val(str, None, "wandb run name.")),
@@ -166,7 +217,10 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("fp8_t5", _flag("fp8 T5 (samples).")),
     ("clip", _val(EXISTING, None, "CLIP weights (i2v samples).")),
     # the config file
-    ("config_file", _val(EXISTING, None, "TOML with the same keys as these options (the command line wins).")),
+    (
+        "config_file",
+        _val(EXISTING, None, "TOML with the same keys as these options (the command line wins)."),
+    ),
 ]
 
 NOTED: dict[str, tuple[dict[str, Any], str]] = {
@@ -199,19 +253,34 @@ NOTED: dict[str, tuple[dict[str, Any], str]] = {
     "wandb_api_key": (_val(str, None, ""), "set WANDB_API_KEY in the environment instead"),
     "huggingface_repo_id": (_val(str, None, ""), "nothing is uploaded: this tool never contacts the Hub"),
     "huggingface_repo_type": (_val(str, None, ""), "nothing is uploaded: this tool never contacts the Hub"),
-    "huggingface_path_in_repo": (_val(str, None, ""), "nothing is uploaded: this tool never contacts the Hub"),
+    "huggingface_path_in_repo": (
+        _val(str, None, ""),
+        "nothing is uploaded: this tool never contacts the Hub",
+    ),
     "huggingface_token": (_val(str, None, ""), "nothing is uploaded: this tool never contacts the Hub"),
-    "huggingface_repo_visibility": (_val(str, None, ""), "nothing is uploaded: this tool never contacts the Hub"),
+    "huggingface_repo_visibility": (
+        _val(str, None, ""),
+        "nothing is uploaded: this tool never contacts the Hub",
+    ),
     "save_state_to_huggingface": (_flag(""), "nothing is uploaded: this tool never contacts the Hub"),
     "async_upload": (_flag(""), "nothing is uploaded: this tool never contacts the Hub"),
-    "dit_dtype": (_val(str, None, ""), "the DiT computes in the --mixed_precision dtype (as the seed: taken from the run)"),
+    "dit_dtype": (
+        _val(str, None, ""),
+        "the DiT computes in the --mixed_precision dtype (as the seed: taken from the run)",
+    ),
 }
 """Seed options accepted for compatibility: ``name -> (click settings, why it has no effect)``."""
 
 REFUSED: dict[str, tuple[dict[str, Any], str]] = {
-    "sage_attn": (_flag(""), "SageAttention has no backward pass; train with --sdpa (or --xformers/--flash_attn)"),
+    "sage_attn": (
+        _flag(""),
+        "SageAttention has no backward pass; train with --sdpa (or --xformers/--flash_attn)",
+    ),
     "one_frame": (_flag(""), "one-frame (FramePack-style) training is not supported; leave --one_frame out"),
-    "resume_from_huggingface": (_flag(""), "this tool never contacts the Hub; download the state and pass --resume DIR"),
+    "resume_from_huggingface": (
+        _flag(""),
+        "this tool never contacts the Hub; download the state and pass --resume DIR",
+    ),
     "force_v2_1_time_embedding": (_flag(""), "a Wan2.2 option; this trainer handles Wan2.1 models"),
     "dit_high_noise": (_val(str, None, ""), "Wan2.2 two-expert training is not supported (Wan2.1 only)"),
     "timestep_boundary": (_val(str, None, ""), "Wan2.2 two-expert training is not supported (Wan2.1 only)"),
@@ -299,7 +368,11 @@ def build_config(ctx: click.Context, options: dict[str, Any], log=print):
             raise InputError(f"--{name}: {reason}")
     for name, (_kw, reason) in NOTED.items():
         if _given(ctx, name):
-            log(f"note: --{name} has no effect here: {reason}" if not reason.startswith("applied") else f"note: --{name}: {reason}")
+            log(
+                f"note: --{name} has no effect here: {reason}"
+                if not reason.startswith("applied")
+                else f"note: --{name}: {reason}"
+            )
     if options.get("cuda_allow_tf32"):
         import torch
 
@@ -312,7 +385,8 @@ def build_config(ctx: click.Context, options: dict[str, Any], log=print):
     module = options.pop("network_module")
     if module not in NETWORK_MODULES:
         raise InputError(
-            f"--network_module {module}: only networks.lora_wan (a LoRA) is available here; LoHa/LoKr/LyCORIS "
+            f"--network_module {module}: only networks.lora_wan (a LoRA) is available here; "
+            "LoHa/LoKr/LyCORIS "
             "networks are not"
         )
     options["attn"] = _attention(options)
@@ -330,7 +404,12 @@ def build_config(ctx: click.Context, options: dict[str, Any], log=print):
     return TrainConfig(**values)
 
 
-@click.command("train", cls=TrainCommand, epilog=EPILOG.format(noted=", ".join(f"--{n}" for n in NOTED)), context_settings={"max_content_width": 110})
+@click.command(
+    "train",
+    cls=TrainCommand,
+    epilog=EPILOG.format(noted=", ".join(f"--{n}" for n in NOTED)),
+    context_settings={"max_content_width": 110},
+)
 @_add_options
 @click.pass_context
 @handle_wan_errors
@@ -345,7 +424,9 @@ def train(ctx: click.Context, **options: Any) -> None:
 
         trainer.sample_hook = SampleHook.from_config(config)
     elif config.sample_every_n_steps or config.sample_every_n_epochs or config.sample_at_first:
-        trainer.log("note: --sample_every_n_*/--sample_at_first without --sample_prompts: no samples are made")
+        trainer.log(
+            "note: --sample_every_n_*/--sample_at_first without --sample_prompts: no samples are made"
+        )
     trainer.setup()
     trainer.run()
 

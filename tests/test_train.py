@@ -9,8 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from wan_kernel.training.config import TrainConfig
 from wan_kernel.training.trainer import Trainer, TrainingStopped, train
 
 REPO = Path(__file__).resolve().parents[1]
-QUIET = lambda message: None  # noqa: E731
+QUIET = lambda message: None
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +44,8 @@ def files(tmp_path_factory):
     write_tiny_caches(root / "cache_i2v", 2, image="i2v")
     (root / "img").mkdir()
     (root / "dataset.toml").write_text(
-        f'[general]\nresolution = [32, 32]\nbatch_size = 2\n\n[[datasets]]\nimage_directory = "{root / "img"}"\n'
+        f"[general]\nresolution = [32, 32]\nbatch_size = 2\n\n[[datasets]]\n"
+        f'image_directory = "{root / "img"}"\n'
         f'cache_directory = "{root / "cache"}"\nnum_repeats = 1\n'
     )
     return root
@@ -129,15 +128,29 @@ def test_loss_falls_over_30_steps_on_a_tiny_cached_dataset(files, tmp_path):
     one = tmp_path / "one"
     write_tiny_caches(one, 1, seed=5)
     config = _config(
-        files, tmp_path, cache_directories=[one], batch_size=1, learning_rate=3e-2, network_alpha=4.0,
-        max_train_steps=30, timestep_sampling="uniform", min_timestep=0, max_timestep=200,
+        files,
+        tmp_path,
+        cache_directories=[one],
+        batch_size=1,
+        learning_rate=3e-2,
+        network_alpha=4.0,
+        max_train_steps=30,
+        timestep_sampling="uniform",
+        min_timestep=0,
+        max_timestep=200,
     )
     trainer = _setup(config)
     batch = load_batch(trainer.data.all_items())
 
     def held_out_loss() -> float:  # the same 8 noise/timestep draws before and after
         with torch.no_grad():
-            return sum(float(trainer.batch_loss(batch, torch.Generator().manual_seed(1000 + i))) for i in range(8)) / 8
+            return (
+                sum(
+                    float(trainer.batch_loss(batch, torch.Generator().manual_seed(1000 + i)))
+                    for i in range(8)
+                )
+                / 8
+            )
 
     before = held_out_loss()
     losses = trainer.run().losses
@@ -156,7 +169,9 @@ def test_lora_network_names_targets_and_initialisation(files, tmp_path):
     assert torch.count_nonzero(lora.lora_up.weight) == 0 and lora.lora_down.weight.abs().sum() > 0
     assert lora.lora_down.weight.dtype == torch.float32 and lora.scale == 0.5
 
-    i2v = _setup(_config(files, tmp_path / "i", dit=files / "i2v.safetensors", cache_directories=[files / "cache_i2v"]))
+    i2v = _setup(
+        _config(files, tmp_path / "i", dit=files / "i2v.safetensors", cache_directories=[files / "cache_i2v"])
+    )
     assert len(i2v.network.loras) == 2 * 12 and "lora_unet_blocks_0_cross_attn_k_img" in i2v.network.loras
 
 
@@ -213,12 +228,26 @@ def test_resume_equals_an_uninterrupted_run_to_the_bit(files, tmp_path, every):
 
 
 def test_save_last_n_steps_keeps_only_recent_checkpoints(files, tmp_path):
-    train(_config(files, tmp_path, max_train_steps=7, save_every_n_steps=1, save_last_n_steps=2, save_state=True,
-                  save_last_n_steps_state=1), log=QUIET)
+    train(
+        _config(
+            files,
+            tmp_path,
+            max_train_steps=7,
+            save_every_n_steps=1,
+            save_last_n_steps=2,
+            save_state=True,
+            save_last_n_steps_state=1,
+        ),
+        log=QUIET,
+    )
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
-        "t-state", "t-step00000005.safetensors", "t-step00000006-state", "t-step00000006.safetensors",
-        "t.safetensors", "t_config.toml",
+        "t-state",
+        "t-step00000005.safetensors",
+        "t-step00000006-state",
+        "t-step00000006.safetensors",
+        "t.safetensors",
+        "t_config.toml",
     ]
 
 
@@ -258,7 +287,9 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(files, tmp
     script.write_text(KILL_SCRIPT)
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(files), str(out)], stdout=subprocess.PIPE, text=True,
+        [sys.executable, str(script), str(files), str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
@@ -308,8 +339,16 @@ def test_a_text_width_that_does_not_match_is_a_clear_error(files, tmp_path):
 
 
 def test_i2v_training_runs_on_i2v_caches(files, tmp_path):
-    result = train(_config(files, tmp_path, dit=files / "i2v.safetensors", cache_directories=[files / "cache_i2v"],
-                           max_train_steps=2), log=QUIET)
+    result = train(
+        _config(
+            files,
+            tmp_path,
+            dit=files / "i2v.safetensors",
+            cache_directories=[files / "cache_i2v"],
+            max_train_steps=2,
+        ),
+        log=QUIET,
+    )
     assert "lora_unet_blocks_1_cross_attn_v_img.lora_up.weight" in load_file(result.final_lora)
 
 
@@ -350,7 +389,9 @@ def test_every_option_of_the_seed_example_command_is_accepted(files):
     assert "the task t2v-1.3B needs dim 1536 with 30 layers" in result.output
     assert "note: --max_data_loader_n_workers has no effect here" in result.output
 
-    args = SEED_COMMAND.replace("--task t2v-1.3B ", "").replace("--max_train_epochs 16", "--max_train_epochs 2")
+    args = SEED_COMMAND.replace("--task t2v-1.3B ", "").replace(
+        "--max_train_epochs 16", "--max_train_epochs 2"
+    )
     if importlib.util.find_spec("bitsandbytes") is None:
         refused = _run_cli(args.split(), files)
         assert refused.exit_code == 1 and "pip install bitsandbytes" in refused.output
@@ -359,32 +400,34 @@ def test_every_option_of_the_seed_example_command_is_accepted(files):
     assert result.exit_code == 0, result.output
     out = files / "out"
     assert sorted(p.name for p in out.glob("*.safetensors")) == [
-        "name-of-lora-000001.safetensors", "name-of-lora.safetensors"
+        "name-of-lora-000001.safetensors",
+        "name-of-lora.safetensors",
     ]
 
 
 SEED_OPTIONS = """
-task fp8_scaled t5 fp8_t5 clip vae_cache_cpu one_frame force_v2_1_time_embedding dit_high_noise timestep_boundary
-offload_inactive_dit config_file dataset_config sdpa flash_attn sage_attn xformers flash3 split_attn compile
-compile_backend compile_mode compile_dynamic compile_fullgraph compile_cache_size_limit cuda_allow_tf32
-cuda_cudnn_benchmark dynamo_backend dynamo_mode dynamo_fullgraph dynamo_dynamic max_train_steps max_train_epochs
-max_data_loader_n_workers persistent_data_loader_workers seed gradient_checkpointing
-gradient_checkpointing_cpu_offload gradient_accumulation_steps mixed_precision save_precision logging_dir log_with
-log_prefix log_tracker_name wandb_run_name log_tracker_config wandb_api_key log_config ddp_timeout
-ddp_gradient_as_bucket_view ddp_static_graph sample_every_n_steps sample_at_first sample_every_n_epochs
-sample_prompts optimizer_type optimizer_args learning_rate max_grad_norm lr_scheduler lr_warmup_steps lr_decay_steps
-lr_scheduler_num_cycles lr_scheduler_power lr_scheduler_timescale lr_scheduler_min_lr_ratio lr_scheduler_type
-lr_scheduler_args fp8_base blocks_to_swap use_pinned_memory_for_block_swap block_swap_h2d_only block_swap_ring_size
-img_in_txt_in_offloading disable_numpy_memmap guidance_scale timestep_sampling discrete_flow_shift sigmoid_scale
-weighting_scheme logit_mean logit_std mode_scale min_timestep max_timestep preserve_distribution_shape
-num_timestep_buckets show_timesteps no_metadata network_weights network_module network_dim network_alpha
-network_dropout network_args training_comment dim_from_weights scale_weight_norms base_weights
-base_weights_multiplier output_dir output_name resume save_every_n_epochs save_every_n_steps save_last_n_epochs
+task fp8_scaled t5 fp8_t5 clip vae_cache_cpu one_frame force_v2_1_time_embedding dit_high_noise
+timestep_boundary offload_inactive_dit config_file dataset_config sdpa flash_attn sage_attn xformers flash3
+split_attn compile compile_backend compile_mode compile_dynamic compile_fullgraph compile_cache_size_limit
+cuda_allow_tf32 cuda_cudnn_benchmark dynamo_backend dynamo_mode dynamo_fullgraph dynamo_dynamic
+max_train_steps max_train_epochs max_data_loader_n_workers persistent_data_loader_workers seed
+gradient_checkpointing gradient_checkpointing_cpu_offload gradient_accumulation_steps mixed_precision
+save_precision logging_dir log_with log_prefix log_tracker_name wandb_run_name log_tracker_config
+wandb_api_key log_config ddp_timeout ddp_gradient_as_bucket_view ddp_static_graph sample_every_n_steps
+sample_at_first sample_every_n_epochs sample_prompts optimizer_type optimizer_args learning_rate
+max_grad_norm lr_scheduler lr_warmup_steps lr_decay_steps lr_scheduler_num_cycles lr_scheduler_power
+lr_scheduler_timescale lr_scheduler_min_lr_ratio lr_scheduler_type lr_scheduler_args fp8_base blocks_to_swap
+use_pinned_memory_for_block_swap block_swap_h2d_only block_swap_ring_size img_in_txt_in_offloading
+disable_numpy_memmap guidance_scale timestep_sampling discrete_flow_shift sigmoid_scale weighting_scheme
+logit_mean logit_std mode_scale min_timestep max_timestep preserve_distribution_shape num_timestep_buckets
+show_timesteps no_metadata network_weights network_module network_dim network_alpha network_dropout
+network_args training_comment dim_from_weights scale_weight_norms base_weights base_weights_multiplier
+output_dir output_name resume save_every_n_epochs save_every_n_steps save_last_n_epochs
 save_last_n_epochs_state save_last_n_steps save_last_n_steps_state save_state save_state_on_train_end
-metadata_title metadata_author metadata_description metadata_license metadata_tags metadata_reso metadata_arch
-huggingface_repo_id huggingface_repo_type huggingface_path_in_repo huggingface_token huggingface_repo_visibility
-save_state_to_huggingface resume_from_huggingface async_upload dit vae vae_dtype
-""".split()
+metadata_title metadata_author metadata_description metadata_license metadata_tags metadata_reso
+metadata_arch huggingface_repo_id huggingface_repo_type huggingface_path_in_repo huggingface_token
+huggingface_repo_visibility save_state_to_huggingface resume_from_huggingface async_upload dit vae vae_dtype
+""".split()  # noqa: SIM905
 """Every option of the seed's ``wan_train_network.py`` (reference inventory section 1.2)."""
 
 
@@ -400,8 +443,18 @@ def test_config_file_gives_defaults_and_the_command_line_wins(files, tmp_path):
         f'[model]\ndit = "{files / "dit.safetensors"}"\n[training]\nnetwork_dim = 8\nmax_train_steps = 1\n'
         f'network_args = ["rank_dropout=0.1"]\nlearning_rate = 0.5\n'
     )
-    args = ["--config_file", "train.toml", "--dataset_config", str(files / "dataset.toml"), "--output_dir", "o",
-            "--output_name", "c", "--learning_rate", "0.001"]
+    args = [
+        "--config_file",
+        "train.toml",
+        "--dataset_config",
+        str(files / "dataset.toml"),
+        "--output_dir",
+        "o",
+        "--output_name",
+        "c",
+        "--learning_rate",
+        "0.001",
+    ]
     result = _run_cli(args, tmp_path)
     assert result.exit_code == 0, result.output
     sd = load_file(tmp_path / "o" / "c.safetensors")
@@ -432,8 +485,19 @@ def test_config_file_gives_defaults_and_the_command_line_wins(files, tmp_path):
     ],
 )
 def test_options_that_cannot_work_fail_with_a_message(files, tmp_path, extra, fragment):
-    args = ["--dit", str(files / "dit.safetensors"), "--dataset_config", str(files / "dataset.toml"),
-            "--output_dir", "o", "--output_name", "x", "--max_train_steps", "1", *extra]
+    args = [
+        "--dit",
+        str(files / "dit.safetensors"),
+        "--dataset_config",
+        str(files / "dataset.toml"),
+        "--output_dir",
+        "o",
+        "--output_name",
+        "x",
+        "--max_train_steps",
+        "1",
+        *extra,
+    ]
     result = _run_cli(args, tmp_path)
     assert result.exit_code == 1, result.output
     assert fragment in result.output and "Traceback" not in result.output
@@ -469,13 +533,41 @@ def test_saved_lora_has_the_same_effect_in_the_generation_loader(files, tmp_path
 def test_two_processes_train_one_lora(files, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [
-        str(torchrun), "--nproc_per_node", "2", "--master_port", "29531", "-m", "wan_cli.main", "run", "train",
-        "--dit", str(files / "dit.safetensors"), "--dataset_config", str(files / "dataset.toml"),
-        "--output_dir", str(tmp_path / "o"), "--output_name", "dp", "--network_dim", "4",
-        "--max_train_steps", "3", "--seed", "1", "--learning_rate", "1e-2", "--save_state_on_train_end",
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "-m",
+        "wan_cli.main",
+        "run",
+        "train",
+        "--dit",
+        str(files / "dit.safetensors"),
+        "--dataset_config",
+        str(files / "dataset.toml"),
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--output_name",
+        "dp",
+        "--network_dim",
+        "4",
+        "--max_train_steps",
+        "3",
+        "--seed",
+        "1",
+        "--learning_rate",
+        "1e-2",
+        "--save_state_on_train_end",
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    result = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     assert result.stdout.count("saved ") == 2  # rank 0 alone reports (and writes) the LoRA and the state
@@ -483,7 +575,10 @@ def test_two_processes_train_one_lora(files, tmp_path):
     assert any(k.endswith("lora_up.weight") and t.abs().sum() > 0 for k, t in sd.items())
     state = tmp_path / "o" / "dp-state"
     assert json.loads((state / "train_state.json").read_text())["num_processes"] == 2
-    assert sorted(p.name for p in state.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in state.glob("random_states_*")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
 
 
 FIXTURES = REPO.parent / "shared" / "fixtures" / "wan21_reference"
@@ -496,12 +591,22 @@ def test_samples_during_training_equal_wan_run_generate_with_the_saved_lora(file
 
     prompts = tmp_path / "prompts.toml"
     prompts.write_text(
-        '[prompt]\nwidth = 32\nheight = 32\nsample_steps = 3\nguidance_scale = 4.0\n\n'
+        "[prompt]\nwidth = 32\nheight = 32\nsample_steps = 3\nguidance_scale = 4.0\n\n"
         '[[prompt.subset]]\nprompt = "a red fox"\nseed = 11\n\n[[prompt.subset]]\nprompt = "a cat"\n'
     )
     t5, vae = FIXTURES / "t5" / "weights.safetensors", FIXTURES / "vae" / "weights.safetensors"
-    config = _config(files, tmp_path / "o", max_train_steps=2, save_every_n_steps=1, sample_every_n_steps=1,
-                     sample_prompts=prompts, t5=t5, vae=vae, t5_tokenizer="builtin:bytes", learning_rate=5e-2)
+    config = _config(
+        files,
+        tmp_path / "o",
+        max_train_steps=2,
+        save_every_n_steps=1,
+        sample_every_n_steps=1,
+        sample_prompts=prompts,
+        t5=t5,
+        vae=vae,
+        t5_tokenizer="builtin:bytes",
+        learning_rate=5e-2,
+    )
     trainer = Trainer(config, log=QUIET)
     hook = SampleHook.from_config(config)
     made = []
@@ -513,10 +618,20 @@ def test_samples_during_training_equal_wan_run_generate_with_the_saved_lora(file
 
     reference = generate(
         GenerateConfig(
-            prompt="a red fox", seed=11, video_size=(32, 32), video_length=1, infer_steps=3, guidance_scale=4.0,
-            dit=str(files / "dit.safetensors"), vae=str(vae), t5=str(t5), t5_tokenizer="builtin:bytes",
-            dit_dtype="float32", lora_weights=[str(tmp_path / "o" / "t-step00000001.safetensors")],
-            save_path=str(tmp_path / "ref"), output_type="both",
+            prompt="a red fox",
+            seed=11,
+            video_size=(32, 32),
+            video_length=1,
+            infer_steps=3,
+            guidance_scale=4.0,
+            dit=str(files / "dit.safetensors"),
+            vae=str(vae),
+            t5=str(t5),
+            t5_tokenizer="builtin:bytes",
+            dit_dtype="float32",
+            lora_weights=[str(tmp_path / "o" / "t-step00000001.safetensors")],
+            save_path=str(tmp_path / "ref"),
+            output_type="both",
         ),
         log=QUIET,
         progress=False,
@@ -531,7 +646,9 @@ def test_samples_during_training_equal_wan_run_generate_with_the_saved_lora(file
 
 
 def test_network_weights_and_dim_from_weights_start_from_a_file(files, tmp_path):
-    first = train(_config(files, tmp_path / "a", network_dim=8, network_alpha=3.0, max_train_steps=2), log=QUIET)
+    first = train(
+        _config(files, tmp_path / "a", network_dim=8, network_alpha=3.0, max_train_steps=2), log=QUIET
+    )
     start = load_file(first.final_lora)
     trainer = _setup(_config(files, tmp_path / "b", network_weights=first.final_lora, dim_from_weights=True))
     again = trainer.network.kohya_state_dict()
@@ -546,12 +663,16 @@ def test_base_weights_are_merged_into_the_frozen_dit_before_training(files, tmp_
     from wan_kernel.training.data import load_batch
 
     first = train(_config(files, tmp_path / "a", max_train_steps=2, learning_rate=5e-2), log=QUIET)
-    trainer = _setup(_config(files, tmp_path / "b", base_weights=[first.final_lora], base_weights_multiplier=[0.5]))
+    trainer = _setup(
+        _config(files, tmp_path / "b", base_weights=[first.final_lora], base_weights_multiplier=[0.5])
+    )
     batch = load_batch(trainer.data.all_items()[:1])
     x, t = torch.randn(batch["latents"].shape), torch.tensor([300.0])
     with torch.no_grad():
-        expected = apply_loras(load_dit(files / "dit.safetensors", dtype=torch.float32),
-                               [{"path": first.final_lora, "multiplier": 0.5}])(x, t, batch["t5"])
+        expected = apply_loras(
+            load_dit(files / "dit.safetensors", dtype=torch.float32),
+            [{"path": first.final_lora, "multiplier": 0.5}],
+        )(x, t, batch["t5"])
         torch.testing.assert_close(trainer.model(x, t, batch["t5"]), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -559,13 +680,18 @@ def test_gradient_checkpointing_and_its_cpu_offload_give_the_same_gradients(file
     from wan_kernel.training.data import load_batch
 
     grads = []
-    for extra in ({}, {"gradient_checkpointing": True}, {"gradient_checkpointing": True,
-                                                          "gradient_checkpointing_cpu_offload": True}):
+    for extra in (
+        {},
+        {"gradient_checkpointing": True},
+        {"gradient_checkpointing": True, "gradient_checkpointing_cpu_offload": True},
+    ):
         trainer = _setup(_config(files, tmp_path / str(len(grads)), network_dropout=0.1, **extra))
         for lora in trainer.network.loras.values():
             torch.nn.init.constant_(lora.lora_up.weight, 0.01)
         torch.manual_seed(0)  # the dropout masks
-        trainer.batch_loss(load_batch(trainer.data.all_items()[:2]), torch.Generator().manual_seed(1)).backward()
+        trainer.batch_loss(
+            load_batch(trainer.data.all_items()[:2]), torch.Generator().manual_seed(1)
+        ).backward()
         grads.append(torch.cat([p.grad.flatten() for p in trainer.network.parameters()]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(grads[2], grads[0], rtol=1e-5, atol=1e-7)
@@ -584,12 +710,18 @@ def test_block_swap_training_gives_the_same_gradients_as_resident_blocks(files, 
             torch.nn.init.constant_(lora.lora_up.weight, 0.01)
         if swap:
             runner = BlockSwapOffloader().attach(
-                trainer.dit.blocks, device="cpu", blocks_to_swap=1, training=True, pin_memory=False,
+                trainer.dit.blocks,
+                device="cpu",
+                blocks_to_swap=1,
+                training=True,
+                pin_memory=False,
                 _allow_cpu_for_tests=True,
             )
             trainer.dit.set_block_runner(runner)
             runner.prepare()
-        trainer.batch_loss(load_batch(trainer.data.all_items()[:2]), torch.Generator().manual_seed(1)).backward()
+        trainer.batch_loss(
+            load_batch(trainer.data.all_items()[:2]), torch.Generator().manual_seed(1)
+        ).backward()
         grads.append(torch.cat([p.grad.flatten() for p in trainer.network.parameters()]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
@@ -598,8 +730,14 @@ def test_block_swap_training_gives_the_same_gradients_as_resident_blocks(files, 
     "optimizer, extra",
     [
         ("AdaFactor", {"lr_scheduler": "adafactor"}),
-        ("AdaFactor", {"optimizer_args": ["relative_step=False", "scale_parameter=False", "warmup_init=False"]}),
-        ("torch.optim.SGD", {"optimizer_args": ["momentum=0.9"], "lr_scheduler": "linear", "lr_warmup_steps": "50%"}),
+        (
+            "AdaFactor",
+            {"optimizer_args": ["relative_step=False", "scale_parameter=False", "warmup_init=False"]},
+        ),
+        (
+            "torch.optim.SGD",
+            {"optimizer_args": ["momentum=0.9"], "lr_scheduler": "linear", "lr_warmup_steps": "50%"},
+        ),
         ("AdamW8bit", {}),
     ],
 )

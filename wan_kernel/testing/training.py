@@ -28,8 +28,9 @@ def tiny_dit_config(model_type: str = "t2v", *, layers: int = 2) -> DiTConfig:
     )
 
 
-def write_tiny_dit(path: Path, model_type: str = "t2v", *, seed: int = 0, layers: int = 2,
-                   dtype: torch.dtype = torch.float32) -> DiTConfig:
+def write_tiny_dit(
+    path: Path, model_type: str = "t2v", *, seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32
+) -> DiTConfig:
     """Write a random tiny DiT (official key layout) to ``path``; the head is random too, so the
     output depends on the input (the official init zeroes it)."""
     from wan_kernel.testing.attention import reference_attention
@@ -85,7 +86,10 @@ def write_tiny_caches(
         )
         save_file(tensors, str(directory / name), metadata=meta)
         text = {f"varlen_t5_{dname}": torch.randn(text_len + i % 3, text_dim, generator=g).to(dtype)}
-        save_file(text, str(directory / f"{base}_wan_te.safetensors"),
-                  metadata={"architecture": "wan", "caption1": f"caption {i}", "format_version": "1.0.1"})
+        save_file(
+            text,
+            str(directory / f"{base}_wan_te.safetensors"),
+            metadata={"architecture": "wan", "caption1": f"caption {i}", "format_version": "1.0.1"},
+        )
         out.append(directory / name)
     return out

@@ -67,9 +67,7 @@ def safetensors_hashes(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str]:
     return model_hash, legacy
 
 
-def save_lora(
-    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
-) -> Path:
+def save_lora(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> Path:
     """Write a LoRA file atomically; ``metadata`` gets the two ``sshs_*`` hashes added (None: none)."""
     for key, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
@@ -130,7 +128,9 @@ def read_train_state(state_dir: Path) -> dict:
     return state
 
 
-def prune(output_dir: Path, output_name: str, *, kind: str, keep: int | None, current: int, state: bool) -> list[Path]:
+def prune(
+    output_dir: Path, output_name: str, *, kind: str, keep: int | None, current: int, state: bool
+) -> list[Path]:
     """Delete older checkpoints (``kind`` ``epoch``: keep the last ``keep`` epochs saved; ``step``: keep
     those whose step is > ``current - keep``). Returns what was deleted."""
     if not keep:

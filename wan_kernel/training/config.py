@@ -14,8 +14,16 @@ import attrs
 from wan_kernel.errors import InputError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
-SAVE_PRECISION = {None: "float32", "float": "float32", "fp32": "float32", "float32": "float32",
-                  "fp16": "float16", "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+SAVE_PRECISION = {
+    None: "float32",
+    "float": "float32",
+    "fp32": "float32",
+    "float32": "float32",
+    "fp16": "float16",
+    "float16": "float16",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+}
 
 
 def _opt_path(value: Any) -> Path | None:
@@ -62,7 +70,9 @@ class TrainConfig:
     network_weights: Path | None = attrs.field(default=None, converter=_opt_path)
     dim_from_weights: bool = False
     base_weights: tuple[Path, ...] = attrs.field(default=(), converter=_paths)
-    base_weights_multiplier: tuple[float, ...] = attrs.field(default=(), converter=lambda v: tuple(float(x) for x in v or ()))
+    base_weights_multiplier: tuple[float, ...] = attrs.field(
+        default=(), converter=lambda v: tuple(float(x) for x in v or ())
+    )
     scale_weight_norms: float | None = None
     # memory
     gradient_checkpointing: bool = False
@@ -142,7 +152,9 @@ class TrainConfig:
 
     def __attrs_post_init__(self) -> None:
         if self.mixed_precision not in MIXED_PRECISION:
-            raise InputError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
+            raise InputError(
+                f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
         if self.save_precision not in SAVE_PRECISION:
             raise InputError(f"--save_precision must be float, fp16 or bf16, got {self.save_precision!r}")
         if self.gradient_accumulation_steps < 1:
@@ -153,7 +165,10 @@ class TrainConfig:
             raise InputError("--max_train_epochs must be >= 1")
         if self.fp8_scaled and not self.fp8_base:
             raise InputError("--fp8_scaled needs --fp8_base (the seed's rule): add --fp8_base")
-        if self.base_weights_multiplier and len(self.base_weights_multiplier) not in (1, len(self.base_weights)):
+        if self.base_weights_multiplier and len(self.base_weights_multiplier) not in (
+            1,
+            len(self.base_weights),
+        ):
             raise InputError("--base_weights_multiplier takes one value, or one per --base_weights file")
         if self.num_timestep_buckets not in (None, 0, 1):
             raise InputError(

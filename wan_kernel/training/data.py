@@ -30,7 +30,9 @@ from safetensors import safe_open
 
 from wan_kernel.errors import InputError
 
-LATENT_FILE_RE = re.compile(r"^(?P<base>.+?)_(?:(?P<start>\d{5})-(?P<frames>\d{3})_)?(?P<w>\d{4})x(?P<h>\d{4})_wan\.safetensors$")
+LATENT_FILE_RE = re.compile(
+    r"^(?P<base>.+?)_(?:(?P<start>\d{5})-(?P<frames>\d{3})_)?(?P<w>\d{4})x(?P<h>\d{4})_wan\.safetensors$"
+)
 LATENT_KEY_RE = re.compile(r"^latents_(?P<f>\d+)x(?P<h>\d+)x(?P<w>\d+)_(?P<dtype>\w+)$")
 IMAGE_KEY_RE = re.compile(r"^latents_image_(?P<f>\d+)x(?P<h>\d+)x(?P<w>\d+)_(?P<dtype>\w+)$")
 CLIP_KEY_RE = re.compile(r"^clip_(?P<dtype>\w+)$")
@@ -102,7 +104,10 @@ def scan_cache_directory(directory: Path, *, warn=print) -> list[CachedItem]:
             continue
         text_path = directory / f"{m.group('base')}{TEXT_SUFFIX}"
         if not text_path.exists():
-            warn(f"warning: {path.name} has no text cache {text_path.name}; skipped (run wan run cache --t5 ...)")
+            warn(
+                f"warning: {path.name} has no text cache {text_path.name}; skipped "
+                "(run wan run cache --t5 ...)"
+            )
             continue
         shapes, meta = _header(path)
         if meta.get("architecture", "wan") not in ("wan", "wan21", "wan2.1"):
@@ -139,7 +144,7 @@ class TrainingData:
     items: list[list[CachedItem]]  # per source
 
     @classmethod
-    def scan(cls, sources: Sequence[CacheSource], *, warn=print) -> "TrainingData":
+    def scan(cls, sources: Sequence[CacheSource], *, warn=print) -> TrainingData:
         if not sources:
             raise InputError("no datasets: give --dataset_config (or cache directories)")
         items = [scan_cache_directory(s.cache_directory, warn=warn) for s in sources]

@@ -59,7 +59,9 @@ def loss_weights(sampler: Any, t: torch.Tensor, config: TimestepSamplingConfig) 
     return module_loss_weights(t, config.weighting_scheme).float()
 
 
-def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+def flow_matching_loss(
+    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """``mean(w * (pred - target)^2)`` over all elements, in float32 (``weights`` ``[B]`` or None)."""
     err = (pred.float() - target.float()) ** 2
     if weights is not None:

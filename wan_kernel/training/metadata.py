@@ -56,7 +56,8 @@ def lora_metadata(
         "ss_mixed_precision": config.mixed_precision,
         "ss_seed": seed,
         "ss_training_comment": config.training_comment,
-        "ss_optimizer": optimizer_name + (f"({','.join(config.optimizer_args)})" if config.optimizer_args else ""),
+        "ss_optimizer": optimizer_name
+        + (f"({','.join(config.optimizer_args)})" if config.optimizer_args else ""),
         "ss_max_grad_norm": config.max_grad_norm,
         "ss_fp8_base": config.fp8_base,
         "ss_fp8_scaled": config.fp8_scaled,

@@ -139,8 +139,10 @@ class LoraModule(nn.Module):
         if self.training and self.dropout:
             h = nn.functional.dropout(h, p=self.dropout)
         if self.training and self.rank_dropout:
-            keep = (torch.rand(h.shape[0], *([1] * (h.ndim - 2)), h.shape[-1], device=h.device)
-                    > self.rank_dropout).to(h.dtype)  # [B, 1.., r]
+            keep = (
+                torch.rand(h.shape[0], *([1] * (h.ndim - 2)), h.shape[-1], device=h.device)
+                > self.rank_dropout
+            ).to(h.dtype)  # [B, 1.., r]
             h = h * keep
             scale = scale / (1.0 - self.rank_dropout)
         return self.lora_up(h) * (self.multiplier * scale)  # [..., out]
@@ -149,9 +151,15 @@ class LoraModule(nn.Module):
 class LoraNetwork(nn.Module):
     """All :class:`LoraModule` s of one DiT, keyed by their kohya names (``lora_unet_...``)."""
 
-    def __init__(self, model: nn.Module, config: NetworkConfig, *, dims: Mapping[str, int] | None = None,
-                 alphas: Mapping[str, float] | None = None):
-        """Build a LoRA for ``model``'s targets; ``dims``/``alphas`` override per module (``--dim_from_weights``)."""
+    def __init__(
+        self,
+        model: nn.Module,
+        config: NetworkConfig,
+        *,
+        dims: Mapping[str, int] | None = None,
+        alphas: Mapping[str, float] | None = None,
+    ):
+        """A LoRA on ``model``'s targets; ``dims``/``alphas`` per module (``--dim_from_weights``)."""
         super().__init__()
         self.config = config
         self.loras = nn.ModuleDict()
@@ -313,8 +321,11 @@ def network_config_from_args(
     args = parse_network_args(list(network_args or ()))
     unknown = sorted(set(args) - set(NETWORK_ARG_KEYS))
     if unknown:
-        hint = " (conv_dim/conv_alpha: the Wan DiT has no convolution inside its blocks)" if {
-            "conv_dim", "conv_alpha"} & set(unknown) else ""
+        hint = (
+            " (conv_dim/conv_alpha: the Wan DiT has no convolution inside its blocks)"
+            if {"conv_dim", "conv_alpha"} & set(unknown)
+            else ""
+        )
         raise InputError(
             f"unknown --network_args {', '.join(unknown)}; known: {', '.join(NETWORK_ARG_KEYS)}{hint}"
         )

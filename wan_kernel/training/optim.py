@@ -59,7 +59,10 @@ def _import_class(path: str, what: str) -> type:
 
 
 def build_optimizer(
-    optimizer_type: str | None, param_groups: list[dict], learning_rate: float, optimizer_args: Sequence[str] | None
+    optimizer_type: str | None,
+    param_groups: list[dict],
+    learning_rate: float,
+    optimizer_args: Sequence[str] | None,
 ) -> tuple[torch.optim.Optimizer, str]:
     """The optimizer and its display name (``module.Class``)."""
     name = (optimizer_type or "AdamW").strip()
@@ -108,7 +111,7 @@ def build_optimizer(
     return optimizer, f"{cls.__module__}.{cls.__name__}"
 
 
-def warmup_steps(value: str | int | float | None, total_steps: int) -> int:
+def warmup_steps(value: str | float | None, total_steps: int) -> int:
     """``--lr_warmup_steps``: an int, a ratio of the total (float < 1) or ``"N%"``."""
     if value is None or value == "":
         return 0
@@ -118,7 +121,9 @@ def warmup_steps(value: str | int | float | None, total_steps: int) -> int:
             return int(total_steps * float(text[:-1]) / 100)
         number = float(text)
     except ValueError:
-        raise InputError(f"--lr_warmup_steps must be an integer, a ratio below 1 or N%, got {value!r}") from None
+        raise InputError(
+            f"--lr_warmup_steps must be an integer, a ratio below 1 or N%, got {value!r}"
+        ) from None
     if number < 0:
         raise InputError(f"--lr_warmup_steps must be >= 0, got {value!r}")
     return int(total_steps * number) if number < 1 and "." in text else int(number)
@@ -129,8 +134,8 @@ def build_scheduler(
     *,
     name: str,
     total_steps: int,
-    warmup: str | int | float | None = 0,
-    decay_steps: str | int | float | None = 0,
+    warmup: str | float | None = 0,
+    decay_steps: str | float | None = 0,
     num_cycles: int = 1,
     power: float = 1.0,
     timescale: int | None = None,

@@ -59,10 +59,14 @@ def _spec(entry: Any, where: str, index: int) -> PromptSpec:
     if isinstance(entry, str):
         return PromptSpec(prompt=entry, line=index + 1)
     if not isinstance(entry, dict):
-        raise InputError(f"{where}: entry {index + 1} must be a prompt text or a table, got {type(entry).__name__}")
+        raise InputError(
+            f"{where}: entry {index + 1} must be a prompt text or a table, got {type(entry).__name__}"
+        )
     unknown = sorted(set(entry) - set(_KEYS))
     if unknown:
-        raise InputError(f"{where}: entry {index + 1} has unknown keys {', '.join(unknown)}; known: {', '.join(_KEYS)}")
+        raise InputError(
+            f"{where}: entry {index + 1} has unknown keys {', '.join(unknown)}; known: {', '.join(_KEYS)}"
+        )
     if not entry.get("prompt"):
         raise InputError(f"{where}: entry {index + 1} has no prompt")
     return PromptSpec(line=index + 1, **{_KEYS[k]: v for k, v in entry.items()})
@@ -128,7 +132,7 @@ class SampleHook:
         self.pipeline: GenerationPipeline | None = None
 
     @classmethod
-    def from_config(cls, config) -> "SampleHook":
+    def from_config(cls, config) -> SampleHook:
         """Check the prompt file and the model paths now, before training starts."""
         prompts = read_sample_prompts(config.sample_prompts)
         missing = [o for o, v in (("--vae", config.vae), ("--t5", config.t5)) if v is None]
@@ -156,7 +160,11 @@ class SampleHook:
                 **SAMPLE_DEFAULTS,
             )
             self.pipeline = GenerationPipeline(
-                gen, models=TrainingModels(gen, trainer.dit), log=trainer.log, progress=False, keep_models=True
+                gen,
+                models=TrainingModels(gen, trainer.dit),
+                log=trainer.log,
+                progress=False,
+                keep_models=True,
             )
             self.pipeline.setup()
         return self.pipeline
@@ -175,7 +183,9 @@ class SampleHook:
                 with torch.random.fork_rng(devices=devices):
                     for index, spec in enumerate(self.prompts):
                         seed = spec.seed if spec.seed is not None else trainer.seed + index
-                        pipeline.config.save_path = str(folder / f"{self.config.output_name}_{tag}_{index:02d}_{seed}.mp4")
+                        pipeline.config.save_path = str(
+                            folder / f"{self.config.output_name}_{tag}_{index:02d}_{seed}.mp4"
+                        )
                         spec = PromptSpec(**{**_fields(spec), "seed": seed})
                         pipeline._request_count = 0  # one file per call, named by save_path as given
                         results.extend(pipeline.run([spec]))

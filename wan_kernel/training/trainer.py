@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 import random
 import resource
 import time
@@ -160,7 +159,8 @@ def check_caches(data: TrainingData, dit_config, task: str) -> None:
         image_channels = item.image_key and 20 or 0
         if channels + image_channels != dit_config.in_dim:
             raise InputError(
-                f"{name}: latents with {channels}{' + 20 image' if image_channels else ''} channels do not fit "
+                f"{name}: latents with {channels}{' + 20 image' if image_channels else ''} channels "
+                f"do not fit "
                 f"the DiT's in_dim {dit_config.in_dim}"
             )
         if needs_image and item.clip_shape is not None:
@@ -330,20 +330,30 @@ class Trainer:
         self.task = cfg.task or task_of(dit.config)
         check_caches(self.data, dit.config, self.task)
         if swap and swap > dit.config.num_layers - 1:
-            raise InputError(f"--blocks_to_swap {swap} is too many for {dit.config.num_layers} blocks (max {dit.config.num_layers - 1})")
+            raise InputError(
+                f"--blocks_to_swap {swap} is too many for {dit.config.num_layers} blocks "
+                f"(max {dit.config.num_layers - 1})"
+            )
 
         # the LoRA
-        net_cfg = network_config_from_args(cfg.network_dim, cfg.network_alpha, cfg.network_dropout, cfg.network_args)
+        net_cfg = network_config_from_args(
+            cfg.network_dim, cfg.network_alpha, cfg.network_dropout, cfg.network_args
+        )
         initial = self._read_network_weights() if cfg.network_weights else None
         dims = alphas = None
         if cfg.dim_from_weights:
             if initial is None:
-                raise InputError("--dim_from_weights needs --network_weights (the file to take the ranks from)")
+                raise InputError(
+                    "--dim_from_weights needs --network_weights (the file to take the ranks from)"
+                )
             dims, alphas = dims_from_weights(initial)
         network = LoraNetwork(dit, net_cfg, dims=dims, alphas=alphas)
         if initial is not None:
             unmatched = network.load_kohya_state_dict(initial, source=str(cfg.network_weights))
-            self.log(f"LoRA weights from {cfg.network_weights}" + (f"; {len(unmatched)} modules had no target" if unmatched else ""))
+            self.log(
+                f"LoRA weights from {cfg.network_weights}"
+                + (f"; {len(unmatched)} modules had no target" if unmatched else "")
+            )
         network.to(self.device)
         network.attach(dit)
         dit.enable_gradient_checkpointing(cfg.gradient_checkpointing)
@@ -352,20 +362,26 @@ class Trainer:
                 if name != "blocks":
                     child.to(self.device)
             runner = offloader.attach(
-                dit.blocks, device=self.device, blocks_to_swap=swap, training=True,
+                dit.blocks,
+                device=self.device,
+                blocks_to_swap=swap,
+                training=True,
                 pin_memory=cfg.use_pinned_memory_for_block_swap,
             )
             dit.set_block_runner(runner)
             runner.prepare()
         self.dit, self.network, self.net_cfg = dit, network, net_cfg
         self.log(
-            f"task {self.task}: LoRA rank {net_cfg.dim} alpha {net_cfg.alpha:g} on {len(network.loras)} modules "
+            f"task {self.task}: LoRA rank {net_cfg.dim} alpha {net_cfg.alpha:g} "
+            f"on {len(network.loras)} modules "
             f"({sum(p.numel() for p in network.parameters()):,} parameters)"
         )
 
         # optimisation
         groups = network.param_groups(cfg.learning_rate)
-        optimizer, self.optimizer_name = build_optimizer(cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args)
+        optimizer, self.optimizer_name = build_optimizer(
+            cfg.optimizer_type, groups, cfg.learning_rate, cfg.optimizer_args
+        )
         self.scheduler = build_scheduler(
             optimizer,
             name=cfg.lr_scheduler,
@@ -420,7 +436,8 @@ class Trainer:
         if saved_processes != self.accelerator.num_processes:
             self.log(
                 f"note: the state was saved by {saved_processes} process(es), this run has "
-                f"{self.accelerator.num_processes}: the batches of the current epoch are shared out anew, so the "
+                f"{self.accelerator.num_processes}: the batches of the current epoch are shared out anew, "
+                "so the "
                 "run continues from the same step but is not the one an uninterrupted run would have made"
             )
         self.accelerator.load_state(str(state_dir))
@@ -439,7 +456,9 @@ class Trainer:
         x0 = batch["latents"].float()  # [B, 16, F, H, W]
         b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
-        t = self.sampler.sample(b, config=self.timestep_config, latent_shape=tuple(x0.shape), generator=generator)
+        t = self.sampler.sample(
+            b, config=self.timestep_config, latent_shape=tuple(x0.shape), generator=generator
+        )
         weights = loss_weights(self.sampler, t, self.timestep_config)
         x0, noise, t, weights = (v.to(self.device) for v in (x0, noise, t, weights))
         x_t = noisy_latents(x0, noise, t)
@@ -479,7 +498,7 @@ class Trainer:
         if self.config.no_metadata:
             return None
         shapes = sorted({item.latent_shape[1:] for item in self.data.all_items()})
-        f, h, w = shapes[0]
+        _, h, w = shapes[0]
         return lora_metadata(
             self.config,
             session_id=self.session_id,
@@ -573,7 +592,9 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         self.save_effective_config()
         if acc.log_with:
-            acc.init_trackers(cfg.log_tracker_name or "network_train", config={"seed": self.seed, "task": self.task})
+            acc.init_trackers(
+                cfg.log_tracker_name or "network_train", config={"seed": self.seed, "task": self.task}
+            )
         start = time.time()
         losses: list[float] = []
         recent: list[float] = []
@@ -622,7 +643,12 @@ class Trainer:
         if cfg.save_state or cfg.save_state_on_train_end:
             self.save_state(f"{cfg.output_name}-state", epoch=last[0], batches_done=last[1])
         if self.sample_hook and (cfg.sample_every_n_epochs or cfg.sample_every_n_steps):
-            self.sample_hook(self, epoch=final_epoch, step=self.global_step, at="epoch" if cfg.sample_every_n_epochs else "step")
+            self.sample_hook(
+                self,
+                epoch=final_epoch,
+                step=self.global_step,
+                at="epoch" if cfg.sample_every_n_epochs else "step",
+            )
         acc.end_training()
         seconds = time.time() - start
         peak = _peak_memory(self.device)
