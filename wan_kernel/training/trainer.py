@@ -268,7 +268,11 @@ class Trainer:
         from wan_kernel.plugins import resolve
 
         cfg, acc = self.config, self.accelerator
-        self.seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(1 << 31)
+        self.seed = cfg.seed
+        if self.seed is None:  # one random seed for all processes: they must agree on the data order
+            from accelerate.utils import broadcast_object_list
+
+            self.seed = broadcast_object_list([random.SystemRandom().randrange(1 << 31)])[0]
         set_seed(self.seed)
 
         # data first: a bad cache folder should fail before a 14B model is loaded
@@ -601,7 +605,7 @@ class Trainer:
         self.log(
             f"{self.data.num_items} items, {self.batches_per_epoch} batches per epoch and process, "
             f"{self.steps_per_epoch} steps per epoch, {self.max_steps} steps ({self.num_epochs} epochs), "
-            f"{acc.num_processes} process(es)"
+            f"{acc.num_processes} process(es), seed {self.seed}"
         )
         progress = tqdm(
             total=self.max_steps,
