@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 import click
-from wan_cli.errors import handle_wan_errors
+from wan_cli.errors import WanCliError, handle_wan_errors
 from wan_cli.generate import expand_multi_value_options
 
 from wan_kernel.errors import InputError
@@ -428,7 +428,14 @@ def train(ctx: click.Context, **options: Any) -> None:
             "note: --sample_every_n_*/--sample_at_first without --sample_prompts: no samples are made"
         )
     trainer.setup()
-    trainer.run()
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        saved = [p.name for p in trainer.files]
+        last = f"the last checkpoint is {saved[-1]}" if saved else "nothing was saved"
+        raise WanCliError(
+            f"interrupted at step {trainer.global_step}; {last} (in {config.output_dir})", exit_code=130
+        ) from None
 
 
 if __name__ == "__main__":  # pragma: no cover
