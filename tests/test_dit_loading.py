@@ -22,6 +22,7 @@ from wan_kernel.models.dit_config import DiTConfig
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
 from wan_kernel.models.dit_loading import load_dit
 from wan_kernel.plugins import PluginManager
+from wan_kernel.pipelines.plugin_setup import resolve_plugin, resolve_quantizer
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
@@ -354,7 +355,11 @@ def test_quantizer_by_name_through_plugins():
     module.wan_register_quantization = wan_register_quantization
     module.wan_register_attention = wan_register_attention
     pm = PluginManager(load_entry_points=False, extra_plugins=[("fake", module)], environ={})
-    model = load_dit(T2V / "weights.safetensors", quant="fake_int8", attention="sdpa", plugin_manager=pm)
+    model = load_dit(
+        T2V / "weights.safetensors",
+        quant=resolve_quantizer("fake_int8", target="dit", manager=pm),
+        attention=resolve_plugin("attention", "sdpa", manager=pm),
+    )
     assert quantizer.calls == [("convert", "dit", "meta", torch.float32), ("quantize", "dit", "cpu")]
     ffn = model.blocks[1].ffn[2]
     assert isinstance(ffn, Int8Linear) and ffn.weight.dtype == torch.int8 and ffn.scale.dtype == torch.float32
@@ -438,16 +443,16 @@ def test_loras_with_fp8_scaled_equal_merging_then_quantizing(tmp_path):
     from wan_kernel.lora import LoraSpec, merge_loras_into_state_dict
 
     specs = [LoraSpec(lora_file(tmp_path))]
-    model = load_dit(T2V / "weights.safetensors", loras=specs, quant="fp8_scaled")
+    model = load_dit(T2V / "weights.safetensors", loras=specs, quant=resolve_quantizer("fp8_scaled", target="dit"))
     merged = weights(T2V)
     merge_loras_into_state_dict(merged, specs)
-    by_hand = load_dit(_save(tmp_path, merged), num_heads=2, quant="fp8_scaled").state_dict()
+    by_hand = load_dit(_save(tmp_path, merged), num_heads=2, quant=resolve_quantizer("fp8_scaled", target="dit")).state_dict()
     loaded = model.state_dict()
     assert loaded["blocks.1.ffn.2.weight"].dtype == torch.float8_e4m3fn
     assert loaded.keys() == by_hand.keys()
     for key in loaded:
         assert torch.equal(loaded[key].float(), by_hand[key].float()), key
-    without = load_dit(T2V / "weights.safetensors", quant="fp8_scaled").state_dict()
+    without = load_dit(T2V / "weights.safetensors", quant=resolve_quantizer("fp8_scaled", target="dit")).state_dict()
     assert not torch.equal(loaded["blocks.1.ffn.2.weight"].float(), without["blocks.1.ffn.2.weight"].float())
     assert torch.equal(
         loaded["blocks.0.self_attn.k.weight"].float(), without["blocks.0.self_attn.k.weight"].float()
@@ -493,7 +498,7 @@ def test_loras_into_a_block_scaled_fp8_file(tmp_path, layout):
         assert torch.equal(merged[key], by_hand[key]), key
 
     # with quant: each merged layer quantized once from the float32 merge (by hand) ...
-    loaded = load_dit(path, num_heads=2, dtype=torch.float32, quant="fp8_scaled", loras=specs).state_dict()
+    loaded = load_dit(path, num_heads=2, dtype=torch.float32, quant=resolve_quantizer("fp8_scaled", target="dit"), loras=specs).state_dict()
     for name, shape in LORA_TARGETS.items():
         delta = lora.modules["lora_unet_" + name.replace(".", "_")].weight_delta(shape)
         w = torch.add(expected_weight(stored, name), delta, alpha=0.8).to(torch.bfloat16)
@@ -501,7 +506,7 @@ def test_loras_into_a_block_scaled_fp8_file(tmp_path, layout):
         assert torch.equal(loaded[name + ".weight"].float(), q.float()), name
         assert torch.equal(loaded[name + ".scale_weight"], scale), name
     # ... every other tensor as loading the file with the quantizer and no LoRA gives it ...
-    without = load_dit(path, num_heads=2, dtype=torch.float32, quant="fp8_scaled").state_dict()
+    without = load_dit(path, num_heads=2, dtype=torch.float32, quant=resolve_quantizer("fp8_scaled", target="dit")).state_dict()
     assert loaded.keys() == without.keys()
     untouched = [k for k in loaded if k.rsplit(".", 1)[0] not in LORA_TARGETS]
     for key in untouched:
@@ -523,7 +528,7 @@ def test_loras_into_a_block_scaled_fp8_file(tmp_path, layout):
     # and the fp8 model with the LoRA computes what the dequantized one with the LoRA does, to fp8 rounding
     _, tensors = case(T2V)
     plain = load_dit(path, num_heads=2, dtype=torch.float32, loras=specs)
-    fp8 = load_dit(path, num_heads=2, dtype=torch.float32, quant="fp8_scaled", loras=specs)
+    fp8 = load_dit(path, num_heads=2, dtype=torch.float32, quant=resolve_quantizer("fp8_scaled", target="dit"), loras=specs)
     want, got = run(plain, tensors), run(fp8, tensors)
     assert (got - want).pow(2).mean().sqrt() < 0.05 * want.pow(2).mean().sqrt()
 
@@ -655,7 +660,7 @@ def test_task_check():
 
 def test_unknown_attention_name():
     with pytest.raises(PluginError, match="no-such-attention"):
-        load_dit(T2V / "weights.safetensors", attention="no-such-attention")
+        resolve_plugin("attention", "no-such-attention")
 
 
 def test_unknown_dit_layout(tmp_path):

@@ -263,6 +263,7 @@ def test_lora_weights_reach_the_dit_as_load_dit_merges_them(tmp_path, quant):
     from safetensors.torch import save_file
 
     from wan_kernel.models.dit_loading import load_dit
+    from wan_kernel.pipelines.plugin_setup import resolve_quantizer
 
     gen = torch.Generator().manual_seed(0)
     lora = {
@@ -276,9 +277,10 @@ def test_lora_weights_reach_the_dit_as_load_dit_merges_them(tmp_path, quant):
         dit_dtype="float32", lora_weights=[str(tmp_path / "lora.safetensors")], lora_multipliers=[0.5],
     )  # fmt: skip
     pipeline = GenerationPipeline(config, log=lines.append).setup()
-    got = pipeline._prepare_dit().state_dict()
+    got = pipeline.build_dit().state_dict()
     specs = [{"path": tmp_path / "lora.safetensors", "multiplier": 0.5}]
-    want = load_dit(FIXTURE_DIT, dtype=torch.float32, quant=quant, loras=specs).state_dict()
+    quantizer = resolve_quantizer(quant, target="dit")
+    want = load_dit(FIXTURE_DIT, dtype=torch.float32, quant=quantizer, loras=specs).state_dict()
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key].float(), want[key].float()), key

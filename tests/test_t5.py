@@ -15,6 +15,7 @@ from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.interfaces import Quantizer
 from wan_kernel.models.t5 import encode_prompts, load_t5
 from wan_kernel.models.tokenizer import ByteTokenizer, clean_prompt, load_tokenizer
+from wan_kernel.pipelines.plugin_setup import resolve_quantizer
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
 CASE = FIXTURES / "t5"
@@ -188,7 +189,7 @@ def test_fp8_t5_plugin_through_load_t5(case):
     from wan_quant_fp8.linear import Fp8Linear
 
     _, tensors = case
-    model = load_t5(CASE / "weights.safetensors", quant="fp8_t5")  # resolved by name (entry point)
+    model = load_t5(CASE / "weights.safetensors", quant=resolve_quantizer("fp8_t5", target="t5"))  # resolved by name (entry point)
     q = model.encoder.block[1].layer[0].SelfAttention.q
     assert isinstance(q, Fp8Linear) and q.weight.dtype == torch.float8_e4m3fn and not q.weight.is_meta
     assert model.shared.weight.dtype == torch.float32  # embeddings, tables and norms stay high precision
@@ -244,7 +245,7 @@ def test_fp8_t5_save_quantized_round_trip_with_and_without_quant(case, tmp_path)
         atol=1e-5,
     )
 
-    again = load_t5(path, quant="fp8_t5", dtype=torch.float32)  # the stored fp8 values pass through
+    again = load_t5(path, quant=resolve_quantizer("fp8_t5", target="t5"), dtype=torch.float32)  # the stored fp8 values pass through
     assert_tied(again)
     for key, value in quantized.state_dict().items():
         assert torch.equal(again.state_dict()[key].float(), value.float()), key
@@ -322,7 +323,7 @@ def test_quantizer_object_and_plugin_manager(case):
 
     module.wan_register_quantization = wan_register_quantization
     pm = PluginManager(load_entry_points=False, extra_plugins=[("fake", module)], environ={})
-    load_t5(CASE / "weights.safetensors", quant="fake_t5_int8", plugin_manager=pm)
+    load_t5(CASE / "weights.safetensors", quant=resolve_quantizer("fake_t5_int8", target="t5", manager=pm))
     assert [c[0] for c in by_name.calls] == ["convert", "quantize"]
 
 
@@ -336,7 +337,7 @@ def test_quantizer_for_the_dit_is_refused():
         load_t5(CASE / "weights.safetensors", quant=42)
     if importlib.util.find_spec("wan_quant_fp8") is not None:
         with pytest.raises(InputError, match="use fp8_t5"):
-            load_t5(CASE / "weights.safetensors", quant="fp8_scaled")
+            resolve_quantizer("fp8_scaled", target="t5")  # refused when resolved, before any load
 
 
 def test_wrong_file_says_what_it_looks_like():
