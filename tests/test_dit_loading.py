@@ -12,19 +12,20 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from wan_attention_sdpa import SdpaAttention
 
 from wan_kernel import hookimpl
 from wan_kernel.errors import InputError, PluginError, WeightsError
-from wan_kernel.interfaces import Quantizer
+from wan_kernel.interfaces import AttentionBackend, Availability, Quantizer
+from wan_kernel.models.attention import sdpa_attention
 from wan_kernel.models.dit import WanDiT
 from wan_kernel.models.dit_config import DiTConfig
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
 from wan_kernel.models.dit_loading import load_dit
 from wan_kernel.plugins import PluginManager
 from wan_kernel.pipelines.plugin_setup import resolve_plugin, resolve_quantizer
+from wan_kernel.testing import REFERENCE_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
+FIXTURES = REFERENCE_FIXTURES
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
 
 T2V = FIXTURES / "dit_t2v"
@@ -78,7 +79,7 @@ def test_comfyui_prefixed(tmp_path, prefix):
     sd = {prefix + k: v for k, v in weights(I2V).items()}
     assert detect_layout(sd) == "comfyui"
     save_file(sd, tmp_path / "wan2.1_i2v.safetensors")
-    model = load_dit(tmp_path / "wan2.1_i2v.safetensors", num_heads=2, attention=SdpaAttention())
+    model = load_dit(tmp_path / "wan2.1_i2v.safetensors", num_heads=2, attention=sdpa_attention)
     assert_matches_case(model, I2V)
 
 
@@ -340,6 +341,18 @@ class FakeInt8(Quantizer):
         return state_dict
 
 
+class KernelSdpa(AttentionBackend):
+    """The kernel's default attention registered as a plugin would be (named ``sdpa``)."""
+
+    name = "sdpa"
+
+    def availability(self) -> Availability:
+        return Availability.yes()
+
+    def __call__(self, q, k, v, k_lens=None):
+        return sdpa_attention(q, k, v, k_lens)
+
+
 def test_quantizer_by_name_through_plugins():
     quantizer = FakeInt8()
     module = types.ModuleType("fake_quant_plugin")
@@ -350,7 +363,7 @@ def test_quantizer_by_name_through_plugins():
 
     @hookimpl
     def wan_register_attention(register):
-        register(SdpaAttention())
+        register(KernelSdpa())
 
     module.wan_register_quantization = wan_register_quantization
     module.wan_register_attention = wan_register_attention
@@ -371,7 +384,7 @@ def test_quantizer_by_name_through_plugins():
 
 def test_quantizer_object_and_wrong_target():
     quantizer = FakeInt8()
-    model = load_dit(T2V / "weights.safetensors", quant=quantizer, dtype="bf16", attention=SdpaAttention())
+    model = load_dit(T2V / "weights.safetensors", quant=quantizer, dtype="bf16", attention=sdpa_attention)
     assert quantizer.calls[0] == ("convert", "dit", "meta", torch.bfloat16)
     assert model.blocks[0].ffn[0].bias.dtype == torch.bfloat16
     t5_only = FakeInt8()
@@ -547,7 +560,7 @@ def test_bad_lora_spec_is_refused_before_loading(tmp_path):
 
 def test_num_heads_resolution_order(tmp_path):
     cfg = DiTConfig(dim=256, ffn_dim=32, num_heads=2, num_layers=1, text_dim=16)
-    save_file(WanDiT(cfg, attention=SdpaAttention()).state_dict(), tmp_path / "dit.safetensors")
+    save_file(WanDiT(cfg, attention=sdpa_attention).state_dict(), tmp_path / "dit.safetensors")
     path = tmp_path / "dit.safetensors"
     assert load_dit(path).config.num_heads == 2  # dim // 128
     (tmp_path / "config.json").write_text(json.dumps({"dim": 256, "num_heads": 4, "model_type": "t2v"}))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from wan_kernel.errors import InputError, UnknownPluginError
 from wan_kernel.interfaces import AttentionBackend
 from wan_kernel.pipelines.generate import GenerateConfig, GenerationPipeline, ModelInfo, ModelSource
 from wan_kernel.pipelines.media import load_latent, read_png_settings, read_video
+from wan_kernel.testing import reference_case
 
 SMALL = dict(video_size=(32, 32), video_length=5, infer_steps=2, seed=11, device="cpu")
 
@@ -250,7 +250,7 @@ def test_bad_requests_are_input_errors(make, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-FIXTURE_DIT = Path(__file__).resolve().parents[2] / "shared/fixtures/wan21_reference/dit_t2v/weights.safetensors"
+FIXTURE_DIT = reference_case("dit_t2v") / "weights.safetensors"
 
 
 @pytest.mark.skipif(not FIXTURE_DIT.is_file(), reason="reference fixtures not found")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,9 @@ from wan_kernel.interfaces import Quantizer
 from wan_kernel.models.t5 import encode_prompts, load_t5
 from wan_kernel.models.tokenizer import ByteTokenizer, clean_prompt, load_tokenizer
 from wan_kernel.pipelines.plugin_setup import resolve_quantizer
+from wan_kernel.testing import REFERENCE_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
+FIXTURES = REFERENCE_FIXTURES
 CASE = FIXTURES / "t5"
 pytestmark = pytest.mark.skipif(not CASE.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
 

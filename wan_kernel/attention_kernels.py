@@ -40,7 +40,7 @@ class KernelAttention(AttentionBackend):
     """An attention backend around a library's CUDA kernel, imported on first use."""
 
     module_name: ClassVar[str]
-    """The library's import name: probed with ``importlib.util.find_spec``, imported by :meth:`load_kernel`."""
+    """The library's import name (probed with ``importlib.util.find_spec``; :meth:`load_kernel` imports it)."""
     library: ClassVar[str] = ""
     """How messages name the library (default: ``module_name``)."""
     distribution: ClassVar[str] = ""
@@ -97,7 +97,9 @@ class KernelAttention(AttentionBackend):
         problems = []
         if not library_found:
             library = self.library or self.module_name
-            problems.append(f"{library} is not installed (no module {self.module_name!r}); {self.install_hint}")
+            problems.append(
+                f"{library} is not installed (no module {self.module_name!r}); {self.install_hint}"
+            )
         if not cuda_available:
             problems.append(NO_CUDA)
         elif capability is not None:
@@ -107,7 +109,7 @@ class KernelAttention(AttentionBackend):
         return Availability.no("; ".join(problems)) if problems else Availability.yes()
 
     def availability(self) -> Availability:
-        """Probe the library (without importing torch when it is absent), torch's GPU, then import the kernel."""
+        """Probe the library (without importing torch when it is absent), the GPU, then import the kernel."""
         if self._kernel is not None:
             return Availability.yes()
         try:
@@ -143,7 +145,9 @@ class KernelAttention(AttentionBackend):
         if self._kernel is None:
             verdict = self.availability()
             if not verdict.ok:
-                raise PluginUnavailableError("attention", self.name, verdict.reason, self.distribution or None)
+                raise PluginUnavailableError(
+                    "attention", self.name, verdict.reason, self.distribution or None
+                )
         assert self._kernel is not None
         return self._kernel
 

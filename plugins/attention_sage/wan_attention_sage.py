@@ -13,7 +13,8 @@ honoured exactly, never dropped); when nothing is padded the whole batch goes in
 fp32 inputs are cast to bf16 and the result back. Head dims 64, 96 and 128 are supported (Wan's
 is 128). SageAttention is imported when the backend is selected or first called, never when the
 plugin is discovered (``wan_kernel.attention_kernels.KernelAttention`` does the lazy import, the
-availability verdict and the input checks). The per-sample loop is plain torch, tested on CPU with a stand-in kernel.
+availability verdict and the input checks). The per-sample loop is plain torch, tested on CPU
+with a stand-in kernel.
 """
 
 from __future__ import annotations

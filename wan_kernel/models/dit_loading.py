@@ -23,10 +23,10 @@ from torch import nn
 
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models.attention import sdpa_attention
-from wan_kernel.models.quantization import check_quantizer
 from wan_kernel.models.dit import COMPUTE_DTYPES, WanDiT
 from wan_kernel.models.dit_config import MODEL_TYPE_WORDS, MODEL_TYPES, PRESETS, DiTConfig, infer_dit_config
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
+from wan_kernel.models.quantization import check_quantizer
 from wan_kernel.models.weights import (
     config_beside,
     describe_keys,

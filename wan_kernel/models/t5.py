@@ -324,10 +324,11 @@ def load_t5(
     :param path: ``.pth``/``.safetensors`` file or folder of shards.
     :param device: where the weights go.
     :param dtype: compute dtype; ``None`` keeps the file's (fp8 files compute in bfloat16).
-    :param quant: a resolved ``Quantizer`` object supporting the ``"t5"`` target (e.g.
-        ``wan_kernel.pipelines.plugin_setup.resolve_quantizer("fp8_t5", target="t5")``), or ``None``. The model is built on ``meta``, the quantizer swaps its Linears, quantizes
-        the tensors read from the file (on ``device``), and the result is adopted: the
-        high-precision encoder is never held in full next to the quantized one.
+    :param quant: a resolved ``Quantizer`` supporting the ``"t5"`` target (e.g.
+        ``wan_kernel.pipelines.plugin_setup.resolve_quantizer("fp8_t5", target="t5")``), or ``None``.
+        The model is built on ``meta``, the quantizer swaps its Linears, quantizes the tensors read
+        from the file (on ``device``), and the result is adopted: the high-precision encoder is never
+        held in full next to the quantized one.
     :returns: a transformers ``UMT5EncoderModel`` in eval mode; ``t5(input_ids, attention_mask)``
         returns an output whose ``last_hidden_state`` is ``[B, L, dim]``.
     :raises InputError: ``quant`` is not a quantizer.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import attrs
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,7 +33,6 @@ from wan_kernel.models.vae_config import (  # noqa: F401 (re-exported: the VAE's
     VAE_CONFIGS,
     VAEConfig,
 )
-
 
 # --------------------------------------------------------------------------------------------
 # Causal feature cache

@@ -172,5 +172,3 @@ class GenerationResult:
     metadata: dict[str, Any] = attrs.Factory(dict)
     model_calls: int = 0
     cfg_pattern: str = ""
-
-

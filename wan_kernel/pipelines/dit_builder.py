@@ -16,7 +16,9 @@ from wan_kernel.pipelines.model_sources import ModelSource
 def lora_support():
     """The ``wan_kernel.lora`` module, or an :class:`InputError` when this install lacks it."""
     if importlib.util.find_spec("wan_kernel.lora") is None:
-        raise InputError("--lora_weight needs LoRA support (wan_kernel.lora), which this install does not have")
+        raise InputError(
+            "--lora_weight needs LoRA support (wan_kernel.lora), which this install does not have"
+        )
     from wan_kernel import lora
 
     return lora

@@ -60,7 +60,13 @@ from wan_kernel.pipelines.devices import (
     stage_summary,
 )
 from wan_kernel.pipelines.dit_builder import build_dit, lora_specs, lora_support
-from wan_kernel.pipelines.model_sources import FileModels, ModelInfo, ModelSource, PrebuiltDiT, quantize_module
+from wan_kernel.pipelines.model_sources import (
+    FileModels,
+    ModelInfo,
+    ModelSource,
+    PrebuiltDiT,
+    quantize_module,
+)
 from wan_kernel.pipelines.outputs import FILE_SUFFIXES, output_base, request_metadata, write_outputs
 from wan_kernel.pipelines.plugin_setup import GenerationPlugins, resolve_generation_plugins
 from wan_kernel.pipelines.prompts import PromptSpec
@@ -135,7 +141,9 @@ class GenerationPipeline:
                 if not Path(path).expanduser().exists():
                     raise WeightsError(f"--lora_weight {path}: file not found")
         if cfg.compile and self.device.type == "cpu" and not has_c_compiler():
-            raise InputError("--compile on the CPU needs a C compiler (torch.compile/inductor); drop --compile")
+            raise InputError(
+                "--compile on the CPU needs a C compiler (torch.compile/inductor); drop --compile"
+            )
 
         # the task, from the weights
         self.models.check(needs_dit=True, needs_t5=False, needs_vae=False, needs_clip=False)
@@ -210,7 +218,9 @@ class GenerationPipeline:
             dtype=self.dit_dtype,
             attention=plugins.attention,
             quantizer=plugins.quantizer,
-            loras=lora_specs(cfg.lora_weights, cfg.lora_multipliers, cfg.include_patterns, cfg.exclude_patterns),
+            loras=lora_specs(
+                cfg.lora_weights, cfg.lora_multipliers, cfg.include_patterns, cfg.exclude_patterns
+            ),
             offloader=plugins.offloader,
             blocks_to_swap=cfg.blocks_to_swap,
             compile=cfg.compile,
@@ -264,7 +274,10 @@ class GenerationPipeline:
             clip = self._model(
                 "clip", lambda: self.models.load_clip(device=self.device, dtype=None, attention=None)
             )
-            images = {r.index: read_request_images(r.image_path, r.end_image_path, background=background) for r in requests}
+            images = {
+                r.index: read_request_images(r.image_path, r.end_image_path, background=background)
+                for r in requests
+            }
             features = {
                 index: request_clip_features(clip, start, end, mode=task.mode, device=self.device)
                 for index, (start, end) in images.items()
@@ -325,7 +338,9 @@ class GenerationPipeline:
         """VAE decode of latents ``[16, T, h, w]`` -> videos ``[3, F, H, W]`` in [-1, 1] (CPU)."""
         with self.stage("decode"):
             vae = self._vae()
-            videos = decode_latents(vae, latents, device=self.device, trim_tail_frames=self.config.trim_tail_frames)
+            videos = decode_latents(
+                vae, latents, device=self.device, trim_tail_frames=self.config.trim_tail_frames
+            )
             del vae
             self._release("vae")
         return videos

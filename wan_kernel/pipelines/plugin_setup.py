@@ -60,7 +60,9 @@ def resolve_generation_plugins(config, *, device: torch.device, manager=None) ->
             f"it needs a CUDA device, and this run is on {device}"
         )
     if offload and not cfg.blocks_to_swap:
-        raise InputError(f"--offload {offload} needs --blocks_to_swap N (how many blocks to keep off the GPU)")
+        raise InputError(
+            f"--offload {offload} needs --blocks_to_swap N (how many blocks to keep off the GPU)"
+        )
     return GenerationPlugins(
         attention=attention,
         cfg_schedule=cfg_schedule,
@@ -68,6 +70,7 @@ def resolve_generation_plugins(config, *, device: torch.device, manager=None) ->
         t5_quantizer=t5_quantizer,
         offloader=resolve_plugin("offload", offload, manager=manager) if offload else None,
     )
+
 
 __all__ = [
     "GenerationPlugins",

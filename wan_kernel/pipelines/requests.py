@@ -89,9 +89,7 @@ def resolve_request(
         seed = random.randint(0, 2**32 - 1)
     out_frames = frames + (4 if (end_image_path and task.mode == "i2v") else 0)
     if cfg.trim_tail_frames >= out_frames:
-        raise InputError(
-            f"--trim_tail_frames {cfg.trim_tail_frames} would remove all {out_frames} frames"
-        )
+        raise InputError(f"--trim_tail_frames {cfg.trim_tail_frames} would remove all {out_frames} frames")
     return Request(
         index=index,
         prompt=spec.prompt,

@@ -89,7 +89,9 @@ TASKS: dict[str, TaskSpec] = {
     for spec in (
         _task("t2v-1.3B", "t2v", steps=50, flow_shift=5.0, supported_sizes=SIZES_480P),
         _task("t2v-14B", "t2v", steps=50, flow_shift=5.0, supported_sizes=_SIZES_14B),
-        _task("t2i-14B", "t2i", steps=50, flow_shift=5.0, frames=1, supported_sizes=(*_SIZES_14B, (1024, 1024))),
+        _task(
+            "t2i-14B", "t2i", steps=50, flow_shift=5.0, frames=1, supported_sizes=(*_SIZES_14B, (1024, 1024))
+        ),
         _task("i2v-14B", "i2v", steps=40, flow_shift=5.0, supported_sizes=_SIZES_14B),
         _task(
             "flf2v-14B",

@@ -1,4 +1,4 @@
-"""The denoising loop: :func:`denoise` runs a solver over a schedule; :func:`make_solver` picks the stepper."""
+"""The denoising loop: :func:`denoise` runs a solver over a schedule, :func:`make_solver` picks the step."""
 
 from __future__ import annotations
 
