@@ -278,23 +278,6 @@ def test_scaled_fp8_scale_of_wrong_shape(tmp_path):
         load_dit(_save(tmp_path, sd), num_heads=2)
 
 
-def test_fp8_scaled_plugin_file_loads_without_quant(tmp_path):
-    """A file written by the quant plugin's ``save_quantized`` (musubi's block layout) loads dequantized."""
-    checkpoint = pytest.importorskip("wan_quant_fp8.checkpoint")
-    tensors_mod = pytest.importorskip("wan_quant_fp8.tensors")
-    model = checkpoint.quantize_model(load_dit(T2V / "weights.safetensors"), "fp8_scaled", target="dit")
-    path = checkpoint.save_quantized(model, tmp_path / "dit_fp8_scaled.safetensors")
-    stored = load_file(path)
-    assert stored["blocks.1.ffn.2.scale_weight"].shape == (64, 2, 1)  # [out, in/64, 1]
-    loaded = load_dit(path, num_heads=2, dtype=torch.float32)
-    for prefix in ("blocks.1.ffn.2", "blocks.0.self_attn.k"):
-        want = tensors_mod.dequantize_weight(stored[prefix + ".weight"], stored[prefix + ".scale_weight"])
-        assert torch.equal(loaded.state_dict()[prefix + ".weight"], want), prefix
-    _, tensors = case(T2V)
-    out = run(loaded, tensors)
-    assert (out - tensors["out"]).pow(2).mean().sqrt() < 0.05 * tensors["out"].pow(2).mean().sqrt()
-
-
 # --------------------------------------------------------------------------------------------
 # the quantizer seam
 # --------------------------------------------------------------------------------------------

@@ -183,27 +183,6 @@ def _rel_err(hidden: torch.Tensor, tensors: dict) -> float:
     return float(err.pow(2).mean().sqrt() / tensors["hidden"][real].pow(2).mean().sqrt())
 
 
-def test_fp8_t5_plugin_through_load_t5(case):
-    pytest.importorskip("wan_quant_fp8")
-    from wan_quant_fp8 import quantize_model
-    from wan_quant_fp8.linear import Fp8Linear
-
-    _, tensors = case
-    model = load_t5(CASE / "weights.safetensors", quant=resolve_quantizer("fp8_t5", target="t5"))  # resolved by name (entry point)
-    q = model.encoder.block[1].layer[0].SelfAttention.q
-    assert isinstance(q, Fp8Linear) and q.weight.dtype == torch.float8_e4m3fn and not q.weight.is_meta
-    assert model.shared.weight.dtype == torch.float32  # embeddings, tables and norms stay high precision
-    assert model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.dtype == torch.float32
-    hidden = model(tensors["ids"], tensors["mask"]).last_hidden_state
-    assert hidden.dtype == torch.float32
-    # the same numbers as quantizing the loaded float32 encoder with the plugin's own helper
-    by_hand = quantize_model(load_t5(CASE / "weights.safetensors"), "fp8_t5", target="t5")
-    torch.testing.assert_close(hidden, by_hand(tensors["ids"], tensors["mask"]).last_hidden_state)
-    # measured 0.122: 2.5% rms rounding per weight, amplified by this tiny random encoder
-    # (unscaled attention logits); bf16 alone gives 0.018
-    assert 0.02 < _rel_err(hidden, tensors) < 0.2
-
-
 def assert_tied(model) -> None:
     """One embedding Parameter under both names, as transformers ties them."""
     assert model.shared.weight is model.encoder.embed_tokens.weight
@@ -215,46 +194,6 @@ def test_loaded_embedding_is_tied():
     model.half()  # converted once, and still one tensor (not one copy per name)
     assert_tied(model)
     assert model.encoder.embed_tokens.weight.dtype == torch.float16
-
-
-def test_fp8_t5_save_quantized_round_trip_with_and_without_quant(case, tmp_path):
-    """``save_quantized`` writes the tied embedding once; ``load_t5`` reads the file back, tied."""
-    pytest.importorskip("wan_quant_fp8")
-    from wan_quant_fp8 import quantize_model, read_quantization_tag, save_quantized
-    from wan_quant_fp8.tensors import dequantize_weight
-
-    _, tensors = case
-    quantized = quantize_model(load_t5(CASE / "weights.safetensors"), "fp8_t5", target="t5")
-    path = save_quantized(quantized, tmp_path / "umt5_fp8_t5.safetensors", mode="fp8_t5")
-    assert read_quantization_tag(path) == "fp8_t5"
-    stored = load_file(path)
-    assert stored.keys() == quantized.state_dict().keys() - {"encoder.embed_tokens.weight"}
-    assert torch.equal(stored["shared.weight"], quantized.shared.weight)
-    wo = "encoder.block.0.layer.1.DenseReluDense.wo."
-    assert stored[wo + "weight"].dtype == torch.float8_e4m3fn
-    assert stored[wo + "scale_weight"].shape == (32, 1, 1)  # [out, in/64, 1]
-
-    plain = load_t5(path, dtype=torch.float32)  # no quantizer: dequantized
-    assert_tied(plain)
-    want = dequantize_weight(stored[wo + "weight"], stored[wo + "scale_weight"])
-    torch.testing.assert_close(plain.state_dict()[wo + "weight"], want, rtol=0, atol=0)
-    torch.testing.assert_close(
-        plain(tensors["ids"], tensors["mask"]).last_hidden_state,
-        quantized(tensors["ids"], tensors["mask"]).last_hidden_state,
-        rtol=1e-5,
-        atol=1e-5,
-    )
-
-    again = load_t5(path, quant=resolve_quantizer("fp8_t5", target="t5"), dtype=torch.float32)  # the stored fp8 values pass through
-    assert_tied(again)
-    for key, value in quantized.state_dict().items():
-        assert torch.equal(again.state_dict()[key].float(), value.float()), key
-    torch.testing.assert_close(
-        again(tensors["ids"], tensors["mask"]).last_hidden_state,
-        quantized(tensors["ids"], tensors["mask"]).last_hidden_state,
-        rtol=1e-6,
-        atol=1e-6,
-    )
 
 
 class _Int8Linear(torch.nn.Module):
