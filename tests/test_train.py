@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from wan_kernel.errors import InputError
+from wan_kernel.testing import reference_case, skip_without_fixtures
 from wan_kernel.testing.training import write_tiny_caches, write_tiny_dit
 from wan_kernel.training.config import TrainConfig
 from wan_kernel.training.trainer import Trainer, TrainingStopped, train
@@ -581,12 +582,10 @@ def test_two_processes_train_one_lora(files, tmp_path):
     ]
 
 
-FIXTURES = REPO.parent / "shared" / "fixtures" / "wan21_reference"
-
-
-@pytest.mark.skipif(not (FIXTURES / "t5" / "weights.safetensors").exists(), reason="needs ../shared/fixtures")
+@skip_without_fixtures()
 def test_samples_during_training_equal_wan_run_generate_with_the_saved_lora(files, tmp_path):
-    from wan_kernel.pipelines.generate import GenerateConfig, generate
+    from wan_kernel.pipelines.config import GenerateConfig
+    from wan_kernel.pipelines.generate import generate
     from wan_kernel.training.samples import SampleHook
 
     prompts = tmp_path / "prompts.toml"
@@ -594,7 +593,7 @@ def test_samples_during_training_equal_wan_run_generate_with_the_saved_lora(file
         "[prompt]\nwidth = 32\nheight = 32\nsample_steps = 3\nguidance_scale = 4.0\n\n"
         '[[prompt.subset]]\nprompt = "a red fox"\nseed = 11\n\n[[prompt.subset]]\nprompt = "a cat"\n'
     )
-    t5, vae = FIXTURES / "t5" / "weights.safetensors", FIXTURES / "vae" / "weights.safetensors"
+    t5, vae = reference_case("t5") / "weights.safetensors", reference_case("vae") / "weights.safetensors"
     config = _config(
         files,
         tmp_path / "o",

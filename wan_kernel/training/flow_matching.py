@@ -49,14 +49,9 @@ def model_timesteps(t: torch.Tensor) -> torch.Tensor:
 
 
 def loss_weights(sampler: Any, t: torch.Tensor, config: TimestepSamplingConfig) -> torch.Tensor:
-    """Per-sample loss weights ``[B]`` (float32) from the timestep-sampling plugin object."""
-    method = getattr(sampler, "loss_weights", None)
-    if method is not None:
-        return method(t, config=config).float()
-    # older plugin versions: the module-level function of the first-party plugin
-    from wan_timestep_sampling import loss_weights as module_loss_weights
-
-    return module_loss_weights(t, config.weighting_scheme).float()
+    """Per-sample loss weights ``[B]`` (float32) from the resolved timestep-sampling plugin object
+    (``TimestepSampler.loss_weights``: the weighting scheme's weights unless the sampler says otherwise)."""
+    return sampler.loss_weights(t, config=config).float()
 
 
 def flow_matching_loss(

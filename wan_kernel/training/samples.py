@@ -12,7 +12,8 @@ table/object keys: ``prompt``, ``width``, ``height``, ``frame_count``, ``seed``,
 ``image_path``, ``end_image_path``.
 
 Each sample runs :class:`~wan_kernel.pipelines.generate.GenerationPipeline` with the DiT being
-trained (its LoRA active, dropout off) handed over through a model source, and the VAE/T5/CLIP
+trained (its LoRA active, dropout off) handed over as a
+:class:`~wan_kernel.pipelines.model_sources.PrebuiltDiT`, and the VAE/T5/CLIP
 from ``--vae``/``--t5``/``--clip``. Unset values take the seed's sampling defaults (256x256, one
 frame, 20 steps) and otherwise ``wan run generate``'s task defaults (flow shift, guidance, the
 negative prompt); a prompt without a seed gets ``training seed + prompt index``. So
@@ -33,7 +34,9 @@ from typing import Any
 import torch
 
 from wan_kernel.errors import InputError
-from wan_kernel.pipelines.generate import FileModels, GenerateConfig, GenerationPipeline, ModelInfo
+from wan_kernel.pipelines.config import GenerateConfig
+from wan_kernel.pipelines.generate import GenerationPipeline
+from wan_kernel.pipelines.model_sources import FileModels, PrebuiltDiT
 from wan_kernel.pipelines.prompts import PromptSpec, read_prompt_file
 
 SAMPLE_DEFAULTS = {"video_size": (256, 256), "video_length": 1, "infer_steps": 20}
@@ -106,23 +109,6 @@ def read_sample_prompts(path: Path) -> list[PromptSpec]:
     return specs
 
 
-class TrainingModels(FileModels):
-    """The pipeline's model source during training: the DiT being trained, other models from files."""
-
-    name = "training"
-
-    def __init__(self, config: GenerateConfig, dit: torch.nn.Module):
-        super().__init__(config)
-        self.dit = dit
-
-    def dit_info(self) -> ModelInfo:
-        c = self.dit.config
-        return ModelInfo(c.model_type, c.dim, c.num_layers, c.describe())
-
-    def load_dit(self, *, device, dtype, attention, quant):
-        return self.dit
-
-
 class SampleHook:
     """``hook(trainer, epoch=, step=)``: make and save every prompt's sample; returns the results."""
 
@@ -159,13 +145,8 @@ class SampleHook:
                 output_type="video",
                 **SAMPLE_DEFAULTS,
             )
-            self.pipeline = GenerationPipeline(
-                gen,
-                models=TrainingModels(gen, trainer.dit),
-                log=trainer.log,
-                progress=False,
-                keep_models=True,
-            )
+            models = PrebuiltDiT(trainer.dit, FileModels(gen), description="the DiT being trained")
+            self.pipeline = GenerationPipeline(gen, models=models, log=trainer.log, progress=False, keep_models=True)
             self.pipeline.setup()
         return self.pipeline
 
