@@ -265,6 +265,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from wan_kernel.models import load_dit
+        from wan_kernel.pipelines.plugin_setup import resolve_quantizer
         from wan_kernel.plugins import resolve
 
         cfg, acc = self.config, self.accelerator
@@ -290,7 +291,7 @@ class Trainer:
         if not getattr(attention, "supports_backward", True):
             raise InputError(f"attention {cfg.attn!r} cannot train (no backward); use --sdpa for training")
         quant_name = cfg.quantization
-        quant = resolve("quantization", quant_name) if quant_name else None
+        quant = resolve_quantizer(quant_name, target="dit")  # None stays None; fp8_t5 is refused
         self.sampler = resolve("timestep_sampling", cfg.timestep_sampling)
         self.timestep_config = TimestepSamplingConfig(
             discrete_flow_shift=cfg.discrete_flow_shift,
