@@ -83,7 +83,11 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("fp8_scaled", _flag("With --fp8_base: scaled fp8 (quantization plugin 'fp8_scaled').")),
     (
         "mixed_precision",
-        _val(click.Choice(["no", "fp16", "bf16"]), "no", "Compute dtype of the DiT and autocast."),
+        _val(
+            click.Choice(["no", "fp16", "bf16"]),
+            None,
+            "Compute dtype of the DiT and autocast.  [default: accelerate launch's setting, else no]",
+        ),
     ),
     # data and outputs
     ("dataset_config", _val(EXISTING, None, "Dataset TOML (the one the cache step used).")),

@@ -799,6 +799,8 @@ def test_diffusers_wan_lora_loader_reads_the_saved_lora_with_the_same_effect(fil
 def test_sample_prompts_without_the_models_fail_before_training(files, tmp_path):
     (tmp_path / "p.txt").write_text("a fox --w 32 --h 32\n")
     args = ["--dit", str(files / "dit.safetensors"), "--dataset_config", str(files / "dataset.toml")]
-    result = _run_cli([*args, "--output_dir", "o", "--output_name", "x", "--sample_prompts", "p.txt"], tmp_path)
+    result = _run_cli(
+        [*args, "--output_dir", "o", "--output_name", "x", "--sample_prompts", "p.txt"], tmp_path
+    )
     assert result.exit_code == 1 and "--sample_prompts needs --vae and --t5" in result.output
     assert not (tmp_path / "o").exists()

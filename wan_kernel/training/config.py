@@ -53,7 +53,7 @@ class TrainConfig:
     fp8_base: bool = False
     fp8_scaled: bool = False
     quant: str | None = None
-    mixed_precision: str = attrs.field(default="no", converter=lambda v: v or "no")
+    mixed_precision: str | None = None  # None: what the launcher says (accelerate's config/env), else "no"
     # data
     dataset_config: Path | None = attrs.field(default=None, converter=_opt_path)
     cache_directories: tuple[Path, ...] = attrs.field(default=(), converter=_paths)
@@ -151,7 +151,7 @@ class TrainConfig:
     show_progress: bool = True
 
     def __attrs_post_init__(self) -> None:
-        if self.mixed_precision not in MIXED_PRECISION:
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             raise InputError(
                 f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
             )

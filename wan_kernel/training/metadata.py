@@ -32,6 +32,7 @@ def lora_metadata(
     epoch: int,
     resolution: str,
     final: bool,
+    mixed_precision: str,
 ) -> dict[str, str]:
     """All metadata keys for one saved LoRA (strings)."""
     title = config.metadata_title or config.output_name
@@ -53,7 +54,7 @@ def lora_metadata(
         "ss_network_alpha": network_alpha,
         "ss_network_dropout": config.network_dropout,
         "ss_network_args": json.dumps(list(config.network_args)) if config.network_args else None,
-        "ss_mixed_precision": config.mixed_precision,
+        "ss_mixed_precision": mixed_precision,
         "ss_seed": seed,
         "ss_training_comment": config.training_comment,
         "ss_optimizer": optimizer_name

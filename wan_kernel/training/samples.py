@@ -129,7 +129,7 @@ class SampleHook:
     def _pipeline(self, trainer) -> GenerationPipeline:
         if self.pipeline is None:
             cfg = self.config
-            dtype = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.mixed_precision]
+            dtype = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[trainer.mixed_precision]
             gen = GenerateConfig(
                 task=trainer.task,
                 dit=str(cfg.dit),
@@ -146,7 +146,9 @@ class SampleHook:
                 **SAMPLE_DEFAULTS,
             )
             models = PrebuiltDiT(trainer.dit, FileModels(gen), description="the DiT being trained")
-            self.pipeline = GenerationPipeline(gen, models=models, log=trainer.log, progress=False, keep_models=True)
+            self.pipeline = GenerationPipeline(
+                gen, models=models, log=trainer.log, progress=False, keep_models=True
+            )
             self.pipeline.setup()
         return self.pipeline
 

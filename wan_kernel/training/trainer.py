@@ -259,7 +259,9 @@ class Trainer:
                 kwargs_handlers=handlers,
             )
         except ValueError as exc:  # e.g. fp16 without a GPU
-            raise InputError(f"--mixed_precision {config.mixed_precision}: {exc}") from None
+            raise InputError(
+                f"--mixed_precision {config.mixed_precision or '(from accelerate)'}: {exc}"
+            ) from None
 
     def setup(self) -> None:
         from accelerate.utils import set_seed
@@ -315,7 +317,8 @@ class Trainer:
             offloader = resolve("offload", "blockswap")
 
         # the frozen DiT
-        dtype = DTYPES[cfg.mixed_precision]
+        self.mixed_precision = str(acc.mixed_precision)  # the option, else the launcher's setting
+        dtype = DTYPES[self.mixed_precision]
         multipliers = cfg.base_weights_multiplier or (1.0,)
         base = [
             {"path": p, "multiplier": multipliers[i] if len(multipliers) > 1 else multipliers[0]}
@@ -522,6 +525,7 @@ class Trainer:
             epoch=epoch,
             resolution=f"{w * 8}x{h * 8}",
             final=final,
+            mixed_precision=self.mixed_precision,
         )
 
     def save_lora(self, name: str, *, epoch: int, final: bool = False) -> Path | None:
