@@ -804,3 +804,34 @@ def test_sample_prompts_without_the_models_fail_before_training(files, tmp_path)
     )
     assert result.exit_code == 1 and "--sample_prompts needs --vae and --t5" in result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quant", [{}, {"fp8_base": True, "fp8_scaled": True}])
+def test_on_cuda_block_swap_training_matches_resident_blocks(files, tmp_path, cuda_device, quant):
+    """bf16 on the GPU, with and without the scaled-fp8 base: the LoRA gradients of one step with 1 of
+    2 blocks swapped equal those with both blocks resident."""
+    from wan_kernel.training.data import load_batch
+
+    grads = []
+    for swap in (None, 1):
+        trainer = _setup(
+            _config(
+                files,
+                tmp_path / str(swap),
+                mixed_precision="bf16",
+                gradient_checkpointing=True,
+                blocks_to_swap=swap,
+                **quant,
+            )
+        )
+        assert trainer.device.type == "cuda"
+        for lora in trainer.network.loras.values():
+            torch.nn.init.constant_(lora.lora_up.weight, 0.01)
+        with trainer.accelerator.autocast():
+            loss = trainer.batch_loss(
+                load_batch(trainer.data.all_items()[:2]), torch.Generator().manual_seed(1)
+            )
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in trainer.network.parameters()]).float().cpu())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
