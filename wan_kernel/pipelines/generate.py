@@ -237,8 +237,10 @@ class ModelSource(abc.ABC):
 
     @abc.abstractmethod
     def load_dit(
-        self, *, device: torch.device, dtype: torch.dtype | None, attention, quant
-    ) -> torch.nn.Module: ...
+        self, *, device: torch.device, dtype: torch.dtype | None, attention, quant, state_dict_transform=None
+    ) -> torch.nn.Module:
+        """The DiT; ``state_dict_transform`` (LoRA merging, passed only when LoRAs are asked for) runs on
+        its official-layout state dict before quantization."""
 
     @abc.abstractmethod
     def load_vae(self, *, device: torch.device, dtype: torch.dtype | None, cache_device: str | None): ...
@@ -299,7 +301,7 @@ class FileModels(ModelSource):
             self._info = ModelInfo(config.model_type, config.dim, config.num_layers, config.describe())
         return self._info
 
-    def load_dit(self, *, device, dtype, attention, quant):
+    def load_dit(self, *, device, dtype, attention, quant, state_dict_transform=None):
         from wan_kernel.models.dit_loading import load_dit
 
         return load_dit(
@@ -309,6 +311,7 @@ class FileModels(ModelSource):
             num_heads=self.config.num_heads,
             quant=quant,
             attention=attention,
+            state_dict_transform=state_dict_transform,
             plugin_manager=self.plugin_manager,
         )
 
@@ -727,22 +730,20 @@ class GenerationPipeline:
     def _prepare_dit(self) -> torch.nn.Module:
         cfg = self.config
         offload = self.offloader is not None
-        quant = self.quantizer
+        extra = {}
         lora_specs = self._lora_specs()
-        if lora_specs and quant is not None:
-            # merge into the high-precision weights while loading, before they are quantized
-            quant = self._lora_module().merging_quantizer(quant, lora_specs)
+        if lora_specs:
+            # merged into the official-layout weights while loading, before any quantization
+            extra["state_dict_transform"] = self._lora_module().LoraMerge(
+                lora_specs, log=self.log, device=self.device, dtype=self.dit_dtype
+            )
         dit = self.models.load_dit(
             device=torch.device("cpu") if offload else self.device,
             dtype=self.dit_dtype,
             attention=self.attention,
-            quant=quant,
+            quant=self.quantizer,
+            **extra,
         )
-        if lora_specs and self.quantizer is None:
-            dit = self._lora_module().apply_loras(dit, lora_specs, log=self.log)
-        elif lora_specs:
-            for report in quant.reports:
-                self.log(report.summary())
         if offload:
             for name, child in dit.named_children():
                 if name != "blocks":
