@@ -279,6 +279,12 @@ class GenerateCommand(click.Command):
 )
 @_option("--include_patterns", multiple=True, help="Regex of LoRA modules to keep, one per LoRA.")
 @_option("--exclude_patterns", multiple=True, help="Regex of LoRA modules to drop, one per LoRA.")
+@_option(
+    "--save_merged_model",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the DiT with the LoRAs merged to this file (as `wan lora merge`) and exit.",
+)
 @click.pass_context
 @handle_wan_errors
 def generate(ctx: click.Context, **options) -> None:
@@ -341,6 +347,9 @@ def run_generate(ctx: click.Context, options: dict) -> None:
     from wan_kernel.pipelines.prompts import read_prompt_file
 
     config = _build_config(options)
+    if options["save_merged_model"]:
+        _save_merged_model(config, options["save_merged_model"])
+        return
     modes = [name for name in ("prompt", "from_file", "interactive", "latent_path") if options[name]]
     if len(modes) > 1:
         raise InputError(
@@ -372,6 +381,22 @@ def run_generate(ctx: click.Context, options: dict) -> None:
         click.echo(pipeline.summary(), err=True)
     finally:
         pipeline.close()
+
+
+def _save_merged_model(config, output: str) -> None:
+    """``--save_merged_model``: the seed's way to bake LoRAs into the DiT; the same file as ``wan lora merge``."""
+    from wan_cli.lora_cmd import write_merged_dit
+
+    from wan_kernel.lora import specs_from_options
+
+    if not config.dit:
+        raise InputError("--save_merged_model needs the DiT: pass --dit PATH")
+    if not config.lora_weights:
+        raise InputError("--save_merged_model needs at least one --lora_weight to merge")
+    specs = specs_from_options(
+        config.lora_weights, config.lora_multipliers, config.include_patterns, config.exclude_patterns
+    )
+    write_merged_dit(config.dit, specs, output, quant=config.quant, device=config.device)
 
 
 def _interactive(pipeline) -> None:

@@ -30,7 +30,7 @@ from wan_kernel.lora.formats import (
 )
 from wan_kernel.lora.keys import kohya_name, official_path
 from wan_kernel.lora.merge import LoraMerge, LoraReport, LoraWarning, apply_loras
-from wan_kernel.lora.spec import LoraSpec, SpecLike
+from wan_kernel.lora.spec import LoraSpec, SpecLike, specs_from_options
 
 __all__ = [
     "LAYOUTS",
@@ -50,4 +50,5 @@ __all__ = [
     "parse_lora",
     "read_lora",
     "save_lora_file",
+    "specs_from_options",
 ]

@@ -7,8 +7,8 @@ Layouts (see the README's "LoRA files" table for which tool loads which):
   DoRA ``.dora_scale``, full deltas ``.diff`` / ``.diff_b``).
 - ``comfyui`` (musubi's ``convert_lora.py --target other``, diffusion-pipe, ai-toolkit):
   ``diffusion_model.<official path>.lora_A.weight`` / ``.lora_B.weight``; the alpha is folded into
-  both factors (each times ``sqrt(alpha / rank)``) and not stored, as the seed's converter does, so
-  tools that ignore alpha apply the same delta. These are the key names ComfyUI's Wan key map
+  both factors (each times ``sqrt(alpha / rank)``, in float32) and not stored, as the seed's
+  converter does, so tools that ignore alpha apply the same delta. These are the key names ComfyUI's Wan key map
   accepts: ``comfy/lora.py::model_lora_keys_unet`` (checked at Comfy-Org/ComfyUI 17358c8f) maps
   every model weight ``diffusion_model.<path>.weight`` from ``lora_unet_<path with _>`` and from
   ``diffusion_model.<path>`` (there is no Wan-specific block); ``load_lora`` then reads
@@ -62,6 +62,7 @@ __all__ = [
     "layout_state_dict",
     "read_lora",
     "save_lora_file",
+    "save_safetensors_atomic",
 ]
 
 LAYOUTS = ("kohya", "comfyui", "diffusers")
@@ -239,12 +240,16 @@ _AB_SUFFIX = {"down": ".lora_A.weight", "up": ".lora_B.weight"}
 
 
 def _folded(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(down, up)`` each times ``sqrt(alpha / rank)`` (float32 math, stored dtype kept)."""
+    """``(down, up)`` each times ``sqrt(alpha / rank)``, computed and stored in float32.
+
+    Storing a folded 16-bit factor back in 16 bits would round the delta by up to 2^-8; float32
+    keeps the converted file's delta equal to the original's (to 1e-7). Scale 1: left as stored.
+    """
     down, up = module.tensors["down"], module.tensors["up"]
-    if module.alpha is None:
+    if module.alpha is None or module.scale == 1.0:
         return down, up
-    s = math.sqrt(module.scale)
-    return (down.float() * s).to(down.dtype), (up.float() * s).to(up.dtype)
+    s = math.sqrt(abs(module.scale))
+    return down.float() * s, up.float() * math.copysign(s, module.scale)
 
 
 def layout_state_dict(modules: Mapping[str, LoraModule], layout: str = "kohya") -> dict[str, torch.Tensor]:
@@ -344,6 +349,34 @@ def kohya_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     return model_hash, legacy_hash
 
 
+def save_safetensors_atomic(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write tensors as safetensors under a temporary name and rename it into place.
+
+    :raises InputError: ``path`` exists and ``overwrite`` is false.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path).expanduser()
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists; pass --overwrite to replace it")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a .safetensors file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def save_lora_file(
     path: str | os.PathLike,
     tensors: Mapping[str, torch.Tensor],
@@ -353,21 +386,12 @@ def save_lora_file(
 ) -> Path:
     """Write LoRA tensors as safetensors, atomically, with ``sshs_*`` hashes recomputed into the metadata.
 
+    This is the writer for every LoRA file wan makes (conversion, merging, resizing, training):
+    ``save_lora_file(path, layout_state_dict(modules, "kohya"), metadata)``.
+
     :raises InputError: ``path`` exists and ``overwrite`` is false.
     """
-    from safetensors.torch import save_file
-
-    path = Path(path).expanduser()
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} exists; pass --overwrite to replace it")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = kohya_hashes(tensors, meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_safetensors_atomic(path, tensors, meta, overwrite=overwrite)

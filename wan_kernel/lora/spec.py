@@ -96,3 +96,32 @@ class LoraSpec:
 
 SpecLike = LoraSpec | str | os.PathLike | Mapping[str, Any]
 """What the functions of :mod:`wan_kernel.lora` accept for one LoRA: a spec, a path, or a mapping."""
+
+
+def specs_from_options(
+    weights: Iterable[str | os.PathLike],
+    multipliers: Iterable[float] = (),
+    include_patterns: Iterable[str | None] = (),
+    exclude_patterns: Iterable[str | None] = (),
+) -> list[LoraSpec]:
+    """One spec per ``--lora_weight``, the seed's way: multipliers (default 1.0) and
+    ``--include_patterns`` / ``--exclude_patterns`` by position.
+
+    :raises InputError: more multipliers than files, or a count that fits neither.
+    """
+    weights, multipliers = list(weights), [float(m) for m in multipliers]
+    includes, excludes = list(include_patterns), list(exclude_patterns)
+    if multipliers and len(multipliers) != len(weights):
+        raise InputError(
+            f"{len(multipliers)} --lora_multiplier values for {len(weights)} --lora_weight files; "
+            "give one per file (or none for 1.0 each)"
+        )
+    return [
+        LoraSpec(
+            path,
+            multipliers[i] if multipliers else 1.0,
+            include=includes[i] if i < len(includes) else None,
+            exclude=excludes[i] if i < len(excludes) else None,
+        )
+        for i, path in enumerate(weights)
+    ]

@@ -767,19 +767,12 @@ class GenerationPipeline:
 
         return lora
 
-    def _lora_specs(self) -> list[dict[str, Any]]:
-        """One ``{path, multiplier, include, exclude}`` per ``--lora_weight`` (patterns by position)."""
+    def _lora_specs(self) -> list:
+        """One :class:`~wan_kernel.lora.LoraSpec` per ``--lora_weight`` (patterns by position)."""
         cfg = self.config
-        multipliers = cfg.lora_multipliers or tuple(1.0 for _ in cfg.lora_weights)
-        return [
-            {
-                "path": path,
-                "multiplier": multipliers[i],
-                "include": cfg.include_patterns[i] if i < len(cfg.include_patterns) else None,
-                "exclude": cfg.exclude_patterns[i] if i < len(cfg.exclude_patterns) else None,
-            }
-            for i, path in enumerate(cfg.lora_weights)
-        ]
+        return self._lora_module().specs_from_options(
+            cfg.lora_weights, cfg.lora_multipliers, cfg.include_patterns, cfg.exclude_patterns
+        )
 
     def denoise(
         self,
