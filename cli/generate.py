@@ -384,7 +384,7 @@ def run_generate(ctx: click.Context, options: dict) -> None:
 
 
 def _save_merged_model(config, output: str) -> None:
-    """``--save_merged_model``: the seed's way to bake LoRAs into the DiT; the same file as ``wan lora merge``."""
+    """``--save_merged_model``: the seed's way to bake LoRAs into the DiT (the file ``wan lora merge`` writes)."""
     from wan_cli.lora_cmd import write_merged_dit
 
     from wan_kernel.lora import specs_from_options

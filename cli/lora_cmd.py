@@ -19,7 +19,8 @@ from wan_kernel.errors import InputError
 TARGETS = ("kohya", "default", "comfyui", "other", "diffusers")
 TARGET_HELP = (
     "kohya (= default: lora_unet_..., musubi-tuner's training output), comfyui (= other: "
-    "diffusion_model.<module>.lora_A/B, alpha folded in), diffusers (transformer.<diffusers module>.lora_A/B)."
+    "diffusion_model.<module>.lora_A/B, alpha folded in), "
+    "diffusers (transformer.<diffusers module>.lora_A/B)."
 )
 
 
@@ -39,7 +40,13 @@ def _dtype(name: str | None):
 
 
 @click.command("convert")
-@click.option("--input", "input_", required=True, type=click.Path(dir_okay=False), help="LoRA file to read (any layout).")
+@click.option(
+    "--input",
+    "input_",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="LoRA file to read (any layout).",
+)
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="LoRA file to write.")
 @click.option("--target", type=click.Choice(TARGETS), default="kohya", show_default=True, help=TARGET_HELP)
 @click.option(
@@ -55,26 +62,63 @@ def convert(input_, output, target, diffusers_prefix, strict, overwrite) -> None
     from wan_kernel.lora.tools import convert_lora
 
     result = convert_lora(input_, output, target, prefix=diffusers_prefix, strict=strict, overwrite=overwrite)
-    click.echo(f"wrote {result.path} ({result.layout} layout, {result.modules} modules, {result.tensors} tensors)")
+    click.echo(
+        f"wrote {result.path} ({result.layout} layout, {result.modules} modules, {result.tensors} tensors)"
+    )
     if result.left_out:
         shown = ", ".join(result.left_out[:5]) + (" ..." if len(result.left_out) > 5 else "")
-        click.echo(f"warning: {len(result.left_out)} tensor(s) name no Wan2.1 DiT module and were left out: {shown}", err=True)
+        click.echo(
+            f"warning: {len(result.left_out)} tensor(s) name no Wan2.1 DiT module and were left out: {shown}",
+            err=True,
+        )
 
 
 @click.command("merge", cls=_SeedSpellingCommand)
-@click.option("--lora_weight", multiple=True, required=True, help="LoRA file (repeat, or list several after it).")
+@click.option(
+    "--lora_weight", multiple=True, required=True, help="LoRA file (repeat, or list several after it)."
+)
 @click.option("--lora_multiplier", type=float, multiple=True, help="Strength per LoRA.  [default: 1.0 each]")
 @click.option("--include_patterns", multiple=True, help="Regex of LoRA modules to keep, one per LoRA.")
 @click.option("--exclude_patterns", multiple=True, help="Regex of LoRA modules to drop, one per LoRA.")
-@click.option("--dit", type=click.Path(dir_okay=True), default=None, help="Merge into this DiT file (else: into one LoRA).")
-@click.option("--output", "--save_merged_model", "output", required=True, type=click.Path(dir_okay=False), help="File to write.")
+@click.option(
+    "--dit",
+    type=click.Path(dir_okay=True),
+    default=None,
+    help="Merge into this DiT file (else: into one LoRA).",
+)
+@click.option(
+    "--output",
+    "--save_merged_model",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="File to write.",
+)
 @click.option("--quant", default=None, help="With --dit: write the merged DiT quantized (fp8_scaled, fp8).")
-@click.option("--target", type=click.Choice(TARGETS), default="kohya", show_default=True, help="Layout of a merged LoRA.")
+@click.option(
+    "--target",
+    type=click.Choice(TARGETS),
+    default="kohya",
+    show_default=True,
+    help="Layout of a merged LoRA.",
+)
 @click.option("--device", default=None, help="Where to compute the merge (cpu, cuda).  [default: cpu]")
 @click.option("--strict", is_flag=True, help="Fail when a LoRA has tensors that match nothing.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @handle_wan_errors
-def merge(lora_weight, lora_multiplier, include_patterns, exclude_patterns, dit, output, quant, target, device, strict, overwrite) -> None:
+def merge(
+    lora_weight,
+    lora_multiplier,
+    include_patterns,
+    exclude_patterns,
+    dit,
+    output,
+    quant,
+    target,
+    device,
+    strict,
+    overwrite,
+) -> None:
     """Merge LoRAs into a DiT file (its layout and dtypes, or --quant), or into one exact LoRA.
 
     \b
@@ -105,11 +149,13 @@ def write_merged_dit(dit, specs, output, *, quant=None, device=None, strict=Fals
         from wan_kernel.models.quantization import resolve_quantizer
 
         quantizer = resolve_quantizer(quant, target="dit")
-    log = lambda line: click.echo(line, err=True)  # noqa: E731
+    log = lambda line: click.echo(line, err=True)
     path, reports = merge_into_dit(
         dit, specs, output, quantizer=quantizer, strict=strict, overwrite=overwrite, device=device, log=log
     )
-    click.echo(f"wrote {path} ({sum(len(r.merged) for r in reports)} module merges from {len(reports)} LoRA(s))")
+    click.echo(
+        f"wrote {path} ({sum(len(r.merged) for r in reports)} module merges from {len(reports)} LoRA(s))"
+    )
 
 
 @click.command("info")
@@ -132,8 +178,12 @@ def info(file, as_json, per_module) -> None:
 @click.option("--input", "input_", required=True, type=click.Path(dir_okay=False), help="LoRA file to read.")
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="LoRA file to write.")
 @click.option("--rank", type=int, required=True, help="The new (maximum) rank.")
-@click.option("--target", type=click.Choice(TARGETS), default=None, help="Output layout.  [default: the input's]")
-@click.option("--dtype", default=None, help="Save dtype (float32, bfloat16, float16).  [default: the input's]")
+@click.option(
+    "--target", type=click.Choice(TARGETS), default=None, help="Output layout.  [default: the input's]"
+)
+@click.option(
+    "--dtype", default=None, help="Save dtype (float32, bfloat16, float16).  [default: the input's]"
+)
 @click.option("--strict", is_flag=True, help="Fail when some tensors name no Wan2.1 DiT module.")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists.")
 @handle_wan_errors
@@ -157,7 +207,14 @@ def resize(input_, output, rank, target, dtype, strict, overwrite) -> None:
 
 @click.command("ema")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--output_file", "--output", "output", required=True, type=click.Path(dir_okay=False), help="LoRA file to write.")
+@click.option(
+    "--output_file",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="LoRA file to write.",
+)
 @click.option("--beta", type=float, default=0.95, show_default=True, help="Decay rate.")
 @click.option("--beta2", type=float, default=None, help="Decay at the last checkpoint (linear from --beta).")
 @click.option("--sigma_rel", type=float, default=None, help="Power-function EMA width (overrides --beta).")
@@ -168,8 +225,15 @@ def ema(paths, output, beta, beta2, sigma_rel, no_sort, overwrite) -> None:
     """Post-hoc EMA over LoRA checkpoints of one run (the seed's lora_post_hoc_ema.py)."""
     from wan_kernel.lora.tools import ema_loras
 
-    log = lambda line: click.echo(line, err=True)  # noqa: E731
+    log = lambda line: click.echo(line, err=True)
     path = ema_loras(
-        paths, output, beta=beta, beta2=beta2, sigma_rel=sigma_rel, sort=not no_sort, overwrite=overwrite, log=log
+        paths,
+        output,
+        beta=beta,
+        beta2=beta2,
+        sigma_rel=sigma_rel,
+        sort=not no_sort,
+        overwrite=overwrite,
+        log=log,
     )
     click.echo(f"wrote {path} (EMA of {len(paths)} checkpoints)")

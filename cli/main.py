@@ -52,10 +52,16 @@ RUN_COMMANDS: dict[str, LazyCommand] = {
 """``wan run`` subcommands: name -> where it lives and its one-line help (shown without importing it)."""
 
 LORA_COMMANDS: dict[str, LazyCommand] = {
-    "convert": LazyCommand("wan_cli.lora_cmd:convert", "Convert a LoRA between the kohya, ComfyUI and diffusers layouts."),
+    "convert": LazyCommand(
+        "wan_cli.lora_cmd:convert", "Convert a LoRA between the kohya, ComfyUI and diffusers layouts."
+    ),
     "merge": LazyCommand("wan_cli.lora_cmd:merge", "Merge LoRAs into a DiT file, or into one LoRA."),
-    "info": LazyCommand("wan_cli.lora_cmd:info", "Layout, ranks, targets, fitting model, metadata and hashes of a LoRA."),
-    "resize": LazyCommand("wan_cli.lora_cmd:resize", "Reduce a LoRA's rank by SVD, reporting the kept energy."),
+    "info": LazyCommand(
+        "wan_cli.lora_cmd:info", "Layout, ranks, targets, fitting model, metadata and hashes of a LoRA."
+    ),
+    "resize": LazyCommand(
+        "wan_cli.lora_cmd:resize", "Reduce a LoRA's rank by SVD, reporting the kept energy."
+    ),
     "ema": LazyCommand("wan_cli.lora_cmd:ema", "Post-hoc EMA over LoRA checkpoints of one run."),
 }
 """``wan lora`` subcommands, imported on first use like :data:`RUN_COMMANDS`."""

@@ -485,7 +485,9 @@ def test_loras_into_a_block_scaled_fp8_file(tmp_path, layout):
     lora = read_lora(specs[0].path)
 
     # without quant: the same as merging into the dequantized float32 model
-    merged = load_dit(path, num_heads=2, dtype=torch.float32, state_dict_transform=LoraMerge(specs)).state_dict()
+    merged = load_dit(
+        path, num_heads=2, dtype=torch.float32, state_dict_transform=LoraMerge(specs)
+    ).state_dict()
     by_hand = apply_loras(load_dit(path, num_heads=2, dtype=torch.float32), specs).state_dict()
     assert merged.keys() == by_hand.keys()
     for key in merged:
@@ -519,7 +521,9 @@ def test_loras_into_a_block_scaled_fp8_file(tmp_path, layout):
     # and the fp8 model with the LoRA computes what the dequantized one with the LoRA does, to fp8 rounding
     _, tensors = case(T2V)
     plain = load_dit(path, num_heads=2, dtype=torch.float32, state_dict_transform=LoraMerge(specs))
-    fp8 = load_dit(path, num_heads=2, dtype=torch.float32, quant="fp8_scaled", state_dict_transform=LoraMerge(specs))
+    fp8 = load_dit(
+        path, num_heads=2, dtype=torch.float32, quant="fp8_scaled", state_dict_transform=LoraMerge(specs)
+    )
     want, got = run(plain, tensors), run(fp8, tensors)
     assert (got - want).pow(2).mean().sqrt() < 0.05 * want.pow(2).mean().sqrt()
 
@@ -530,7 +534,8 @@ def test_bad_lora_spec_is_refused_before_loading(tmp_path):
     with pytest.raises(InputError, match="a LoRA is given as a path or a LoraSpec"):
         LoraMerge([42])
     with pytest.raises(WeightsError, match="not found"):
-        load_dit(T2V / "weights.safetensors", state_dict_transform=LoraMerge([tmp_path / "missing.safetensors"]))
+        missing = LoraMerge([tmp_path / "missing.safetensors"])
+        load_dit(T2V / "weights.safetensors", state_dict_transform=missing)
 
 
 # --------------------------------------------------------------------------------------------

@@ -131,7 +131,12 @@ def test_lycoris_dora_scale_both_orientations(axis, tmp_path, base_sd):
 
 def test_loha(tmp_path, base_sd):
     """dW = (w1a @ w1b) * (w2a @ w2b) * alpha / r, r = w1b.shape[0] (musubi networks/loha.py merge_to)."""
-    w1a, w1b, w2a, w2b = randn(128, 4, seed=1), randn(4, 64, seed=2), randn(128, 4, seed=3), randn(4, 64, seed=4)
+    w1a, w1b, w2a, w2b = (
+        randn(128, 4, seed=1),
+        randn(4, 64, seed=2),
+        randn(128, 4, seed=3),
+        randn(4, 64, seed=4),
+    )
     tensors = {
         KFFN + ".hada_w1_a": w1a,
         KFFN + ".hada_w1_b": w1b,
@@ -150,7 +155,12 @@ def test_loha_tucker_on_the_patch_conv(tmp_path, base_sd):
     w = base_sd["patch_embedding.weight"]  # [64, 16, 1, 2, 2]
     r = 3
     t1, t2 = randn(r, r, 1, 2, 2, seed=1), randn(r, r, 1, 2, 2, seed=2)
-    w1a, w1b, w2a, w2b = randn(r, 64, seed=3), randn(r, 16, seed=4), randn(r, 64, seed=5), randn(r, 16, seed=6)
+    w1a, w1b, w2a, w2b = (
+        randn(r, 64, seed=3),
+        randn(r, 16, seed=4),
+        randn(r, 64, seed=5),
+        randn(r, 16, seed=6),
+    )
     stem = "lora_unet_patch_embedding"
     tensors = {
         f"{stem}.hada_t1": t1, f"{stem}.hada_t2": t2, f"{stem}.hada_w1_a": w1a, f"{stem}.hada_w1_b": w1b,
@@ -173,17 +183,26 @@ def kron_case(kind):
     w1 = randn(8, 4, seed=1)  # 8 * 16 = 128 out, 4 * 16 = 64 in
     if kind == "w2_factorised":
         a, b = randn(16, 2, seed=2), randn(2, 16, seed=3)
-        return {"lokr_w1": w1, "lokr_w2_a": a, "lokr_w2_b": b}, torch.kron(w1.double(), a.double() @ b.double()), 2
+        return (
+            {"lokr_w1": w1, "lokr_w2_a": a, "lokr_w2_b": b},
+            torch.kron(w1.double(), a.double() @ b.double()),
+            2,
+        )
     if kind == "w1_factorised":
         a, b, w2 = randn(8, 3, seed=4), randn(3, 4, seed=5), randn(16, 16, seed=6)
-        return {"lokr_w1_a": a, "lokr_w1_b": b, "lokr_w2": w2}, torch.kron(a.double() @ b.double(), w2.double()), 3
+        return (
+            {"lokr_w1_a": a, "lokr_w1_b": b, "lokr_w2": w2},
+            torch.kron(a.double() @ b.double(), w2.double()),
+            3,
+        )
     w2 = randn(16, 16, seed=7)
     return {"lokr_w1": w1, "lokr_w2": w2}, torch.kron(w1.double(), w2.double()), None
 
 
 @pytest.mark.parametrize("kind", ["w2_factorised", "w1_factorised", "full"])
 def test_lokr(kind, tmp_path, base_sd):
-    """dW = kron(w1, w2) * alpha / r when a factorised part exists; both parts full: scale 1 (LyCORIS/ComfyUI)."""
+    """dW = kron(w1, w2) * alpha / r when a factorised part exists; both parts full: scale 1
+    (LyCORIS, ComfyUI)."""
     parts, product, rank = kron_case(kind)
     tensors = {f"{KFFN}.{k}": v for k, v in parts.items()}
     tensors[KFFN + ".alpha"] = torch.tensor(4.0)
@@ -217,7 +236,10 @@ def test_musubi_full_matrix_lokr_scale(tmp_path, base_sd):
             "diffusion_model.blocks.0.self_attn.q.lora_linear_layer.down.weight",
             "diffusion_model.blocks.0.self_attn.q.lora_linear_layer.up.weight",
         ),
-        ("diffusion_model.blocks.0.self_attn.q.lora.down.weight", "diffusion_model.blocks.0.self_attn.q.lora.up.weight"),
+        (
+            "diffusion_model.blocks.0.self_attn.q.lora.down.weight",
+            "diffusion_model.blocks.0.self_attn.q.lora.up.weight",
+        ),
     ],
 )
 def test_comfyui_spellings(down_key, up_key, tmp_path, base_sd):
@@ -229,7 +251,10 @@ def test_comfyui_spellings(down_key, up_key, tmp_path, base_sd):
 
 def test_diff_and_diff_b_as_their_own_keys(tmp_path, base_sd):
     diff, diff_b = randn(64, 64, seed=1, scale=0.01), randn(64, seed=2)
-    tensors = {"diffusion_model.blocks.0.self_attn.q.diff": diff, "diffusion_model.blocks.0.self_attn.q.diff_b": diff_b}
+    tensors = {
+        "diffusion_model.blocks.0.self_attn.q.diff": diff,
+        "diffusion_model.blocks.0.self_attn.q.diff_b": diff_b,
+    }
     sd, _ = merged(tmp_path, base_sd, tensors, multiplier=2.0)
     close(sd[Q + ".weight"], base_sd[Q + ".weight"].double() + 2 * diff.double())
     close(sd[Q + ".bias"], base_sd[Q + ".bias"].double() + 2 * diff_b.double())

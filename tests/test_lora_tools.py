@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from wan_kernel.errors import InputError
-from wan_kernel.lora import LoraMerge, LoraSpec, kohya_hashes, read_lora
-from wan_kernel.lora import tools
+from wan_kernel.lora import LoraMerge, LoraSpec, kohya_hashes, read_lora, tools
 from wan_kernel.models.dit_keys import dit_state_dict_to
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
@@ -37,7 +37,9 @@ def base_sd() -> dict[str, torch.Tensor]:
     return load_file(T2V)
 
 
-def kohya_file(path, sd, targets=BLOCKS, *, ranks=(4,), alphas=(2.0,), dtype=torch.float32, seed=0, metadata=None):
+def kohya_file(
+    path, sd, targets=BLOCKS, *, ranks=(4,), alphas=(2.0,), dtype=torch.float32, seed=0, metadata=None
+):
     """A kohya LoRA on ``targets`` (rank and alpha cycle through ``ranks`` / ``alphas``)."""
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -49,7 +51,9 @@ def kohya_file(path, sd, targets=BLOCKS, *, ranks=(4,), alphas=(2.0,), dtype=tor
         up_shape = (w.shape[0], r, *([1] * (w.dim() - 2)))
         tensors[stem + ".lora_up.weight"] = (torch.randn(up_shape, generator=g) * 0.3).to(dtype)
         tensors[stem + ".alpha"] = torch.tensor(a)
-    save_file(tensors, str(path), metadata=metadata or {"ss_network_dim": str(ranks[0]), "ss_output_name": "t"})
+    save_file(
+        tensors, str(path), metadata=metadata or {"ss_network_dim": str(ranks[0]), "ss_output_name": "t"}
+    )
     return path
 
 
@@ -77,7 +81,9 @@ def assert_same_deltas(a, b, rel=1e-6):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_round_trips_between_all_layouts_are_exact(tmp_path, base_sd, dtype):
     targets = [*BLOCKS, "text_embedding.0", "patch_embedding"]  # a conv LoRA too
-    src = kohya_file(tmp_path / "src.safetensors", base_sd, targets, ranks=(4, 2, 3), alphas=(2.0, 8.0, 3.0), dtype=dtype)
+    src = kohya_file(
+        tmp_path / "src.safetensors", base_sd, targets, ranks=(4, 2, 3), alphas=(2.0, 8.0, 3.0), dtype=dtype
+    )
     for first in LAYOUTS:
         for second in LAYOUTS:
             a = tools.convert_lora(src, tmp_path / f"{first}.safetensors", first, overwrite=True).path
@@ -94,7 +100,7 @@ def test_metadata_is_carried_and_hashes_recomputed(tmp_path, base_sd):
         written = f.metadata()
     assert written["ss_network_dim"] == "4" and written["modelspec.title"] == "fox"
     assert written["sshs_model_hash"], written["sshs_legacy_hash"] == kohya_hashes(load_file(out), written)
-    # kohya's definition, by hand: sha256 of the tensor bytes of safetensors.torch.save(tensors, ss_* metadata)
+    # kohya's definition by hand: sha256 of the tensor bytes of safetensors.torch.save(tensors, ss_* meta)
     import hashlib
 
     from safetensors.torch import save
@@ -166,9 +172,9 @@ class _Loader:
     """The smallest host of diffusers' ``WanLoraLoaderMixin`` (what ``WanPipeline`` inherits)."""
 
     transformer_name = "transformer"
-    _lora_loadable_modules = ["transformer"]
+    _lora_loadable_modules = ("transformer",)
     hf_device_map = None
-    components: dict = {}
+    components = types.MappingProxyType({})
 
 
 def diffusers_transformer(official_sd):
@@ -300,15 +306,17 @@ def test_merge_then_generate_equals_lora_at_load(tmp_path):
             self.path = path
 
         def load_dit(self, *, device, dtype, attention, quant, state_dict_transform=None):
-            return load_dit(self.path, device=device, attention=attention, state_dict_transform=state_dict_transform)
+            return load_dit(
+                self.path, device=device, attention=attention, state_dict_transform=state_dict_transform
+            )
 
     base_sd = load_file(dit_file)
     lora = kohya_file(tmp_path / "l.safetensors", base_sd)
     merged_file, _ = tools.merge_into_dit(dit_file, [LoraSpec(lora, 0.8)], tmp_path / "merged.safetensors")
-    common = dict(
-        prompt="a fox", video_size=(32, 32), video_length=5, infer_steps=2, seed=3, device="cpu",
-        output_type="latent", save_path=str(tmp_path / "out"), flow_shift=3.0,
-    )  # fmt: skip
+    common = {
+        "prompt": "a fox", "video_size": (32, 32), "video_length": 5, "infer_steps": 2, "seed": 3,
+        "device": "cpu", "output_type": "latent", "save_path": str(tmp_path / "out"), "flow_shift": 3.0,
+    }  # fmt: skip
     with_lora = GenerateConfig(lora_weights=[str(lora)], lora_multipliers=[0.8], **common)
     (a,) = GenerationPipeline(with_lora, models=DemoWithDiTFile(dit_file)).run()
     (b,) = GenerationPipeline(GenerateConfig(**common), models=DemoWithDiTFile(merged_file)).run()
@@ -327,7 +335,9 @@ def test_info_reports_layout_ranks_fit_and_hashes(tmp_path, base_sd):
     tensors = {}
     for i in range(40):  # a 14B i2v LoRA's shapes, on a few modules
         for m in ("self_attn_q", "cross_attn_k_img"):
-            tensors[f"lora_unet_blocks_{i}_{m}.lora_down.weight"] = torch.randn(8, 5120, generator=g).to(torch.bfloat16)
+            tensors[f"lora_unet_blocks_{i}_{m}.lora_down.weight"] = torch.randn(8, 5120, generator=g).to(
+                torch.bfloat16
+            )
             tensors[f"lora_unet_blocks_{i}_{m}.lora_up.weight"] = torch.zeros(5120, 8, dtype=torch.bfloat16)
             tensors[f"lora_unet_blocks_{i}_{m}.alpha"] = torch.tensor(4.0)
     path = tmp_path / "i2v14b.safetensors"
@@ -391,7 +401,12 @@ def test_cli_commands_and_clean_errors(tmp_path, base_sd):
     r = wan("lora", "convert", "--input", src, "--output", tmp_path / "c.safetensors", "--target", "other")
     assert r.exit_code == 0 and "comfyui layout" in r.output
     r = wan("lora", "convert", "--input", src, "--output", tmp_path / "c.safetensors", "--target", "other")
-    assert r.exit_code == 1 and "error:" in r.output and "--overwrite" in r.output and "Traceback" not in r.output
+    assert (
+        r.exit_code == 1
+        and "error:" in r.output
+        and "--overwrite" in r.output
+        and "Traceback" not in r.output
+    )
     r = wan("lora", "info", tmp_path / "c.safetensors", "--json")
     assert r.exit_code == 0 and json.loads(r.output)["layout"] == "comfyui"
     r = wan(

@@ -42,7 +42,8 @@ _LOKR_W2 = ("lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
 
 def _tucker(core: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """LyCORIS ``rebuild_tucker``: ``[out, in, k...]`` from a core ``[r, r, k...]``, ``wa [r, out]``, ``wb [r, in]``."""
+    """LyCORIS ``rebuild_tucker``: ``[out, in, k...]`` from a core ``[r, r, k...]``, ``wa [r, out]``,
+    ``wb [r, in]``."""
     return torch.einsum("ij...,jr,ip->pr...", core, wb, wa)
 
 
@@ -210,7 +211,9 @@ class LoraModule:
             return self.tensors["magnitude"].numel() == shape[0]
         if "dora_scale" in self.tensors:
             n = self.tensors["dora_scale"].numel()
-            return n == shape[0] or (len(shape) > 1 and n == shape[1] and self.tensors["dora_scale"].shape[0] == 1)
+            return n == shape[0] or (
+                len(shape) > 1 and n == shape[1] and self.tensors["dora_scale"].shape[0] == 1
+            )
         return True
 
     def merged_weight(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:

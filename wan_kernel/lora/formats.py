@@ -8,9 +8,9 @@ Layouts (see the README's "LoRA files" table for which tool loads which):
 - ``comfyui`` (musubi's ``convert_lora.py --target other``, diffusion-pipe, ai-toolkit):
   ``diffusion_model.<official path>.lora_A.weight`` / ``.lora_B.weight``; the alpha is folded into
   both factors (each times ``sqrt(alpha / rank)``, in float32) and not stored, as the seed's
-  converter does, so tools that ignore alpha apply the same delta. These are the key names ComfyUI's Wan key map
-  accepts: ``comfy/lora.py::model_lora_keys_unet`` (checked at Comfy-Org/ComfyUI 17358c8f) maps
-  every model weight ``diffusion_model.<path>.weight`` from ``lora_unet_<path with _>`` and from
+  converter does, so tools that ignore alpha apply the same delta. These are the key names
+  ComfyUI's Wan key map accepts: ``comfy/lora.py::model_lora_keys_unet`` (checked at
+  Comfy-Org/ComfyUI 17358c8f) maps every model weight ``diffusion_model.<path>.weight`` from ``lora_unet_<path with _>`` and from
   ``diffusion_model.<path>`` (there is no Wan-specific block); ``load_lora`` then reads
   ``.lora_A.weight``/``.lora_B.weight``, ``.alpha``, ``.dora_scale``, ``.diff``, ``.diff_b``,
   ``hada_*`` and ``lokr_*`` behind either prefix.
@@ -179,7 +179,8 @@ def parse_lora(
             key, a = roles["alpha"]
             if a.numel() != 1 or not torch.isfinite(a.float()).all():
                 raise WeightsError(
-                    f"{where}: LoRA module {name!r} has an alpha that is not one finite number ({list(a.shape)})"
+                    f"{where}: LoRA module {name!r} has an alpha that is not one finite number "
+                    f"({list(a.shape)})"
                 )
             alpha = float(a.float().item())
         module = LoraModule(
@@ -189,9 +190,9 @@ def parse_lora(
             keys=sorted(k for k, _ in roles.values()),
             musubi_lokr=musubi_lokr,
         )
-        if not ({"down", "up", "diff", "diff_b", "bias", "hada_w1_a", "hada_w1_b"} & module.tensors.keys()) and (
-            module.kind != "lokr"
-        ):
+        if not (
+            {"down", "up", "diff", "diff_b", "bias", "hada_w1_a", "hada_w1_b"} & module.tensors.keys()
+        ) and (module.kind != "lokr"):
             unrecognised.extend(module.keys)  # a lone alpha / dora_scale / magnitude: nothing to merge
             continue
         problems = module.problems()
@@ -271,7 +272,8 @@ def layout_state_dict(modules: Mapping[str, LoraModule], layout: str = "kohya") 
             if kind in ("loha", "lokr") or "diff" in module.tensors:
                 raise InputError(
                     f"LoRA module {path} is a {'full delta' if kind == 'diff' else kind.upper()}, which the "
-                    "diffusers layout cannot hold (diffusers/PEFT files hold plain low-rank pairs); convert to "
+                    "diffusers layout cannot hold (diffusers/PEFT files hold plain low-rank pairs); "
+                    "convert to "
                     "--target kohya or comfyui instead"
                 )
             stem = "transformer." + official_to_diffusers_key(path)
@@ -285,7 +287,9 @@ def layout_state_dict(modules: Mapping[str, LoraModule], layout: str = "kohya") 
                 out[stem + _KOHYA_SUFFIX["down"]] = t["down"]
                 out[stem + _KOHYA_SUFFIX["up"]] = t["up"]
                 alpha = module.alpha if module.alpha is not None else float(module.rank)
-                out[stem + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)  # exact scale in any save dtype
+                out[stem + ".alpha"] = torch.tensor(
+                    alpha, dtype=torch.float32
+                )  # exact scale in any save dtype
             else:
                 down, up = _folded(module)
                 out[stem + _AB_SUFFIX["down"]] = down
@@ -324,14 +328,19 @@ def _dora_tensors(path: str, stem: str, module: LoraModule, layout: str) -> dict
     t = module.tensors
     if "magnitude" in t:
         m = t["magnitude"].flatten()
-        return {stem + ".lora_magnitude_vector": m} if layout == "diffusers" else {stem + ".dora_scale": m[:, None]}
+        return (
+            {stem + ".lora_magnitude_vector": m}
+            if layout == "diffusers"
+            else {stem + ".dora_scale": m[:, None]}
+        )
     scale = t["dora_scale"]
     if layout != "diffusers":
         return {stem + ".dora_scale": scale}
     if scale.dim() > 1 and scale.shape[0] == 1 and scale.shape[1] != 1:
         raise InputError(
             f"LoRA module {path} is a DoRA normalised per input column (dora_scale {list(scale.shape)}), "
-            "which PEFT/diffusers cannot hold (their magnitude is per output row); keep it in kohya or comfyui"
+            "which PEFT/diffusers cannot hold (their magnitude is per output row); "
+            "keep it in kohya or comfyui"
         )
     return {stem + ".lora_magnitude_vector": scale.flatten()}
 

@@ -78,7 +78,9 @@ class LoraReport:
             shown = describe_keys(self.unmatched, 3)
             text += f", {len(self.unmatched)} without a target in this model ({shown})"
         if self.unmatched_keys:
-            text += f"; {len(self.unmatched_keys)} tensor(s) not merged ({describe_keys(self.unmatched_keys, 3)})"
+            text += (
+                f"; {len(self.unmatched_keys)} tensor(s) not merged ({describe_keys(self.unmatched_keys, 3)})"
+            )
         return text
 
 
@@ -217,7 +219,7 @@ def _bias_key(weight_key: str) -> str | None:
 
 
 class LoraMerge:
-    """A state-dict transform that merges LoRA files: ``load_dit(..., state_dict_transform=LoraMerge(specs))``.
+    """A state-dict transform merging LoRA files: ``load_dit(..., state_dict_transform=LoraMerge(specs))``.
 
     Called with an official-layout DiT state dict, it merges in place (merged tensors are replaced,
     never written into) and returns it. A weight stored in fp8 (plain, or scaled with any layout
@@ -361,7 +363,9 @@ def apply_loras(
                 "state_dict_transform=wan_kernel.lora.LoraMerge(specs) to load_dit"
             )
         if weight.is_meta:
-            raise InputError(f"cannot merge a LoRA into {name}: the model's weights are not loaded (meta device)")
+            raise InputError(
+                f"cannot merge a LoRA into {name}: the model's weights are not loaded (meta device)"
+            )
     with torch.no_grad():
         for name, entries in plan.weight.items():
             w = weights[name]

@@ -76,9 +76,7 @@ class LoraSpec:
             for key, value in spec.items():
                 name = aliases.get(key, key)
                 if name not in ("path", "multiplier", "include", "exclude"):
-                    raise InputError(
-                        f"unknown LoRA option {key!r}; use path, multiplier, include, exclude"
-                    )
+                    raise InputError(f"unknown LoRA option {key!r}; use path, multiplier, include, exclude")
                 if value is not None:
                     kwargs[name] = value
             if "path" not in kwargs:

@@ -66,12 +66,16 @@ def _modules_by_path(lora: LoraFile, *, strict: bool, what: str) -> tuple[dict[s
             f"drop --strict to {what} the rest"
         )
     if not out:
-        raise InputError(f"{lora.path}: none of its modules is a Wan2.1 DiT module ({describe_keys(left, 3)})")
+        raise InputError(
+            f"{lora.path}: none of its modules is a Wan2.1 DiT module ({describe_keys(left, 3)})"
+        )
     return out, sorted(left)
 
 
-def _with_prefix(tensors: dict[str, torch.Tensor], layout: str, prefix: str | None) -> dict[str, torch.Tensor]:
-    """Replace the layout's key prefix (``diffusion_model`` / ``transformer``) as ``--diffusers_prefix`` asks."""
+def _with_prefix(
+    tensors: dict[str, torch.Tensor], layout: str, prefix: str | None
+) -> dict[str, torch.Tensor]:
+    """Replace the layout's key prefix (``diffusion_model``/``transformer``) by ``--diffusers_prefix``."""
     default = _DEFAULT_PREFIX.get(layout)
     if prefix is None or default is None or prefix == default:
         return tensors
@@ -196,7 +200,8 @@ def combine_loras(
             if module.kind in ("loha", "lokr") or module.is_dora:
                 kind = "DoRA" if module.is_dora else module.kind.upper()
                 raise InputError(
-                    f"{spec.path}: module {module.name!r} is a {kind}; LoRAs of this kind cannot be summed into "
+                    f"{spec.path}: module {module.name!r} is a {kind}; LoRAs of this kind cannot be summed "
+                    "into "
                     "one LoRA exactly. Merge them into the DiT instead (wan lora merge --dit ...)"
                 )
             parts.setdefault(path, []).append((spec.multiplier, module))
@@ -308,7 +313,8 @@ def _fit(modules: dict[str, LoraModule]) -> dict[str, Any]:
                 dims.add(int(t["hada_w1_a"].shape[0]))
     blocks = sorted({int(m.group(1)) for p in modules if (m := _BLOCK_RE.match(p))})
     image = any(
-        p.endswith(("cross_attn.k_img", "cross_attn.v_img", "cross_attn.norm_k_img")) or p.startswith("img_emb.")
+        p.endswith(("cross_attn.k_img", "cross_attn.v_img", "cross_attn.norm_k_img"))
+        or p.startswith("img_emb.")
         for p in modules
     )
     flf2v = "img_emb.emb_pos" in modules
@@ -346,9 +352,7 @@ def lora_info(path: str | os.PathLike) -> dict[str, Any]:
     kinds = Counter(r["kind"] for r in rows)
     pairs = Counter((r["rank"], r["alpha"]) for r in rows)
     blocks = sorted({int(m.group(1)) for r in rows if (m := _BLOCK_RE.match(r["module"]))})
-    module_types = sorted(
-        {m.group(2) if (m := _BLOCK_RE.match(r["module"])) else r["module"] for r in rows}
-    )
+    module_types = sorted({m.group(2) if (m := _BLOCK_RE.match(r["module"])) else r["module"] for r in rows})
     tensors = load_state_dict(path, what="LoRA")
     computed = kohya_hashes(tensors, lora.metadata) if path.suffix == ".safetensors" else None
     metadata = lora.metadata
@@ -361,7 +365,10 @@ def lora_info(path: str | os.PathLike) -> dict[str, Any]:
         "rank_alpha": (
             {"rank": rows[0]["rank"], "alpha": rows[0]["alpha"], "uniform": True}
             if len(pairs) == 1
-            else {"uniform": False, "counts": [{"rank": r, "alpha": a, "modules": n} for (r, a), n in pairs.items()]}
+            else {
+                "uniform": False,
+                "counts": [{"rank": r, "alpha": a, "modules": n} for (r, a), n in pairs.items()],
+            }
         ),
         "blocks": blocks,
         "module_types": module_types,
@@ -397,7 +404,9 @@ def format_info(info: dict[str, Any], *, per_module: bool = False) -> str:
     ]
     ra = info["rank_alpha"]
     if ra["uniform"]:
-        lines.append(f"  rank:     {ra['rank']}, alpha {ra['alpha'] if ra['alpha'] is not None else 'none (= rank)'}")
+        lines.append(
+            f"  rank:     {ra['rank']}, alpha {ra['alpha'] if ra['alpha'] is not None else 'none (= rank)'}"
+        )
     else:
         parts = [f"rank {c['rank']} alpha {c['alpha']}: {c['modules']}" for c in ra["counts"]]
         lines.append("  rank:     varies (" + "; ".join(parts) + ")")
@@ -408,15 +417,24 @@ def format_info(info: dict[str, Any], *, per_module: bool = False) -> str:
     lines.append(f"  fits:     {fits['model_type']}; {fits['size']}; needs {fits['blocks_needed']} block(s)")
     if info["not_wan_modules"]:
         lines.append(
-            f"  not Wan:  {len(info['not_wan_modules'])} tensor(s) ({describe_keys(info['not_wan_modules'], 3)})"
+            f"  not Wan:  {len(info['not_wan_modules'])} tensor(s) "
+            f"({describe_keys(info['not_wan_modules'], 3)})"
         )
     h = info["hashes"]
     if h["sshs_model_hash"]:
         stored = h["stored_sshs_model_hash"]
-        note = "" if stored is None else (" (matches the stored one)" if stored == h["sshs_model_hash"] else f" (stored: {stored})")
+        note = (
+            ""
+            if stored is None
+            else (" (matches the stored one)" if stored == h["sshs_model_hash"] else f" (stored: {stored})")
+        )
         lines.append(f"  sshs_model_hash:  {h['sshs_model_hash']}{note}")
         lines.append(f"  sshs_legacy_hash: {h['sshs_legacy_hash']}")
-    for title, key in (("training metadata", "training_metadata"), ("modelspec", "modelspec"), ("other metadata", "other_metadata")):
+    for title, key in (
+        ("training metadata", "training_metadata"),
+        ("modelspec", "modelspec"),
+        ("other metadata", "other_metadata"),
+    ):
         if info[key]:
             lines.append(f"  {title}:")
             for k, v in sorted(info[key].items()):
@@ -425,7 +443,9 @@ def format_info(info: dict[str, Any], *, per_module: bool = False) -> str:
     if per_module:
         lines.append("  per module:")
         for r in info["per_module"]:
-            lines.append(f"    {r['module']}: {r['kind']} rank {r['rank']} alpha {r['alpha']} (scale {r['scale']:g})")
+            lines.append(
+                f"    {r['module']}: {r['kind']} rank {r['rank']} alpha {r['alpha']} (scale {r['scale']:g})"
+            )
     return "\n".join(lines)
 
 
@@ -468,7 +488,11 @@ def resize_lora(
         raise InputError(f"--rank must be at least 1, got {rank}")
     lora = read_lora(input)
     modules, _ = _modules_by_path(lora, strict=strict, what="resize")
-    layout = resolve_layout(target) if target else (lora.layout if lora.layout in ("kohya", "comfyui", "diffusers") else "kohya")
+    layout = (
+        resolve_layout(target)
+        if target
+        else (lora.layout if lora.layout in ("kohya", "comfyui", "diffusers") else "kohya")
+    )
     out: dict[str, LoraModule] = {}
     energy: dict[str, float] = {}
     for path, module in modules.items():
@@ -510,17 +534,20 @@ def resize_lora(
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """Karras et al. 2024 (EDM2), Algorithm 2: the largest real root of ``g^3 + 7g^2 + (16 - t)g + 12 - t``."""
+    """Karras et al. 2024 (EDM2), Algorithm 2: the largest real root of
+    ``g^3 + 7g^2 + (16 - t)g + 12 - t`` with ``t = sigma_rel^-2``."""
     import numpy as np
 
     if not 0 < sigma_rel < 12**-0.5:
-        raise InputError(f"--sigma_rel must be between 0 and {12 ** -0.5:.4f}, got {sigma_rel}")
+        raise InputError(f"--sigma_rel must be between 0 and {12**-0.5:.4f}, got {sigma_rel}")
     t = sigma_rel**-2
     roots = np.roots([1, 7, 16 - t, 12 - t])
     return float(roots[np.isreal(roots) & (roots.real >= 0)].real.max())
 
 
-def ema_betas(count: int, *, beta: float = 0.95, beta2: float | None = None, sigma_rel: float | None = None) -> list[float]:
+def ema_betas(
+    count: int, *, beta: float = 0.95, beta2: float | None = None, sigma_rel: float | None = None
+) -> list[float]:
     """The decay used when folding in checkpoint 2, 3, ... (musubi-tuner's ``lora_post_hoc_ema.py``).
 
     ``sigma_rel``: the power-function EMA, ``beta_t = (1 - 1/t) ** (gamma + 1)`` for t = 1, 2, ...;
@@ -578,7 +605,9 @@ def ema_loras(
         for key, value in sd.items():
             if key.endswith(".alpha"):
                 if not torch.allclose(avg[key].float(), value.float()):
-                    raise WeightsError(f"{f}: {key} is {value.item()}, not {avg[key].item()} as in the other files")
+                    raise WeightsError(
+                        f"{f}: {key} is {value.item()}, not {avg[key].item()} as in the other files"
+                    )
                 continue
             if not value.is_floating_point():
                 continue

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from wan_quant_fp8.scheme import FP8_MAX, SCALE_FLOOR, SCHEMES, is_quantized_layer
 from wan_quant_fp8.tensors import (
     FP8,
@@ -10,8 +11,6 @@ from wan_quant_fp8.tensors import (
     quantize_state_dict,
     quantize_weight,
 )
-
-from safetensors.torch import save_file
 
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.lora import LoraMerge, LoraSpec
