@@ -310,3 +310,30 @@ def read_lora_clean(tmp_path) -> Path:
     save_file({KQ + ".lora_down.weight": randn(4, 64), KQ + ".lora_up.weight": randn(64, 4)}, str(path))
     assert read_lora(path).modules[KQ].kind == "lora"
     return path
+
+
+@pytest.mark.parametrize("musubi", [False, True])
+@pytest.mark.parametrize("kind", ["loha", "lokr_factorised", "lokr_full"])
+def test_loha_lokr_convert_without_changing_the_delta(kind, musubi, tmp_path, base_sd):
+    """LoHa/LoKr keep their tensors through every layout that holds them; a full-matrix LoKr gets
+    its scale baked in (the tools disagree on its alpha), so its delta stays the same everywhere."""
+    from wan_kernel.lora import tools
+
+    if kind == "loha":
+        tensors = {f"{KFFN}.hada_w1_a": randn(128, 4), f"{KFFN}.hada_w1_b": randn(4, 64, seed=1)}
+        tensors |= {f"{KFFN}.hada_w2_a": randn(128, 4, seed=2), f"{KFFN}.hada_w2_b": randn(4, 64, seed=3)}
+    else:
+        parts, _, _ = kron_case("w2_factorised" if kind == "lokr_factorised" else "full")
+        tensors = {f"{KFFN}.{k}": v for k, v in parts.items()}
+    tensors[KFFN + ".alpha"] = torch.tensor(3.0)
+    if musubi:
+        tensors["lokr_factor"] = torch.tensor(-1)
+    src = tmp_path / "src.safetensors"
+    save_file(tensors, str(src))
+    want, _ = merged(tmp_path, base_sd, tensors)
+    for target in ("kohya", "comfyui"):
+        out = tools.convert_lora(src, tmp_path / f"{target}.safetensors", target).path
+        got = LoraMerge([out])({k: v.clone() for k, v in base_sd.items()})
+        close(got[FFN + ".weight"], want[FFN + ".weight"])
+    with pytest.raises(InputError, match="diffusers layout cannot hold"):
+        tools.convert_lora(src, tmp_path / "d.safetensors", "diffusers")

@@ -433,3 +433,22 @@ def test_generate_save_merged_model_writes_what_lora_merge_writes(tmp_path, base
     assert r.exit_code == 0, r.output
     a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_trainer_writer_gives_musubis_layout(tmp_path, base_sd):
+    """factors_state_dict + save_lora_file: the kohya keys a musubi-trained LoRA has, hashes included."""
+    from wan_kernel.lora import factors_state_dict, save_lora_file
+
+    down, up = torch.randn(4, 64), torch.zeros(64, 4)
+    path = save_lora_file(
+        tmp_path / "t.safetensors",
+        factors_state_dict({"blocks.0.self_attn.q": (down, up, 1.0)}),
+        {"ss_a": "1"},
+    )
+    assert sorted(load_file(path)) == [
+        "lora_unet_blocks_0_self_attn_q.alpha",
+        "lora_unet_blocks_0_self_attn_q.lora_down.weight",
+        "lora_unet_blocks_0_self_attn_q.lora_up.weight",
+    ]
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["sshs_model_hash"] == kohya_hashes(load_file(path), {"ss_a": "1"})[0]

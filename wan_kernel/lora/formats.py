@@ -58,6 +58,7 @@ __all__ = [
     "LAYOUTS",
     "LoraFile",
     "detect_layout",
+    "factors_state_dict",
     "kohya_hashes",
     "layout_state_dict",
     "read_lora",
@@ -294,6 +295,15 @@ def layout_state_dict(modules: Mapping[str, LoraModule], layout: str = "kohya") 
                 down, up = _folded(module)
                 out[stem + _AB_SUFFIX["down"]] = down
                 out[stem + _AB_SUFFIX["up"]] = up
+        elif kind == "lokr" and module.rank is None:
+            # both Kronecker factors full: tools disagree on what alpha means here (LyCORIS and
+            # ComfyUI ignore it, musubi-tuner divides by max(w2.shape)), so the scale is baked into
+            # w2 (float32) and no alpha is written: every tool then applies scale 1
+            for role, tensor in t.items():
+                if role.startswith("lokr_"):
+                    out[f"{stem}.{role}"] = tensor
+            if module.scale != 1.0:
+                out[stem + ".lokr_w2"] = t["lokr_w2"].float() * module.scale
         elif kind in ("loha", "lokr"):
             for role, tensor in t.items():
                 if role.startswith(("hada_", "lokr_")):
@@ -317,6 +327,21 @@ def layout_state_dict(modules: Mapping[str, LoraModule], layout: str = "kohya") 
         if "magnitude" in t or "dora_scale" in t:
             out.update(_dora_tensors(path, stem, module, layout))
     return out
+
+
+def factors_state_dict(
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float | None]], layout: str = "kohya"
+) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors from plain factors ``{official path: (down [r, in], up [out, r], alpha)}``.
+
+    What a trainer saves: ``save_lora_file(path, factors_state_dict(factors), metadata)`` writes
+    musubi-tuner's layout (``lora_unet_<path>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``).
+    """
+    modules = {
+        path: LoraModule(name=path, tensors={"down": down, "up": up}, alpha=alpha)
+        for path, (down, up, alpha) in factors.items()
+    }
+    return layout_state_dict(modules, layout)
 
 
 def _bias_delta_tensor(module: LoraModule) -> torch.Tensor | None:
