@@ -337,3 +337,19 @@ def test_loha_lokr_convert_without_changing_the_delta(kind, musubi, tmp_path, ba
         close(got[FFN + ".weight"], want[FFN + ".weight"])
     with pytest.raises(InputError, match="diffusers layout cannot hold"):
         tools.convert_lora(src, tmp_path / "d.safetensors", "diffusers")
+
+
+@pytest.mark.cuda
+def test_merge_computed_on_cuda_equals_cpu(tmp_path, base_sd):
+    """LoraMerge(device="cuda") (what generate passes) merges on the GPU, tensors go back where they were."""
+    tensors = {
+        KFFN + ".hada_w1_a": randn(128, 4), KFFN + ".hada_w1_b": randn(4, 64, seed=1),
+        KFFN + ".hada_w2_a": randn(128, 4, seed=2), KFFN + ".hada_w2_b": randn(4, 64, seed=3),
+        KQ + ".lora_down.weight": randn(4, 64, seed=4), KQ + ".lora_up.weight": randn(64, 4, seed=5),
+        KQ + ".dora_scale": base_sd[Q + ".weight"].norm(dim=1, keepdim=True) * 1.1,
+    }  # fmt: skip
+    cpu, _ = merged(tmp_path, base_sd, tensors)
+    gpu, _ = merged(tmp_path, base_sd, tensors, device="cuda")
+    for key in (FFN + ".weight", Q + ".weight"):
+        assert gpu[key].device.type == "cpu"
+        torch.testing.assert_close(gpu[key], cpu[key], atol=1e-5, rtol=1e-5)

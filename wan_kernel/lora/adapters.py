@@ -136,9 +136,10 @@ class LoraModule:
     # deltas
     # ----------------------------------------------------------------------------------------
 
-    def product(self) -> torch.Tensor | None:
-        """The unscaled low-rank product in float32, 2-D ``[out, in * k]`` (LoKr: as ``kron`` gives it)."""
-        t = {k: v.float() for k, v in self.tensors.items()}
+    def product(self, device: torch.device | None = None) -> torch.Tensor | None:
+        """The unscaled low-rank product in float32 on ``device`` (default: where the tensors are),
+        2-D ``[out, in * k]`` (LoKr: as ``kron`` gives it)."""
+        t = {k: v.to(device, torch.float32) for k, v in self.tensors.items()}
         kind = self.kind
         if kind == "lora":
             return t["up"].flatten(1) @ t["down"].flatten(1)
@@ -185,14 +186,14 @@ class LoraModule:
             return w1[0] * w2[0] == shape[0] and math.prod(w1) * math.prod(w2) == numel
         return "diff" not in t or t["diff"].numel() == numel
 
-    def weight_delta(self, shape: Sequence[int]) -> torch.Tensor | None:
-        """``scale * product + diff`` in float32, shaped like the target weight; ``None`` if none."""
+    def weight_delta(self, shape: Sequence[int], device: torch.device | None = None) -> torch.Tensor | None:
+        """``scale * product + diff`` in float32 on ``device``, shaped like the weight; ``None`` if none."""
         delta = None
-        product = self.product()
+        product = self.product(device)
         if product is not None:
             delta = product.reshape(shape) * self.scale
         if "diff" in self.tensors:
-            diff = self.tensors["diff"].float().reshape(shape)
+            diff = self.tensors["diff"].to(device, torch.float32).reshape(shape)
             delta = diff if delta is None else delta + diff
         return delta
 
@@ -218,17 +219,17 @@ class LoraModule:
 
     def merged_weight(self, weight: torch.Tensor, multiplier: float) -> torch.Tensor:
         """``weight`` (float32) with this module merged at strength ``multiplier``, in float32."""
-        delta = self.weight_delta(weight.shape)
+        delta = self.weight_delta(weight.shape, weight.device)
         if not self.is_dora:
             return weight if delta is None else weight.add(delta, alpha=multiplier)
         merged = weight if delta is None else weight + delta  # V = W + dW
         v = merged.reshape(weight.shape[0], -1)  # [out, in * k]
         if "magnitude" in self.tensors:  # PEFT: norm of each output row, over the inputs
-            m = self.tensors["magnitude"].float().reshape(-1, 1)
+            m = self.tensors["magnitude"].to(weight.device, torch.float32).reshape(-1, 1)
             norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
             decomposed = (m / norm) * v
         else:
-            m = self.tensors["dora_scale"].float()
+            m = self.tensors["dora_scale"].to(weight.device, torch.float32)
             if m.numel() == weight.shape[0] and not (m.dim() > 1 and m.shape[0] == 1 and m.shape[1] != 1):
                 norm = torch.linalg.vector_norm(v, dim=1, keepdim=True) + torch.finfo(torch.float32).eps
                 decomposed = (m.reshape(-1, 1) / norm) * v

@@ -11,9 +11,9 @@ Layouts (see the README's "LoRA files" table for which tool loads which):
   converter does, so tools that ignore alpha apply the same delta. These are the key names
   ComfyUI's Wan key map accepts: ``comfy/lora.py::model_lora_keys_unet`` (checked at
   Comfy-Org/ComfyUI 17358c8f) maps every model weight ``diffusion_model.<path>.weight`` from
-  ``lora_unet_<path with _>`` and from ``diffusion_model.<path>`` (there is no Wan-specific block); ``load_lora`` then reads
-  ``.lora_A.weight``/``.lora_B.weight``, ``.alpha``, ``.dora_scale``, ``.diff``, ``.diff_b``,
-  ``hada_*`` and ``lokr_*`` behind either prefix.
+  ``lora_unet_<path with _>`` and from ``diffusion_model.<path>`` (there is no Wan-specific
+  block); ``load_lora`` then reads ``.lora_A.weight``/``.lora_B.weight``, ``.alpha``,
+  ``.dora_scale``, ``.diff``, ``.diff_b``, ``hada_*`` and ``lokr_*`` behind either prefix.
 - ``diffusers`` (``WanPipeline.save_lora_weights``, finetrainers, SimpleTuner):
   ``transformer.<diffusers path>.lora_A.weight`` / ``.lora_B.weight``, no alpha (folded as above),
   PEFT DoRA ``.lora_magnitude_vector``, bias deltas as ``.lora_B.bias``. LoHa, LoKr, input-axis
