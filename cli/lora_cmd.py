@@ -146,7 +146,7 @@ def write_merged_dit(dit, specs, output, *, quant=None, device=None, strict=Fals
 
     quantizer = None
     if quant:
-        from wan_kernel.models.quantization import resolve_quantizer
+        from wan_kernel.pipelines.plugin_setup import resolve_quantizer
 
         quantizer = resolve_quantizer(quant, target="dit")
     log = lambda line: click.echo(line, err=True)

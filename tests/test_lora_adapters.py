@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from wan_kernel.errors import InputError
 from wan_kernel.lora import LoraMerge, LoraSpec, LoraWarning, read_lora
+from wan_kernel.testing import REFERENCE_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
+FIXTURES = REFERENCE_FIXTURES
 T2V = FIXTURES / "dit_t2v" / "weights.safetensors"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
 

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +21,9 @@ from safetensors.torch import load_file, save_file
 from wan_kernel.errors import InputError
 from wan_kernel.lora import LoraMerge, LoraSpec, kohya_hashes, read_lora, tools
 from wan_kernel.models.dit_keys import dit_state_dict_to
+from wan_kernel.testing import REFERENCE_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
+FIXTURES = REFERENCE_FIXTURES
 T2V = FIXTURES / "dit_t2v" / "weights.safetensors"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
 
@@ -285,7 +285,7 @@ def test_merge_into_dit_quantized(tmp_path, base_sd):
     out, _ = tools.merge_into_dit(T2V, [lora], tmp_path / "q.safetensors", quantizer=quantizer)
     written = load_file(out)
     assert written["blocks.0.ffn.0.weight"].dtype == torch.float8_e4m3fn
-    at_load = load_dit(T2V, quant="fp8_scaled", state_dict_transform=LoraMerge([lora])).state_dict()
+    at_load = load_dit(T2V, quant=quantizer, state_dict_transform=LoraMerge([lora])).state_dict()
     for k, v in at_load.items():
         assert torch.equal(written[k].float(), v.float()), k
 
