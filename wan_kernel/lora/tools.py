@@ -261,7 +261,12 @@ def merge_into_dit(
     quantized once and the file holds the quantized form (what ``load_dit(quant=...)`` builds).
     ``wan run generate --save_merged_model`` writes the same file.
     """
-    from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
+    from wan_kernel.models.dit_keys import (
+        COMFYUI_PREFIXES,
+        detect_layout,
+        dit_state_dict_from,
+        dit_state_dict_to,
+    )
 
     dit = Path(dit).expanduser()
     output = Path(output).expanduser()
@@ -273,6 +278,8 @@ def merge_into_dit(
     layout = detect_layout(list(raw))
     if layout is None:
         raise WeightsError(f"{dit}: not a Wan2.1 DiT in a layout wan reads ({describe_keys(list(raw), 3)})")
+    # ComfyUI files come with "model.diffusion_model." or "diffusion_model.": keep the input's
+    comfy_prefix = next((p for p in COMFYUI_PREFIXES if any(k.startswith(p) for k in raw)), None)
     merge = LoraMerge(specs, strict=strict, log=log, device=device)
     sd = merge(dit_state_dict_from(layout, raw))
     del raw
@@ -285,7 +292,8 @@ def merge_into_dit(
     metadata["wan_merged_loras"] = json.dumps(
         [{"file": r.path.name, "multiplier": r.multiplier, "modules": len(r.merged)} for r in merge.reports]
     )
-    out = dit_state_dict_to(layout, {k: v.to("cpu") for k, v in sd.items()})
+    sd = {k: v.to("cpu") for k, v in sd.items()}
+    out = {comfy_prefix + k: v for k, v in sd.items()} if comfy_prefix else dit_state_dict_to(layout, sd)
     return save_safetensors_atomic(output, out, metadata, overwrite=overwrite), merge.reports
 
 
