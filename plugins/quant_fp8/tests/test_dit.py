@@ -202,3 +202,23 @@ def test_fp8_fast_dit_on_cuda(cuda_device, tiny_dit_file, tiny_dit_reference, di
     with torch.no_grad():
         out = model(x.to(cuda_device), t.to(cuda_device), [c.to(cuda_device) for c in context]).cpu()
     assert relative_error(out, tiny_dit_reference) < 0.03
+
+
+@pytest.mark.parametrize("mode", ["fp8", "fp8_scaled"])
+def test_contract_loader_takes_the_plugin_name(tiny_dit_file, dit_inputs, mode):
+    """CONTRACT.md: ``wan_kernel.models.load_dit(path, quant="fp8_scaled")`` resolves the name through
+    the installed plugins and gives the model that loading with the resolved object gives."""
+    from wan_kernel import models
+
+    by_name = models.load_dit(tiny_dit_file, dtype="float32", quant=mode)
+    by_object = load_dit(tiny_dit_file, dtype="float32", quant=QUANTIZERS[mode])
+    assert any(isinstance(m, Fp8Linear) for m in by_name.modules())
+    torch.testing.assert_close(_run(by_name, dit_inputs), _run(by_object, dit_inputs), rtol=0, atol=0)
+
+
+def test_contract_loader_names_an_unknown_quantizer(tiny_dit_file):
+    from wan_kernel import models
+    from wan_kernel.errors import PluginError
+
+    with pytest.raises(PluginError, match="fp9"):
+        models.load_dit(tiny_dit_file, quant="fp9")
