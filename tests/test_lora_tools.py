@@ -458,3 +458,12 @@ def test_trainer_writer_gives_musubis_layout(tmp_path, base_sd):
     ]
     with safe_open(str(path), "pt") as f:
         assert f.metadata()["sshs_model_hash"] == kohya_hashes(load_file(path), {"ss_a": "1"})[0]
+
+
+def test_info_reads_the_width_from_ffn_only_loras(tmp_path):
+    tensors = {
+        "diffusion_model.blocks.0.ffn.0.lora_A.weight": torch.zeros(4, 1536),
+        "diffusion_model.blocks.0.ffn.0.lora_B.weight": torch.zeros(8960, 4),
+    }
+    save_file(tensors, str(tmp_path / "ffn.safetensors"))
+    assert tools.lora_info(tmp_path / "ffn.safetensors")["fits"]["size"] == "1.3B"

@@ -306,19 +306,32 @@ SIZES = {1536: "1.3B", 5120: "14B"}
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
+_WIDTH_SIDES = {
+    **{f"{attn}.{p}": ("in", "out") for attn in ("self_attn", "cross_attn") for p in "qkvo"},
+    "cross_attn.k_img": ("in", "out"),
+    "cross_attn.v_img": ("in", "out"),
+    "ffn.0": ("in",),
+    "ffn.2": ("out",),
+}
+"""Block modules and which of their sides (input, output) is the model width ``dim``."""
+
+
 def _fit(modules: dict[str, LoraModule]) -> dict[str, Any]:
     """Which model a LoRA fits, read off the shapes and the module names."""
     dims = set()
     for path, module in modules.items():
         m = _BLOCK_RE.match(path)
-        if m and m.group(2) in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o"):
-            t = module.tensors
-            if "down" in t:
-                dims.add(int(t["down"].shape[1]))
-            if "up" in t:
-                dims.add(int(t["up"].shape[0]))
-            if "hada_w1_a" in t and "hada_t1" not in t:
-                dims.add(int(t["hada_w1_a"].shape[0]))
+        sides = _WIDTH_SIDES.get(m.group(2)) if m else None
+        if sides is None:
+            continue
+        t = module.tensors
+        if "down" in t:
+            width = {"in": int(t["down"].shape[1]), "out": int(t["up"].shape[0])}
+        elif "hada_w1_a" in t and "hada_t1" not in t:
+            width = {"in": int(t["hada_w1_b"].shape[1]), "out": int(t["hada_w1_a"].shape[0])}
+        else:
+            continue
+        dims.update(width[side] for side in sides)
     blocks = sorted({int(m.group(1)) for p in modules if (m := _BLOCK_RE.match(p))})
     image = any(
         p.endswith(("cross_attn.k_img", "cross_attn.v_img", "cross_attn.norm_k_img"))
@@ -333,7 +346,7 @@ def _fit(modules: dict[str, LoraModule]) -> dict[str, Any]:
     elif dims:
         size = f"inconsistent widths {sorted(dims)}"
     else:
-        size = "unknown (no attention modules)"
+        size = "unknown (no block linears to read the width from)"
     layers = blocks[-1] + 1 if blocks else 0
     if layers > 40 or (size == "1.3B" and layers > 30):
         size += f" (but it has {layers} blocks)"
