@@ -283,6 +283,7 @@ class GenerateCommand(click.Command):
 )
 @_option("--include_patterns", multiple=True, help="Regex of LoRA modules to keep, one per LoRA.")
 @_option("--exclude_patterns", multiple=True, help="Regex of LoRA modules to drop, one per LoRA.")
+@_option("--lora_strict", is_flag=True, help="Fail when a LoRA has tensors that match nothing in the DiT.")
 @_option(
     "--save_merged_model",
     type=click.Path(dir_okay=False),
@@ -400,7 +401,9 @@ def _save_merged_model(config, output: str) -> None:
     specs = specs_from_options(
         config.lora_weights, config.lora_multipliers, config.include_patterns, config.exclude_patterns
     )
-    write_merged_dit(config.dit, specs, output, quant=config.quant, device=config.device)
+    write_merged_dit(
+        config.dit, specs, output, quant=config.quant, device=config.device, strict=config.lora_strict
+    )
 
 
 def _interactive(pipeline) -> None:

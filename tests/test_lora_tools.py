@@ -467,3 +467,26 @@ def test_info_reads_the_width_from_ffn_only_loras(tmp_path):
     }
     save_file(tensors, str(tmp_path / "ffn.safetensors"))
     assert tools.lora_info(tmp_path / "ffn.safetensors")["fits"]["size"] == "1.3B"
+
+
+def test_generate_lora_strict(tmp_path, base_sd):
+    """--lora_strict: the pipeline's DiT build refuses a LoRA with tensors that match nothing."""
+    from wan_kernel.pipelines.generate import GenerateConfig, GenerationPipeline
+
+    tensors = load_file(kohya_file(tmp_path / "l.safetensors", base_sd, BLOCKS[:1]))
+    tensors["lora_unet_blocks_0_cross_attn_k_img.lora_down.weight"] = torch.zeros(4, 64)
+    tensors["lora_unet_blocks_0_cross_attn_k_img.lora_up.weight"] = torch.zeros(64, 4)
+    save_file(tensors, str(tmp_path / "i2v.safetensors"))
+    common = {
+        "dit": str(T2V),
+        "t5": str(T2V),
+        "device": "cpu",
+        "output_type": "latent",
+        "lora_weights": [str(tmp_path / "i2v.safetensors")],
+    }
+    with pytest.raises(InputError, match=r"2 tensor\(s\) of the LoRA match nothing.*k_img"):
+        GenerationPipeline(GenerateConfig(lora_strict=True, **common)).build_dit()
+    lines: list[str] = []
+    with pytest.warns(UserWarning, match="k_img"):
+        GenerationPipeline(GenerateConfig(**common), log=lines.append).build_dit()
+    assert any("2 tensor(s) not merged" in line for line in lines)

@@ -45,6 +45,7 @@ def build_dit(
     attention: Callable | None,
     quantizer: Any = None,
     loras: Sequence[Any] = (),
+    lora_strict: bool = False,
     offloader: Any = None,
     blocks_to_swap: int = 0,
     compile: bool = False,
@@ -60,6 +61,7 @@ def build_dit(
     :param loras: LoRA specs (``wan_kernel.lora.LoraSpec``, paths or mappings): merged while
         loading, in float32 on ``device``, into the official-layout weights before any
         quantization (``load_dit(..., state_dict_transform=LoraMerge(loras))``).
+    :param lora_strict: a LoRA tensor that matches nothing in the DiT is an error, not a warning.
     :param offloader: a resolved offload implementation (its ``attach(blocks, device=,
         blocks_to_swap=, training=)``): the model is loaded on the CPU and only the non-block
         parts move to ``device``; the runner swaps blocks in during the forward.
@@ -71,7 +73,9 @@ def build_dit(
     extra = {}
     if loras:
         # the one LoRA route: merged into the weights as they are read, before any quantizer
-        extra["state_dict_transform"] = lora_support().LoraMerge(loras, log=log, device=device, dtype=dtype)
+        extra["state_dict_transform"] = lora_support().LoraMerge(
+            loras, strict=lora_strict, log=log, device=device, dtype=dtype
+        )
     dit = models.load_dit(
         device=torch.device("cpu") if offload else device,
         dtype=dtype,
