@@ -59,7 +59,7 @@ def _dtype(name: str | None):
 @handle_wan_errors
 def convert(input_, output, target, diffusers_prefix, strict, overwrite) -> None:
     """Convert a LoRA file between the kohya, ComfyUI and diffusers layouts (same delta in each)."""
-    from wan_kernel.lora.tools import convert_lora
+    from wan_kernel.lora.convert import convert_lora
 
     result = convert_lora(input_, output, target, prefix=diffusers_prefix, strict=strict, overwrite=overwrite)
     click.echo(
@@ -132,7 +132,7 @@ def merge(
     if dit is None:
         if quant:
             raise InputError("--quant applies to a merged DiT; pass --dit")
-        from wan_kernel.lora.tools import combine_loras
+        from wan_kernel.lora.convert import combine_loras
 
         path, ranks = combine_loras(specs, output, target=target, strict=strict, overwrite=overwrite)
         click.echo(f"wrote {path} ({len(ranks)} modules, rank {min(ranks.values())}-{max(ranks.values())})")
@@ -142,7 +142,7 @@ def merge(
 
 def write_merged_dit(dit, specs, output, *, quant=None, device=None, strict=False, overwrite=False) -> None:
     """What ``wan lora merge --dit`` and ``wan run generate --save_merged_model`` do."""
-    from wan_kernel.lora.tools import merge_into_dit
+    from wan_kernel.lora.merge import merge_into_dit
 
     quantizer = None
     if quant:
@@ -165,7 +165,7 @@ def write_merged_dit(dit, specs, output, *, quant=None, device=None, strict=Fals
 @handle_wan_errors
 def info(file, as_json, per_module) -> None:
     """Layout, ranks, targeted blocks, which model it fits, metadata and hashes of a LoRA file."""
-    from wan_kernel.lora.tools import format_info, lora_info
+    from wan_kernel.lora.info import format_info, lora_info
 
     data = lora_info(file)
     if as_json:
@@ -189,7 +189,7 @@ def info(file, as_json, per_module) -> None:
 @handle_wan_errors
 def resize(input_, output, rank, target, dtype, strict, overwrite) -> None:
     """Reduce a LoRA's rank by an SVD of each module's delta; prints the energy each module keeps."""
-    from wan_kernel.lora.tools import resize_lora
+    from wan_kernel.lora.resize import resize_lora
 
     path, energy = resize_lora(
         input_, output, rank, target=target, dtype=_dtype(dtype), strict=strict, overwrite=overwrite
@@ -223,7 +223,7 @@ def resize(input_, output, rank, target, dtype, strict, overwrite) -> None:
 @handle_wan_errors
 def ema(paths, output, beta, beta2, sigma_rel, no_sort, overwrite) -> None:
     """Post-hoc EMA over LoRA checkpoints of one run (the seed's lora_post_hoc_ema.py)."""
-    from wan_kernel.lora.tools import ema_loras
+    from wan_kernel.lora.ema import ema_loras
 
     log = lambda line: click.echo(line, err=True)
     path = ema_loras(

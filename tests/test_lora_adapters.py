@@ -318,7 +318,7 @@ def read_lora_clean(tmp_path) -> Path:
 def test_loha_lokr_convert_without_changing_the_delta(kind, musubi, tmp_path, base_sd):
     """LoHa/LoKr keep their tensors through every layout that holds them; a full-matrix LoKr gets
     its scale baked in (the tools disagree on its alpha), so its delta stays the same everywhere."""
-    from wan_kernel.lora import tools
+    from wan_kernel.lora import convert as lora_convert
 
     if kind == "loha":
         tensors = {f"{KFFN}.hada_w1_a": randn(128, 4), f"{KFFN}.hada_w1_b": randn(4, 64, seed=1)}
@@ -333,11 +333,11 @@ def test_loha_lokr_convert_without_changing_the_delta(kind, musubi, tmp_path, ba
     save_file(tensors, str(src))
     want, _ = merged(tmp_path, base_sd, tensors)
     for target in ("kohya", "comfyui"):
-        out = tools.convert_lora(src, tmp_path / f"{target}.safetensors", target).path
+        out = lora_convert.convert_lora(src, tmp_path / f"{target}.safetensors", target).path
         got = LoraMerge([out])({k: v.clone() for k, v in base_sd.items()})
         close(got[FFN + ".weight"], want[FFN + ".weight"])
     with pytest.raises(InputError, match="diffusers layout cannot hold"):
-        tools.convert_lora(src, tmp_path / "d.safetensors", "diffusers")
+        lora_convert.convert_lora(src, tmp_path / "d.safetensors", "diffusers")
 
 
 @pytest.mark.cuda

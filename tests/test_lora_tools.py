@@ -19,7 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from wan_kernel.errors import InputError
-from wan_kernel.lora import LoraMerge, LoraSpec, kohya_hashes, read_lora, tools
+from wan_kernel.lora import LoraMerge, LoraSpec, kohya_hashes, read_lora
+from wan_kernel.lora import convert as lora_convert
+from wan_kernel.lora import ema as lora_ema
+from wan_kernel.lora import info as lora_info
+from wan_kernel.lora import merge as lora_merge
+from wan_kernel.lora import resize as lora_resize
 from wan_kernel.models.dit_keys import dit_state_dict_to
 from wan_kernel.testing import REFERENCE_FIXTURES
 
@@ -86,8 +91,10 @@ def test_round_trips_between_all_layouts_are_exact(tmp_path, base_sd, dtype):
     )
     for first in LAYOUTS:
         for second in LAYOUTS:
-            a = tools.convert_lora(src, tmp_path / f"{first}.safetensors", first, overwrite=True).path
-            b = tools.convert_lora(a, tmp_path / f"{first}-{second}.safetensors", second, overwrite=True).path
+            a = lora_convert.convert_lora(src, tmp_path / f"{first}.safetensors", first, overwrite=True).path
+            b = lora_convert.convert_lora(
+                a, tmp_path / f"{first}-{second}.safetensors", second, overwrite=True
+            ).path
             assert_same_deltas(src, a)
             assert_same_deltas(src, b)
 
@@ -95,7 +102,7 @@ def test_round_trips_between_all_layouts_are_exact(tmp_path, base_sd, dtype):
 def test_metadata_is_carried_and_hashes_recomputed(tmp_path, base_sd):
     meta = {"ss_network_dim": "4", "modelspec.title": "fox", "sshs_model_hash": "stale"}
     src = kohya_file(tmp_path / "src.safetensors", base_sd, metadata=meta)
-    out = tools.convert_lora(src, tmp_path / "c.safetensors", "other").path
+    out = lora_convert.convert_lora(src, tmp_path / "c.safetensors", "other").path
     with safe_open(str(out), "pt") as f:
         written = f.metadata()
     assert written["ss_network_dim"] == "4" and written["modelspec.title"] == "fox"
@@ -112,11 +119,13 @@ def test_metadata_is_carried_and_hashes_recomputed(tmp_path, base_sd):
 
 def test_seed_target_spellings_and_prefix(tmp_path, base_sd):
     src = kohya_file(tmp_path / "src.safetensors", base_sd)
-    other = tools.convert_lora(src, tmp_path / "o.safetensors", "other", prefix="model.diffusion_model").path
+    other = lora_convert.convert_lora(
+        src, tmp_path / "o.safetensors", "other", prefix="model.diffusion_model"
+    ).path
     keys = list(load_file(other))
     assert all(k.startswith("model.diffusion_model.blocks.") for k in keys)
     assert not any(k.endswith(".alpha") for k in keys)  # folded in, as convert_lora.py --target other
-    back = tools.convert_lora(other, tmp_path / "d.safetensors", "default").path
+    back = lora_convert.convert_lora(other, tmp_path / "d.safetensors", "default").path
     assert all(k.startswith("lora_unet_blocks_") for k in load_file(back))
     assert_same_deltas(src, back)
 
@@ -126,7 +135,7 @@ def test_outputs_are_never_overwritten_without_asking(tmp_path, base_sd):
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"keep")
     with pytest.raises(InputError, match="exists; pass --overwrite"):
-        tools.convert_lora(src, out, "other")
+        lora_convert.convert_lora(src, out, "other")
     assert out.read_bytes() == b"keep"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
@@ -156,7 +165,7 @@ COMFY_SUFFIXES = re.compile(
 @pytest.mark.parametrize("target", ["comfyui", "kohya"])
 def test_comfyui_key_map_accepts_every_key(target, tmp_path, base_sd):
     src = kohya_file(tmp_path / "src.safetensors", base_sd, [*BLOCKS, "head.head", "patch_embedding"])
-    out = tools.convert_lora(src, tmp_path / "o.safetensors", target).path
+    out = lora_convert.convert_lora(src, tmp_path / "o.safetensors", target).path
     accepted = comfyui_key_map(base_sd)
     for key in load_file(out):
         m = COMFY_SUFFIXES.search(key)
@@ -211,7 +220,7 @@ def test_converted_files_load_in_diffusers_with_wans_output(target, tmp_path, ba
     """diffusers' WanLoraLoaderMixin.load_lora_weights on a tiny WanTransformer3DModel gives the output of
     the model whose weights wan merged. Mixed ranks and alphas (diffusers needs the PEFT config for those)."""
     src = kohya_file(tmp_path / "src.safetensors", base_sd, ranks=(4, 2), alphas=(2.0, 8.0))
-    out = tools.convert_lora(src, tmp_path / f"{target}.safetensors", target).path
+    out = lora_convert.convert_lora(src, tmp_path / f"{target}.safetensors", target).path
     merged = LoraMerge([src])({k: v.clone() for k, v in base_sd.items()})
     want = diffusers_forward(diffusers_transformer(merged))
     got = diffusers_forward(diffusers_with_lora(base_sd, out))
@@ -222,7 +231,7 @@ def test_converted_files_load_in_diffusers_with_wans_output(target, tmp_path, ba
 def test_peft_dora_file_matches_diffusers_loader(tmp_path, base_sd):
     """A diffusers DoRA file (lora_magnitude_vector): wan's merge equals diffusers/PEFT's own loader."""
     src = kohya_file(tmp_path / "src.safetensors", base_sd, ranks=(4,), alphas=(4.0,))
-    out = tools.convert_lora(src, tmp_path / "d.safetensors", "diffusers").path
+    out = lora_convert.convert_lora(src, tmp_path / "d.safetensors", "diffusers").path
     tensors, g = load_file(out), torch.Generator().manual_seed(7)
     for key in [k for k in tensors if k.endswith(".lora_B.weight")]:
         stem = key[: -len(".lora_B.weight")]
@@ -249,7 +258,7 @@ def test_combined_lora_is_the_exact_sum(tmp_path, base_sd):
     a = kohya_file(tmp_path / "a.safetensors", base_sd, ranks=(4,), alphas=(2.0,), seed=1)
     b = kohya_file(tmp_path / "b.safetensors", base_sd, BLOCKS[:6], ranks=(2,), alphas=(8.0,), seed=2)
     specs = [LoraSpec(a, 0.7), LoraSpec(b, -1.3, exclude="ffn")]
-    out, ranks = tools.combine_loras(specs, tmp_path / "ab.safetensors")
+    out, ranks = lora_convert.combine_loras(specs, tmp_path / "ab.safetensors")
     assert ranks["blocks.0.self_attn.q"] == 6 and ranks["blocks.1.ffn.2"] == 4
     want = LoraMerge(specs)({k: v.clone() for k, v in base_sd.items()})
     got = LoraMerge([out])({k: v.clone() for k, v in base_sd.items()})
@@ -269,7 +278,7 @@ def test_merge_into_dit_keeps_layout_and_dtype(layout, tmp_path, base_sd):
     stored = {k: v.to(torch.bfloat16) for k, v in rename(layout, base_sd).items()}
     save_file(stored, str(dit))
     lora = kohya_file(tmp_path / "l.safetensors", base_sd)
-    out, reports = tools.merge_into_dit(dit, [LoraSpec(lora, 0.5)], tmp_path / "merged.safetensors")
+    out, reports = lora_merge.merge_into_dit(dit, [LoraSpec(lora, 0.5)], tmp_path / "merged.safetensors")
     written = load_file(out)
     assert written.keys() == stored.keys() and all(v.dtype == torch.bfloat16 for v in written.values())
     official = LoraMerge([LoraSpec(lora, 0.5)])({k: v.to(torch.bfloat16) for k, v in base_sd.items()})
@@ -278,7 +287,7 @@ def test_merge_into_dit_keeps_layout_and_dtype(layout, tmp_path, base_sd):
         assert torch.equal(written[k], want[k]), k
     assert len(reports[0].merged) == len(BLOCKS)
     with pytest.raises(InputError, match="exists"):
-        tools.merge_into_dit(dit, [lora], out)
+        lora_merge.merge_into_dit(dit, [lora], out)
 
 
 def test_merge_into_dit_quantized(tmp_path, base_sd):
@@ -288,7 +297,7 @@ def test_merge_into_dit_quantized(tmp_path, base_sd):
 
     lora = kohya_file(tmp_path / "l.safetensors", base_sd)
     quantizer = resolve("quantization", "fp8_scaled")
-    out, _ = tools.merge_into_dit(T2V, [lora], tmp_path / "q.safetensors", quantizer=quantizer)
+    out, _ = lora_merge.merge_into_dit(T2V, [lora], tmp_path / "q.safetensors", quantizer=quantizer)
     written = load_file(out)
     assert written["blocks.0.ffn.0.weight"].dtype == torch.float8_e4m3fn
     at_load = load_dit(T2V, quant=quantizer, state_dict_transform=LoraMerge([lora])).state_dict()
@@ -318,7 +327,9 @@ def test_merge_then_generate_equals_lora_at_load(tmp_path):
 
     base_sd = load_file(dit_file)
     lora = kohya_file(tmp_path / "l.safetensors", base_sd)
-    merged_file, _ = tools.merge_into_dit(dit_file, [LoraSpec(lora, 0.8)], tmp_path / "merged.safetensors")
+    merged_file, _ = lora_merge.merge_into_dit(
+        dit_file, [LoraSpec(lora, 0.8)], tmp_path / "merged.safetensors"
+    )
     common = {
         "prompt": "a fox", "video_size": (32, 32), "video_length": 5, "infer_steps": 2, "seed": 3,
         "device": "cpu", "output_type": "latent", "save_path": str(tmp_path / "out"), "flow_shift": 3.0,
@@ -348,7 +359,7 @@ def test_info_reports_layout_ranks_fit_and_hashes(tmp_path, base_sd):
             tensors[f"lora_unet_blocks_{i}_{m}.alpha"] = torch.tensor(4.0)
     path = tmp_path / "i2v14b.safetensors"
     save_file(tensors, str(path), metadata={"ss_network_dim": "8", "modelspec.architecture": "wan2.1/lora"})
-    info = tools.lora_info(path)
+    info = lora_info.lora_info(path)
     assert info["layout"] == "kohya" and info["modules"] == 80 and info["tensors"] == 240
     assert info["rank_alpha"] == {"rank": 8, "alpha": 4.0, "uniform": True}
     assert info["blocks"] == list(range(40))
@@ -356,16 +367,16 @@ def test_info_reports_layout_ranks_fit_and_hashes(tmp_path, base_sd):
     assert info["training_metadata"] == {"ss_network_dim": "8"}
     assert info["modelspec"] == {"modelspec.architecture": "wan2.1/lora"}
     assert info["hashes"]["sshs_model_hash"] == kohya_hashes(load_file(path), {"ss_network_dim": "8"})[0]
-    text = tools.format_info(info)
+    text = lora_info.format_info(info)
     assert "blocks:   0-39" in text and "14B" in text and "rank:     8, alpha 4.0" in text
 
 
 def test_resize_keeps_exact_deltas_at_full_rank_and_reports_energy(tmp_path, base_sd):
     src = kohya_file(tmp_path / "src.safetensors", base_sd, ranks=(4,), alphas=(2.0,))
-    same, energy = tools.resize_lora(src, tmp_path / "r4.safetensors", 4)
+    same, energy = lora_resize.resize_lora(src, tmp_path / "r4.safetensors", 4)
     assert_same_deltas(src, same, rel=1e-5)
     assert all(abs(e - 1.0) < 1e-6 for e in energy.values())
-    small, energy = tools.resize_lora(src, tmp_path / "r1.safetensors", 1)
+    small, energy = lora_resize.resize_lora(src, tmp_path / "r1.safetensors", 1)
     assert all(0 < e < 1 for e in energy.values())
     for target, module in read_lora(small).by_official_path.items():
         assert module.rank == 1
@@ -379,13 +390,13 @@ def test_ema_follows_the_seed_script(tmp_path, base_sd):
     paths = [kohya_file(tmp_path / f"s{i}.safetensors", base_sd, seed=i) for i in range(3)]
     for i, p in enumerate(paths):  # modification times out of name order: sorted by mtime
         os.utime(p, (1000 + 10 * (2 - i), 1000 + 10 * (2 - i)))
-    out = tools.ema_loras(paths, tmp_path / "ema.safetensors", beta=0.9, beta2=0.5)
+    out = lora_ema.ema_loras(paths, tmp_path / "ema.safetensors", beta=0.9, beta2=0.5)
     s = [load_file(p) for p in reversed(paths)]  # oldest first
     key = "lora_unet_blocks_0_self_attn_q.lora_down.weight"
     want = (s[0][key] * 0.9 + s[1][key] * 0.1) * 0.5 + s[2][key] * 0.5
     torch.testing.assert_close(load_file(out)[key], want)
-    power = tools.ema_loras(paths, tmp_path / "p.safetensors", sigma_rel=0.2, sort=False)
-    gamma = tools.sigma_rel_to_gamma(0.2)
+    power = lora_ema.ema_loras(paths, tmp_path / "p.safetensors", sigma_rel=0.2, sort=False)
+    gamma = lora_ema.sigma_rel_to_gamma(0.2)
     b2 = 0.5 ** (gamma + 1)  # t = 2 (the first later file has t = 1, beta 0: it replaces the first)
     s = [load_file(p) for p in paths]
     torch.testing.assert_close(load_file(power)[key], s[1][key] * b2 + s[2][key] * (1 - b2))
@@ -466,7 +477,7 @@ def test_info_reads_the_width_from_ffn_only_loras(tmp_path):
         "diffusion_model.blocks.0.ffn.0.lora_B.weight": torch.zeros(8960, 4),
     }
     save_file(tensors, str(tmp_path / "ffn.safetensors"))
-    assert tools.lora_info(tmp_path / "ffn.safetensors")["fits"]["size"] == "1.3B"
+    assert lora_info.lora_info(tmp_path / "ffn.safetensors")["fits"]["size"] == "1.3B"
 
 
 def test_generate_lora_strict(tmp_path, base_sd):

@@ -9,8 +9,11 @@ Submodules, one job each:
 - :mod:`~wan_kernel.lora.formats`: reading files (:func:`read_lora`), writing the kohya, ComfyUI
   and diffusers layouts (:func:`layout_state_dict`, :func:`save_lora_file`), hashes;
 - :mod:`~wan_kernel.lora.merge`: :class:`LoraMerge` (the state-dict transform ``load_dit`` runs
-  before quantization) and :func:`apply_loras` (a built, unquantized model);
-- :mod:`~wan_kernel.lora.tools`: what ``wan lora convert|merge|info|resize|ema`` do.
+  before quantization), :func:`apply_loras` (a built, unquantized model) and
+  :func:`~wan_kernel.lora.merge.merge_into_dit` (``wan lora merge --dit``);
+- :mod:`~wan_kernel.lora.convert` (``wan lora convert``, ``wan lora merge`` into one LoRA),
+  :mod:`~wan_kernel.lora.info`, :mod:`~wan_kernel.lora.resize`, :mod:`~wan_kernel.lora.ema`:
+  the other ``wan lora`` commands.
 
 Models never import this package: ``load_dit(path, quant=..., state_dict_transform=LoraMerge(specs))``.
 """

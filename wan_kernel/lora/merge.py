@@ -20,10 +20,13 @@ an :class:`~wan_kernel.errors.InputError`. A file none of whose modules fit the 
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import torch
@@ -31,7 +34,7 @@ from torch import nn
 
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.lora.adapters import LoraModule
-from wan_kernel.lora.formats import read_lora
+from wan_kernel.lora.formats import read_lora, save_safetensors_atomic
 from wan_kernel.lora.keys import kohya_name, official_path
 from wan_kernel.lora.spec import LoraSpec, SpecLike
 from wan_kernel.models.weights import (
@@ -39,9 +42,11 @@ from wan_kernel.models.weights import (
     dequantize_fp8_weight,
     describe_keys,
     fp8_weight_scale,
+    load_state_dict,
+    read_safetensors_metadata,
 )
 
-__all__ = ["LoraMerge", "LoraReport", "LoraWarning", "apply_loras"]
+__all__ = ["LoraMerge", "LoraReport", "LoraWarning", "apply_loras", "merge_into_dit"]
 
 
 class LoraWarning(UserWarning):
@@ -377,3 +382,63 @@ def apply_loras(
         for report in plan.reports:
             log(report.summary())
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# DiT files (wan lora merge --dit, wan run generate --save_merged_model)
+# --------------------------------------------------------------------------------------------
+
+
+def merge_into_dit(
+    dit: str | os.PathLike,
+    specs: Iterable[SpecLike],
+    output: str | os.PathLike,
+    *,
+    quantizer: Any = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[Path, list[LoraReport]]:
+    """Merge LoRAs into a DiT file and write the result in the input's key layout and dtypes.
+
+    Merging is done in float32 (:class:`~wan_kernel.lora.LoraMerge`) and each merged weight is
+    cast back to its stored dtype (fp8-stored weights a LoRA touches become bfloat16). With
+    ``quantizer`` (a resolved quantization plugin, e.g. ``fp8_scaled``) the merged weights are
+    quantized once and the file holds the quantized form (what ``load_dit(quant=...)`` builds).
+    ``wan run generate --save_merged_model`` writes the same file.
+    """
+    from wan_kernel.models.dit_keys import (
+        COMFYUI_PREFIXES,
+        detect_layout,
+        dit_state_dict_from,
+        dit_state_dict_to,
+    )
+
+    dit = Path(dit).expanduser()
+    output = Path(output).expanduser()
+    if output.exists() and not overwrite:
+        raise InputError(f"{output} exists; pass --overwrite to replace it")  # before any work
+    if output.resolve() == dit.resolve():
+        raise InputError(f"{output} is the input DiT; write the merged model to another file")
+    raw = load_state_dict(dit, what="DiT")
+    layout = detect_layout(list(raw))
+    if layout is None:
+        raise WeightsError(f"{dit}: not a Wan2.1 DiT in a layout wan reads ({describe_keys(list(raw), 3)})")
+    # ComfyUI files come with "model.diffusion_model." or "diffusion_model.": keep the input's
+    comfy_prefix = next((p for p in COMFYUI_PREFIXES if any(k.startswith(p) for k in raw)), None)
+    merge = LoraMerge(specs, strict=strict, log=log, device=device)
+    sd = merge(dit_state_dict_from(layout, raw))
+    del raw
+    metadata = read_safetensors_metadata(dit) if dit.is_file() and dit.suffix == ".safetensors" else {}
+    metadata = {k: v for k, v in metadata.items() if not k.startswith("wan_quant")}
+    if quantizer is not None:
+        sd = quantizer.quantize_state_dict(sd, target="dit", device=device or "cpu")
+        metadata["wan_quant"] = getattr(quantizer, "name", type(quantizer).__name__)
+        metadata["wan_quant_version"] = "1"
+    metadata["wan_merged_loras"] = json.dumps(
+        [{"file": r.path.name, "multiplier": r.multiplier, "modules": len(r.merged)} for r in merge.reports]
+    )
+    sd = {k: v.to("cpu") for k, v in sd.items()}
+    out = {comfy_prefix + k: v for k, v in sd.items()} if comfy_prefix else dit_state_dict_to(layout, sd)
+    return save_safetensors_atomic(output, out, metadata, overwrite=overwrite), merge.reports
