@@ -14,6 +14,12 @@ TOML uses.
 from __future__ import annotations
 
 import sys
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 from pathlib import Path
 from typing import Any
 
@@ -315,8 +321,6 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: Path | 
     """Eager: the TOML's values become the defaults, so anything on the command line wins."""
     if value is None:
         return None
-    import tomllib
-
     try:
         values = _flatten_toml(tomllib.loads(Path(value).read_text()))
     except tomllib.TOMLDecodeError as exc:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -43,9 +44,11 @@ def files(tmp_path_factory):
     write_tiny_dit(root / "i2v.safetensors", "i2v")
     write_tiny_caches(root / "cache", 5)
     write_tiny_caches(root / "cache_i2v", 2, image="i2v")
-    (root / "img").mkdir()
+    (root / "img").mkdir()  # what the cache step read (the trainer reads only the caches)
+    Image.new("RGB", (32, 32)).save(root / "img" / "item000.png")
+    (root / "img" / "item000.txt").write_text("a caption")
     (root / "dataset.toml").write_text(
-        f"[general]\nresolution = [32, 32]\nbatch_size = 2\n\n[[datasets]]\n"
+        f'[general]\nresolution = [32, 32]\nbatch_size = 2\ncaption_extension = ".txt"\n\n[[datasets]]\n'
         f'image_directory = "{root / "img"}"\n'
         f'cache_directory = "{root / "cache"}"\nnum_repeats = 1\n'
     )
@@ -253,30 +256,26 @@ def test_save_last_n_steps_keeps_only_recent_checkpoints(files, tmp_path):
 
 
 KILL_SCRIPT = """
-import sys, time, torch
+import os, sys, time, torch
 torch.set_num_threads(1)
 from pathlib import Path
-import wan_kernel.training.checkpoint as ckpt
+import safetensors.torch
 from wan_kernel.training.config import TrainConfig
 from wan_kernel.training.trainer import train
 
 files, out = Path(sys.argv[1]), Path(sys.argv[2])
-real_write = ckpt.write_bytes_atomic
+real_save_file = safetensors.torch.save_file
 calls = []
 
-def slow_write(path, data):  # the second LoRA save hangs half-way through writing its temp file
-    if path.suffix == ".safetensors":
-        calls.append(path)
-    if path.suffix == ".safetensors" and len(calls) == 2:
-        tmp = ckpt._tmp_path(path)
-        with open(tmp, "wb") as f:
-            f.write(data[: len(data) // 2])
-            f.flush()
-            print("WRITING", flush=True)
-            time.sleep(60)
-    real_write(path, data)
+def slow_save_file(tensors, filename, metadata=None):  # the second LoRA save stops half-way
+    calls.append(filename)
+    real_save_file(tensors, filename, metadata)
+    if len(calls) == 2:
+        os.truncate(filename, os.path.getsize(filename) // 2)
+        print("WRITING", flush=True)
+        time.sleep(60)
 
-ckpt.write_bytes_atomic = slow_write
+safetensors.torch.save_file = slow_save_file
 train(TrainConfig(dit=files / "dit.safetensors", cache_directories=[files / "cache"], batch_size=2,
                   output_dir=out, output_name="t", network_dim=4, learning_rate=1e-2, max_train_steps=6,
                   seed=1, save_every_n_steps=2, show_progress=False), log=lambda m: None)

@@ -16,17 +16,14 @@ file and folder whole; leftovers of an interrupted write are hidden ``.*.tmp*`` 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import re
 import shutil
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
 
 from wan_kernel.errors import InputError
 
@@ -56,28 +53,17 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def safetensors_hashes(tensors: Mapping[str, torch.Tensor]) -> tuple[str, str]:
-    """``(sshs_model_hash, sshs_legacy_hash)`` as kohya computes them: sha256 of the tensor bytes
-    of the file without metadata, and the first 8 hex digits of sha256 of its bytes
-    ``0x100000 .. 0x110000``."""
-    blob = save(dict(tensors))
-    header_len = struct.unpack("<Q", blob[:8])[0]
-    model_hash = hashlib.sha256(blob[8 + header_len :]).hexdigest()
-    legacy = hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
-    return model_hash, legacy
-
-
 def save_lora(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> Path:
-    """Write a LoRA file atomically; ``metadata`` gets the two ``sshs_*`` hashes added (None: none)."""
+    """Write a LoRA file atomically with ``wan_kernel.lora``'s writer (``sshs_*`` hashes added to the
+    metadata); ``metadata=None`` writes none at all (``--no_metadata``). Refuses non-finite tensors."""
+    from wan_kernel.lora.formats import save_lora_file, save_safetensors_atomic
+
     for key, tensor in tensors.items():
         if not torch.isfinite(tensor).all():
             raise InputError(f"refusing to save {path.name}: {key} holds NaN or infinite values")
-    meta = None
-    if metadata is not None:
-        meta = {k: str(v) for k, v in metadata.items()}
-        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors)
-    write_bytes_atomic(path, save(dict(tensors), metadata=meta))
-    return path
+    if metadata is None:
+        return save_safetensors_atomic(path, tensors, None, overwrite=True)
+    return save_lora_file(path, tensors, metadata, overwrite=True)
 
 
 def write_json_atomic(path: Path, value: object) -> None:

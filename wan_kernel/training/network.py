@@ -35,15 +35,10 @@ import torch
 from torch import nn
 
 from wan_kernel.errors import InputError
+from wan_kernel.lora import kohya_name
 
-LORA_PREFIX = "lora_unet_"
 DEFAULT_EXCLUDE = r".*(patch_embedding|text_embedding|time_embedding|time_projection|norm|head).*"
 """The seed's built-in exclusion (never matches inside the blocks' Linears, kept for parity)."""
-
-
-def kohya_name(module_path: str) -> str:
-    """``blocks.0.self_attn.q`` -> ``lora_unet_blocks_0_self_attn_q``."""
-    return LORA_PREFIX + module_path.replace(".", "_")
 
 
 @attrs.frozen

@@ -27,6 +27,13 @@ the pipeline. Only process 0 samples; the RNG states are restored afterwards.
 
 from __future__ import annotations
 
+import sys
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
 import json
 from pathlib import Path
 from typing import Any
@@ -86,8 +93,6 @@ def read_sample_prompts(path: Path) -> list[PromptSpec]:
     except OSError as exc:
         raise InputError(f"cannot read --sample_prompts {path}: {exc}") from None
     if suffix == ".toml":
-        import tomllib
-
         try:
             doc = tomllib.loads(text).get("prompt", {})
         except tomllib.TOMLDecodeError as exc:

@@ -266,6 +266,7 @@ class Trainer:
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
+        from wan_kernel.lora import LoraMerge, LoraSpec
         from wan_kernel.models import load_dit
         from wan_kernel.pipelines.plugin_setup import resolve_quantizer
         from wan_kernel.plugins import resolve
@@ -321,7 +322,7 @@ class Trainer:
         dtype = DTYPES[self.mixed_precision]
         multipliers = cfg.base_weights_multiplier or (1.0,)
         base = [
-            {"path": p, "multiplier": multipliers[i] if len(multipliers) > 1 else multipliers[0]}
+            LoraSpec(p, multiplier=multipliers[i] if len(multipliers) > 1 else multipliers[0])
             for i, p in enumerate(cfg.base_weights)
         ]
         self.log(f"loading DiT {cfg.dit}" + (f" ({quant_name})" if quant_name else ""))
@@ -332,8 +333,8 @@ class Trainer:
             attention=attention,
             quant=quant,
             task=cfg.task,
-            loras=base or None,
-            log=self.log,
+            # --base_weights: merged into the high-precision weights, before any quantization
+            state_dict_transform=LoraMerge(base, log=self.log) if base else None,
         )
         self.task = cfg.task or task_of(dit.config)
         check_caches(self.data, dit.config, self.task)
@@ -414,25 +415,25 @@ class Trainer:
             self._resume(cfg.resume)
 
     def _read_network_weights(self) -> dict[str, torch.Tensor]:
-        """``--network_weights`` as a kohya state dict (any layout ``wan_kernel.lora`` reads)."""
-        from wan_kernel.lora import read_lora
-        from wan_kernel.training.network import kohya_name
+        """``--network_weights`` as a kohya state dict (any layout ``wan_kernel.lora.read_lora`` reads)."""
+        from wan_kernel.lora import kohya_name, read_lora
 
-        lora = read_lora(self.config.network_weights)
+        path = self.config.network_weights
+        lora = read_lora(path)
         sd = {}
-        for name, module in lora.modules.items():
-            if module.down is None:
-                continue
-            if name.startswith("lora_unet_"):
-                kname = name
-            elif "blocks." in name:
-                kname = kohya_name(name[name.index("blocks.") :])
-            else:
-                kname = name
-            sd[f"{kname}.lora_down.weight"] = module.down
-            sd[f"{kname}.lora_up.weight"] = module.up
+        for target, module in lora.by_official_path.items():
+            if module.kind != "lora" or module.is_dora:
+                raise InputError(
+                    f"--network_weights {path}: {module.name} is a {'DoRA' if module.is_dora else module.kind} "
+                    "module; training continues plain LoRAs only"
+                )
+            name = kohya_name(target)
+            sd[f"{name}.lora_down.weight"] = module.get("down")
+            sd[f"{name}.lora_up.weight"] = module.get("up")
             if module.alpha is not None:
-                sd[f"{kname}.alpha"] = torch.tensor(float(module.alpha))
+                sd[f"{name}.alpha"] = torch.tensor(float(module.alpha))
+        if not sd:
+            raise InputError(f"--network_weights {path}: no module of it targets the Wan DiT")
         return sd
 
     def _resume(self, state_dir: Path) -> None:
