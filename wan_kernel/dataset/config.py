@@ -23,7 +23,8 @@ array; a dataset is a video dataset when it has ``video_directory`` or ``video_j
 Everything is checked before anything runs: an unknown key names the closest known one, a wrong
 type, a missing directory or an empty dataset names the dataset (``datasets[i]``) and the key.
 Relative paths are taken from the current folder (as the seed does), or from the TOML's folder
-when only that one exists.
+when only that one exists; a cache directory that does not exist yet follows its dataset's
+source.
 """
 
 from __future__ import annotations
@@ -329,15 +330,14 @@ def _parse_value(key: str, value: Any, where: str) -> Any:
         raise InputError(f"{where}: {key} must be {exc}, got {value!r}") from None
 
 
-def _locate(raw: str, base: Path | None, *, must_exist: bool) -> Path:
-    """A path from the TOML: as written (relative to the current folder), else beside the TOML."""
+def _locate(raw: str, base: Path | None, *, prefer_base: bool = False) -> Path:
+    """A path from the TOML: as written (relative to the current folder) when it exists there, else
+    beside the TOML when it exists there (or, with ``prefer_base``, whenever it does not exist)."""
     path = Path(raw).expanduser()
     if path.is_absolute() or path.exists() or base is None:
         return path
     beside = base / path
-    if beside.exists() or (not must_exist and beside.parent.exists() and not path.parent.exists()):
-        return beside
-    return path
+    return beside if beside.exists() or prefer_base else path
 
 
 def load_dataset_config(path: str | os.PathLike) -> DatasetGroupConfig:
@@ -376,14 +376,16 @@ def _dataset(index: int, entry: dict, defaults: dict, base: Path) -> DatasetConf
     values = dict(defaults)
     values.update({k: _parse_value(k, v, where) for k, v in entry.items()})
 
-    source = _locate(values[source_key], base, must_exist=True)
+    source = _locate(values[source_key], base)
+    source_beside_toml = source != Path(values[source_key]).expanduser()
     is_dir = source_key.endswith("directory")
     if is_dir and not source.is_dir():
         raise InputError(f"{where}: {source_key} {source} is not a directory")
     if not is_dir and not source.is_file():
         raise InputError(f"{where}: {source_key} {source} is not a file")
     if "cache_directory" in values:
-        cache_directory = _locate(values["cache_directory"], base, must_exist=False)
+        # a new cache folder goes where the sources were found: beside the TOML if they were
+        cache_directory = _locate(values["cache_directory"], base, prefer_base=source_beside_toml)
     elif is_dir:
         cache_directory = source
     else:

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import Iterable
 
 import numpy as np
@@ -64,26 +66,27 @@ def decode_limit(*, target_frames: Iterable[int], mode: str, max_frames: int) ->
 
 
 class FpsResampler:
-    """Keeps the frames of a ``source_fps`` video that a ``target_fps`` video would show (the seed's rule).
+    """Keeps the frames of a ``source_fps`` video that a ``target_fps`` video would show.
 
-    Frame ``i`` is kept when ``int(i * target / source)`` (accumulated as the seed does) moves past
-    the last kept index: 30 -> 16 fps keeps frames 0, 2, 4, ..., 14, 15, 17, ...
+    Frame ``i`` is kept when ``floor(i * target / source)`` moves past the last kept index
+    (computed exactly, in rationals: a float running sum drifts and keeps a different frame at
+    exact boundaries): 30 -> 16 fps keeps frames 0, 2, 4, ..., 14, 15, 17, ...
     """
 
     def __init__(self, source_fps: float | None, target_fps: float = TARGET_FPS):
-        self.step = None if source_fps is None else target_fps / source_fps
-        self._position = 0.0
+        self.ratio = None if source_fps is None else Fraction(target_fps) / Fraction(source_fps)
+        self._index = 0
         self._previous = -1
 
     def keep(self) -> bool:
         """Call once per decoded frame, in order: whether that frame is kept."""
-        if self.step is None:
+        if self.ratio is None:
             return True
-        index = int(self._position)
-        self._position += self.step
-        if index == self._previous:
+        target = math.floor(self._index * self.ratio)
+        self._index += 1
+        if target == self._previous:
             return False
-        self._previous = index
+        self._previous = target
         return True
 
 
