@@ -27,7 +27,7 @@ def floor_to(value: int, step: int = BUCKET_STEP) -> int:
 def _bucket_table(resolution: tuple[int, int]) -> tuple[tuple[int, int], ...]:
     area = resolution[0] * resolution[1]
     sqrt_size = int(math.sqrt(area))
-    start = floor_to(sqrt_size // 2)
+    start = max(BUCKET_STEP, floor_to(sqrt_size // 2))
     buckets = set()
     for w in range(start, sqrt_size + BUCKET_STEP, BUCKET_STEP):
         h = floor_to(area // w)

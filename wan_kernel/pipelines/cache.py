@@ -244,7 +244,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def _pixels_to_video(pixels: np.ndarray) -> torch.Tensor:
     """``uint8`` ``[F, H, W, 3]`` -> float32 ``[3, F, H, W]`` in [-1, 1]."""
-    return torch.from_numpy(pixels).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+    return torch.from_numpy(np.array(pixels)).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 class LatentEncoder:
