@@ -429,3 +429,32 @@ def test_two_ranks_equal_one_process(tmp_path, weights):
     assert [p.returncode for p in ranks] == [0, 0], outputs
     assert "latent caches: 7 written" in outputs[0]  # rank 0 prints the merged summary
     _assert_same(_cache_files(one), _cache_files(two))
+
+
+def test_jsonl_datasets_and_folders_of_frames(tmp_path):
+    """JSONL entries (paths relative to the JSONL file, a folder of frames as a video) plan like directories."""
+    make_dataset(tmp_path, images=("a.png",))
+    frames = tmp_path / "data" / "frames"
+    for i in range(9):
+        write_image(frames / f"{i:03d}.png", np.full((16, 32, 3), 20 * i, np.uint8))
+    (tmp_path / "videos.jsonl").write_text(
+        '{"video_path": "data/vid/clip.mp4", "caption": "a clip"}\n'
+        '{"video_path": "data/frames", "caption": "frames"}\n'
+        '{"video_path": "data/missing.mp4", "caption": "gone"}\n'
+        '{"video_path": "data/frames", "caption": ""}\n'
+    )
+    (tmp_path / "images.jsonl").write_text('{"image_path": "data/img/a.png", "caption": "an image"}\n')
+    toml = tmp_path / "jsonl.toml"
+    toml.write_text(
+        '[[datasets]]\nimage_jsonl_file = "images.jsonl"\ncache_directory = "cache/j_img"\n'
+        '[[datasets]]\nvideo_jsonl_file = "videos.jsonl"\ncache_directory = "cache/j_vid"\n'
+        "target_frames = [1, 9]\nresolution = [32, 16]\n"
+    )
+    lines: list[str] = []
+    report = dry_run(load_dataset_config(toml), log=lines.append)
+    text = "\n".join(lines)
+    assert "clip.mp4: " in text and "20 frames" in text and "clips (0, 1) (0, 9)" in text
+    assert "frames: " in text and "9 frames, 32x16 -> bucket 32x16, clips (0, 1) (0, 9)" in text
+    assert "videos.jsonl:3 data/missing.mp4: file not found" in text
+    assert [d.reason for d in report.failed] == ["empty caption"]  # the 4th line: an empty caption is a fault
+    assert report.cached == 1 + 2 + 2
