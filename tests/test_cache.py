@@ -414,17 +414,17 @@ def test_two_ranks_equal_one_process(tmp_path, weights):
     for root in (one, two):
         make_dataset(root, images=names)
     args = lambda root: ["cache-latents", *_cache_args(root / "dataset.toml", weights)[:6], "--device", "cpu",
-                         "--num_workers", "0", "--no_progress"]  # fmt: skip  # noqa: E731
+                         "--no_progress"]  # fmt: skip  # noqa: E731
     port = str(_free_port())
     ranks = [
         _wan(
-            args(two),
+            [*args(two), "--num_workers", "1"],  # media read in a worker process there, in-line here
             env={"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": port},  # fmt: skip
         )
         for r in (0, 1)
     ]
-    assert _cli(*args(one)).exit_code == 0  # meanwhile, one process
+    assert _cli(*args(one), "--num_workers", "0").exit_code == 0  # meanwhile, one process
     outputs = [p.communicate(timeout=300)[0].decode() for p in ranks]
     assert [p.returncode for p in ranks] == [0, 0], outputs
     assert "latent caches: 7 written" in outputs[0]  # rank 0 prints the merged summary
@@ -458,3 +458,36 @@ def test_jsonl_datasets_and_folders_of_frames(tmp_path):
     assert "videos.jsonl:3 data/missing.mp4: file not found" in text
     assert [d.reason for d in report.failed] == ["empty caption"]  # the 4th line: an empty caption is a fault
     assert report.cached == 1 + 2 + 2
+
+
+def test_debug_mode_writes_the_bucketed_inputs(tmp_path):
+    toml = make_dataset(tmp_path, images=("a.png",))
+    result = _cli("cache-latents", "--dataset_config", str(toml), "--debug_mode", "video", "--num_workers", "0")
+    assert result.exit_code == 0, result.output
+    debug = tmp_path / "cache"
+    written = sorted(p.relative_to(debug).as_posix() for p in debug.rglob("debug/*"))
+    assert written == [
+        "img/debug/a_0040x0024_wan.png",
+        "vid/debug/clip_00000-001_0048x0032_wan.png",
+        "vid/debug/clip_00000-005_0048x0032_wan.mp4",
+    ]
+    assert np.asarray(Image.open(debug / "img/debug/a_0040x0024_wan.png")).shape == (16, 32, 3)
+    assert not list(debug.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("command", ["cache", "cache-latents", "cache-text"])
+def test_help_documents_every_option(command):
+    from wan_cli.main import cli
+
+    result = CliRunner().invoke(cli, ["run", command, "--help"])
+    assert result.exit_code == 0
+    import wan_cli.cache as module
+
+    click_command = getattr(module, command.replace("-", "_"))
+    for param in click_command.params:
+        assert param.help and param.help.strip(), param.name
+        assert param.opts[0] in result.output
+    seed = {"--dataset_config", "--device", "--batch_size", "--num_workers", "--skip_existing", "--keep_cache"}
+    seed |= {"--vae", "--vae_dtype", "--vae_cache_cpu", "--clip", "--i2v", "--debug_mode"} if command != "cache-text" else set()
+    seed |= {"--t5", "--fp8_t5", "--t5_tokenizer"} if command != "cache-latents" else set()
+    assert seed <= {opt for p in click_command.params for opt in p.opts}

@@ -247,6 +247,17 @@ def _pixels_to_video(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(pixels)).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
 
 
+@attrs.frozen
+class MissingLatentCache:
+    """``--skip_existing``'s test, run in the reader processes (so it holds no model)."""
+
+    image_conditioning: bool = False
+    clip: bool = False
+
+    def __call__(self, item: LatentItem) -> bool:
+        return not latent_cache_complete(item.cache_path, image_conditioning=self.image_conditioning, clip=self.clip)
+
+
 class LatentEncoder:
     """Encodes batches of :class:`LatentItem` s and writes their caches.
 
@@ -265,9 +276,11 @@ class LatentEncoder:
 
     def complete(self, item: LatentItem) -> bool:
         """Whether ``item`` already has a whole cache with everything this encoder writes."""
-        return latent_cache_complete(
-            item.cache_path, image_conditioning=self.image_conditioning, clip=self.clip is not None
-        )
+        return not self.missing()(item)
+
+    def missing(self) -> "MissingLatentCache":
+        """A picklable ``item -> bool``: true when the item's cache lacks what this encoder writes."""
+        return MissingLatentCache(self.image_conditioning, self.clip is not None)
 
     def encode(self, items: list[LatentItem], pixels: list[np.ndarray]) -> list[tuple[LatentItem, dict]]:
         """The tensors of each item: ``latents`` and, for i2v, ``image_latents`` / ``clip``."""
@@ -331,7 +344,7 @@ def cache_latents(
     for directory in _cache_directories(group):
         directory.mkdir(parents=True, exist_ok=True)
 
-    wanted = (lambda item: not encoder.complete(item)) if settings.skip_existing else None
+    wanted = encoder.missing() if settings.skip_existing else None
     buffers: dict[tuple, list[tuple[LatentItem, np.ndarray]]] = defaultdict(list)
     expected: set[Path] = set()
 
