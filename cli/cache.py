@@ -103,7 +103,7 @@ def _latent_options(func):
                 type=click.Choice(["image", "console", "video"]),
                 default=None,
                 help="Cache nothing, show the prepared inputs instead: image/video write each bucketed "
-                "item (PNG of its first frame / mp4) to <cache_directory>/debug/, console lists them "
+                "item (PNG of its first frame / mp4) to <cache_directory>/.wan_debug/, console lists them "
                 "(as --dry-run).",
             ),
         ]

@@ -465,13 +465,13 @@ def test_debug_mode_writes_the_bucketed_inputs(tmp_path):
     result = _cli("cache-latents", "--dataset_config", str(toml), "--debug_mode", "video", "--num_workers", "0")
     assert result.exit_code == 0, result.output
     debug = tmp_path / "cache"
-    written = sorted(p.relative_to(debug).as_posix() for p in debug.rglob("debug/*"))
+    written = sorted(p.relative_to(debug).as_posix() for p in debug.rglob(".wan_debug/*"))
     assert written == [
-        "img/debug/a_0040x0024_wan.png",
-        "vid/debug/clip_00000-001_0048x0032_wan.png",
-        "vid/debug/clip_00000-005_0048x0032_wan.mp4",
+        "img/.wan_debug/a_0040x0024_wan.png",
+        "vid/.wan_debug/clip_00000-001_0048x0032_wan.png",
+        "vid/.wan_debug/clip_00000-005_0048x0032_wan.mp4",
     ]
-    assert np.asarray(Image.open(debug / "img/debug/a_0040x0024_wan.png")).shape == (16, 32, 3)
+    assert np.asarray(Image.open(debug / "img/.wan_debug/a_0040x0024_wan.png")).shape == (16, 32, 3)
     assert not list(debug.rglob("*.safetensors"))
 
 

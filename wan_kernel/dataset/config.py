@@ -422,10 +422,13 @@ def _check_not_empty(config: DatasetConfig, source_key: str) -> None:
             found = any(
                 (p.is_file() and is_video_file(p)) or (p.is_dir() and any(map(is_image_file, p.iterdir())))
                 for p in config.directory.iterdir()
+                if not p.name.startswith(".")
             )
             what = "video files (or folders of frames)"
         else:
-            found = any(p.is_file() and is_image_file(p) for p in config.directory.iterdir())
+            found = any(
+                p.is_file() and is_image_file(p) and not p.name.startswith(".") for p in config.directory.iterdir()
+            )
             what = "image files"
         if not found:
             raise InputError(f"{where}: {source_key} {config.directory} holds no {what}: the dataset is empty")

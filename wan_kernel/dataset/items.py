@@ -128,6 +128,8 @@ def _directory_media(dataset: DatasetConfig) -> list[Path]:
     assert dataset.directory is not None
     found = []
     for path in sorted(dataset.directory.iterdir()):
+        if path.name.startswith("."):  # hidden: .DS_Store, .ipynb_checkpoints, our .wan_debug, temporaries
+            continue
         if dataset.is_video:
             if (path.is_file() and is_video_file(path)) or (path.is_dir() and any(map(is_image_file, path.iterdir()))):
                 found.append(path)

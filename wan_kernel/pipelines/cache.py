@@ -655,7 +655,7 @@ def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
 def write_debug_media(group: DatasetGroupConfig, *, mode: str, workers: int = 0) -> list[Path]:
     """``--debug_mode image|video``: write what the encoder would get, instead of caching.
 
-    Each item's bucketed pixels go to ``<cache_directory>/debug/<cache name>.png`` (first frame)
+    Each item's bucketed pixels go to ``<cache_directory>/.wan_debug/<cache name>.png`` (first frame)
     or ``.mp4`` (the clip at 16 fps). No model is loaded.
     """
     from wan_kernel.pipelines.media import write_image, write_video
@@ -669,7 +669,7 @@ def write_debug_media(group: DatasetGroupConfig, *, mode: str, workers: int = 0)
             continue
         for item, pixels in zip(planned.items, planned.pixels):
             stem = item.cache_path.name.removesuffix(".safetensors")
-            folder = item.source.dataset.cache_directory / "debug"
+            folder = item.source.dataset.cache_directory / ".wan_debug"  # hidden: never read back as data
             if mode == "video" and pixels.shape[0] > 1:
                 written.append(write_video(folder / f"{stem}.mp4", pixels, fps=16))
             else:
