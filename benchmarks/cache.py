@@ -36,8 +36,12 @@ from wan_kernel.pipelines.media import write_video
 
 T5_SIZES = {
     "tiny": T5Spec(vocab=258, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2, num_buckets=32),
-    "1.3b": T5Spec(vocab=32128, dim=2048, dim_attn=2048, dim_ffn=5120, num_heads=32, num_layers=24, num_buckets=32),
-    "xxl": T5Spec(vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24, num_buckets=32),
+    "1.3b": T5Spec(
+        vocab=32128, dim=2048, dim_attn=2048, dim_ffn=5120, num_heads=32, num_layers=24, num_buckets=32
+    ),
+    "xxl": T5Spec(
+        vocab=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, num_layers=24, num_buckets=32
+    ),
 }
 
 
@@ -91,12 +95,18 @@ def make_videos(folder: Path, count: int, width: int, height: int, frames: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", default=None, help="WxHxF of the videos [832x480x81 on CUDA, 208x128x9 on CPU]")
+    parser.add_argument(
+        "--size", default=None, help="WxHxF of the videos [832x480x81 on CUDA, 208x128x9 on CPU]"
+    )
     parser.add_argument("--items", type=int, default=None, help="videos [16 on CUDA, 2 on CPU]")
     parser.add_argument("--captions", type=int, default=None, help="captions [256 on CUDA, 16 on CPU]")
-    parser.add_argument("--t5", choices=sorted(T5_SIZES), default=None, help="T5 stand-in [1.3b on CUDA, tiny on CPU]")
+    parser.add_argument(
+        "--t5", choices=sorted(T5_SIZES), default=None, help="T5 stand-in [1.3b on CUDA, tiny on CPU]"
+    )
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--text_batch_size", type=int, default=16)
@@ -113,7 +123,10 @@ def main() -> None:
     captions = args.captions or (256 if cuda else 16)
     t5_size = args.t5 or ("1.3b" if cuda else "tiny")
     dtype = torch.bfloat16 if cuda else torch.float32
-    print(f"device {device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}), dtype {dtype}, torch {torch.__version__}")
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if cuda else 'cpu'}), dtype {dtype}, "
+        f"torch {torch.__version__}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -169,7 +182,9 @@ def main() -> None:
         text_root.mkdir()
         for i in range(captions):
             (text_root / f"c{i:04d}.png").write_bytes(b"")  # text caching never opens the media
-            (text_root / f"c{i:04d}.txt").write_text(f"caption {i}: " + "a slow pan across a city at dusk " * (1 + i % 4))
+            (text_root / f"c{i:04d}.txt").write_text(
+                f"caption {i}: " + "a slow pan across a city at dusk " * (1 + i % 4)
+            )
         (root / "text.toml").write_text(
             f'[[datasets]]\nimage_directory = "{text_root.as_posix()}"\ncaption_extension = ".txt"\n'
             f"batch_size = {args.text_batch_size}\n"
@@ -184,7 +199,8 @@ def main() -> None:
         print(
             f"text ({t5_size} stand-in, {params:.2f}B parameters, batch {args.text_batch_size}): "
             f"{report.cached} captions in {report.wall_seconds:.2f} s = "
-            f"{report.cached / report.wall_seconds:.2f} items/s; T5 busy {100 * report.busy_fraction:.1f}% of wall time"
+            f"{report.cached / report.wall_seconds:.2f} items/s; "
+            f"T5 busy {100 * report.busy_fraction:.1f}% of wall time"
         )
 
 

@@ -80,7 +80,9 @@ def _common(func):
 def _latent_options(func):
     for decorator in reversed(
         [
-            _option("--vae", type=click.Path(), default=None, help="VAE weights (Wan2.1_VAE.pth or .safetensors)."),
+            _option(
+                "--vae", type=click.Path(), default=None, help="VAE weights (Wan2.1_VAE.pth or .safetensors)."
+            ),
             _option(
                 "--vae_dtype",
                 default="bfloat16",
@@ -91,7 +93,8 @@ def _latent_options(func):
                 "--clip",
                 type=click.Path(),
                 default=None,
-                help="CLIP weights: also cache the image-to-video conditioning and CLIP features (implies --i2v).",
+                help="CLIP weights: also cache the image-to-video conditioning and CLIP features "
+                "(implies --i2v).",
             ),
             _option(
                 "--i2v",
@@ -115,7 +118,9 @@ def _latent_options(func):
 def _text_options(func):
     for decorator in reversed(
         [
-            _option("--t5", type=click.Path(), default=None, help="T5 weights (models_t5_umt5-xxl-enc-bf16.pth)."),
+            _option(
+                "--t5", type=click.Path(), default=None, help="T5 weights (models_t5_umt5-xxl-enc-bf16.pth)."
+            ),
             _option("--fp8_t5", is_flag=True, help="Run the T5 encoder with fp8 weights."),
             _option(
                 "--t5_tokenizer",
@@ -144,7 +149,9 @@ def _run(options: dict, *, latents: bool, text: bool) -> None:
     if options["dry_run"] or debug_mode == "console":
         from wan_kernel.dataset.config import load_dataset_config
 
-        report = dry_run(load_dataset_config(options["dataset_config"]), workers=settings.workers(), log=click.echo)
+        report = dry_run(
+            load_dataset_config(options["dataset_config"]), workers=settings.workers(), log=click.echo
+        )
         if report.failed:
             raise InputError(f"{len(report.failed)} file(s) could not be read (listed above)")
         return
@@ -203,7 +210,7 @@ def cache(**options) -> None:
 @_latent_options
 @handle_wan_errors
 def cache_latents(**options) -> None:
-    """Cache VAE latents (and the image-to-video conditioning) of a dataset (the seed's wan_cache_latents.py)."""
+    """Cache VAE latents (and image-to-video conditioning) of a dataset (the seed's wan_cache_latents.py)."""
     _run(options, latents=True, text=False)
 
 

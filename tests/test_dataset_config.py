@@ -48,7 +48,7 @@ batch_size = 2
 enable_bucket = true
 
 [[datasets]]
-image_directory = "{(tmp_path / 'img').as_posix()}"
+image_directory = "{(tmp_path / "img").as_posix()}"
 num_repeats = 3
 
 [[datasets]]
@@ -78,7 +78,9 @@ source_fps = 30
 def test_seed_defaults(tmp_path):
     _images(tmp_path / "img")
     group = load_dataset_config(
-        _write(tmp_path, f'[[datasets]]\nimage_directory = "{tmp_path / "img"}"\ncaption_extension = ".txt"\n')
+        _write(
+            tmp_path, f'[[datasets]]\nimage_directory = "{tmp_path / "img"}"\ncaption_extension = ".txt"\n'
+        )
     )
     (d,) = group.datasets
     assert d.resolution == DEFAULT_RESOLUTION == (960, 544)
@@ -89,13 +91,19 @@ def test_unknown_key_names_the_closest(tmp_path):
     _images(tmp_path / "img")
     _fails(
         tmp_path,
-        f'[[datasets]]\nimage_directory = "{tmp_path / "img"}"\ncaption_extension = ".txt"\nresoluton = 512\n',
+        f'[[datasets]]\nimage_directory = "{tmp_path / "img"}"\ncaption_extension = ".txt"\n'
+        "resoluton = 512\n",
         "datasets[0]",
         "'resoluton'",
         "did you mean 'resolution'",
     )
-    _fails(tmp_path, '[general]\nbatch_sise = 2\n[[datasets]]\nimage_directory = "x"\n', "[general]", "batch_size")
-    _fails(tmp_path, '[general]\ntarget_frames = [1]\n', "[general]", "target_frames", "[[datasets]]")
+    _fails(
+        tmp_path,
+        '[general]\nbatch_sise = 2\n[[datasets]]\nimage_directory = "x"\n',
+        "[general]",
+        "batch_size",
+    )
+    _fails(tmp_path, "[general]\ntarget_frames = [1]\n", "[general]", "target_frames", "[[datasets]]")
 
 
 def test_wrong_type_names_dataset_and_key(tmp_path):
@@ -116,7 +124,9 @@ def test_wrong_type_names_dataset_and_key(tmp_path):
 
 
 def test_missing_directory_empty_dataset_and_sources(tmp_path):
-    _fails(tmp_path, '[[datasets]]\nimage_directory = "nowhere"\n', "datasets[0]", "image_directory", "nowhere")
+    _fails(
+        tmp_path, '[[datasets]]\nimage_directory = "nowhere"\n', "datasets[0]", "image_directory", "nowhere"
+    )
     (tmp_path / "empty").mkdir()
     _fails(
         tmp_path,
@@ -128,7 +138,9 @@ def test_missing_directory_empty_dataset_and_sources(tmp_path):
     _fails(tmp_path, "[general]\nbatch_size = 1\n", "no [[datasets]]")
     _fails(tmp_path, '[[datasets]]\nimage_directory = "a"\nvideo_directory = "b"\n', "exactly one of")
     _images(tmp_path / "img")
-    _fails(tmp_path, f'[[datasets]]\nimage_directory = "{tmp_path / "img"}"\n', "caption_extension is required")
+    _fails(
+        tmp_path, f'[[datasets]]\nimage_directory = "{tmp_path / "img"}"\n', "caption_extension is required"
+    )
 
 
 def test_jsonl_needs_cache_directory_and_valid_lines(tmp_path):

@@ -52,7 +52,7 @@ def test_resize_scales_to_cover_then_centre_crops():
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (40, 100, 3), dtype=np.uint8)  # W 100, H 40
-    # enlarge: scale max(64/100, 48/40) = 1.2 -> 120x48 with Lanczos, crop 28 px off the left, 28 off the right
+    # enlarge: scale max(64/100, 48/40) = 1.2 -> 120x48 with Lanczos, crop 28 px off each side
     out = resize_to_bucket(image, (64, 48))
     expected = np.asarray(Image.fromarray(image).resize((120, 48), Image.LANCZOS))[:, 28:92]
     assert out.shape == (48, 64, 3) and np.array_equal(out, expected)

@@ -50,7 +50,7 @@ class BucketSelector:
         object.__setattr__(self, "buckets", table)
 
     @classmethod
-    def for_dataset(cls, dataset) -> "BucketSelector":
+    def for_dataset(cls, dataset) -> BucketSelector:
         """The selector of a :class:`~wan_kernel.dataset.config.DatasetConfig`."""
         return cls(tuple(dataset.resolution), dataset.enable_bucket, dataset.bucket_no_upscale)
 

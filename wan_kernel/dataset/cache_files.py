@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import attrs
 import torch
@@ -63,7 +63,7 @@ class LatentCacheName:
 def latent_cache_name(
     base: str, width: int, height: int, *, start: int | None = None, frames: int | None = None
 ) -> str:
-    """``<base>_<WWWW>x<HHHH>_wan.safetensors`` (image) or ``<base>_<start>-<frames>_<W>x<H>_wan...`` (clip)."""
+    """``<base>_<WWWW>x<HHHH>_wan.safetensors`` (image), ``<base>_<start>-<frames>_<W>x<H>_wan...`` (clip)."""
     clip = "" if start is None else f"_{start:05d}-{frames:03d}"
     return f"{base}{clip}_{width:04d}x{height:04d}{LATENT_SUFFIX}"
 
@@ -126,7 +126,9 @@ def strip_key(key: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def save_atomic(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Path:
+def save_atomic(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> Path:
     """Write a safetensors file under a temporary name beside ``path`` and rename it into place."""
     import tempfile
 
@@ -262,7 +264,7 @@ def cache_keys(path: str | os.PathLike) -> tuple[list[str], dict[str, str]] | No
 
 
 def read_cache(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A cache file's tensors by short name (``latents``, ``latents_image``, ``clip``, ``t5``) and metadata."""
+    """A cache file's tensors by short name (``latents``, ``latents_image``, ``clip``, ``t5``), metadata."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -291,13 +293,19 @@ def read_text_cache(path: str | os.PathLike) -> torch.Tensor:
     return tensors["t5"]
 
 
-def latent_cache_complete(path: str | os.PathLike, *, image_conditioning: bool = False, clip: bool = False) -> bool:
+def latent_cache_complete(
+    path: str | os.PathLike, *, image_conditioning: bool = False, clip: bool = False
+) -> bool:
     """Whether ``path`` is a whole latent cache holding what is asked for (used by ``--skip_existing``)."""
     found = cache_keys(path)
     if found is None:
         return False
     names = {strip_key(k) for k in found[0]}
-    return "latents" in names and (not image_conditioning or "latents_image" in names) and (not clip or "clip" in names)
+    return (
+        "latents" in names
+        and (not image_conditioning or "latents_image" in names)
+        and (not clip or "clip" in names)
+    )
 
 
 def text_cache_complete(path: str | os.PathLike, *, caption: str | None = None) -> bool:

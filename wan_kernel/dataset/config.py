@@ -34,8 +34,9 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 
@@ -427,11 +428,14 @@ def _check_not_empty(config: DatasetConfig, source_key: str) -> None:
             what = "video files (or folders of frames)"
         else:
             found = any(
-                p.is_file() and is_image_file(p) and not p.name.startswith(".") for p in config.directory.iterdir()
+                p.is_file() and is_image_file(p) and not p.name.startswith(".")
+                for p in config.directory.iterdir()
             )
             what = "image files"
         if not found:
-            raise InputError(f"{where}: {source_key} {config.directory} holds no {what}: the dataset is empty")
+            raise InputError(
+                f"{where}: {source_key} {config.directory} holds no {what}: the dataset is empty"
+            )
         return
     read_jsonl(config)  # raises for a malformed or empty file
 

@@ -15,8 +15,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from fractions import Fraction
-from typing import Iterable
 
 import numpy as np
 
@@ -49,7 +49,9 @@ def extract_clips(
         elif mode == "slide":
             starts = list(range(0, frame_count - target + 1, frame_stride))
         elif mode == "uniform":
-            starts = list(dict.fromkeys(int(s) for s in np.linspace(0, frame_count - target, frame_sample, dtype=int)))
+            starts = list(
+                dict.fromkeys(int(s) for s in np.linspace(0, frame_count - target, frame_sample, dtype=int))
+            )
         else:
             raise ValueError(f"unknown frame_extraction {mode!r}")
         clips.extend((start, target) for start in starts)

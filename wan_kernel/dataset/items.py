@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import attrs
 import numpy as np
@@ -131,7 +131,9 @@ def _directory_media(dataset: DatasetConfig) -> list[Path]:
         if path.name.startswith("."):  # hidden: .DS_Store, .ipynb_checkpoints, our .wan_debug, temporaries
             continue
         if dataset.is_video:
-            if (path.is_file() and is_video_file(path)) or (path.is_dir() and any(map(is_image_file, path.iterdir()))):
+            if (path.is_file() and is_video_file(path)) or (
+                path.is_dir() and any(map(is_image_file, path.iterdir()))
+            ):
                 found.append(path)
         elif path.is_file() and is_image_file(path):
             found.append(path)
@@ -222,7 +224,9 @@ def plan_source(source: Source, *, load_pixels: bool = True, wanted=None) -> Pla
             width, height = image_size(source.path)
         item = LatentItem(source, (width, height), selector.bucket(width, height))
         if min(item.bucket) < 16:
-            return PlannedSource(source, [], [Dropped(str(source.path), f"{width}x{height} is smaller than 16 px")], [])
+            return PlannedSource(
+                source, [], [Dropped(str(source.path), f"{width}x{height} is smaller than 16 px")], []
+            )
         need = image is not None and (wanted is None or wanted(item))
         pixels = resize_to_bucket(image, item.bucket)[None] if need else None
         return PlannedSource(source, [item], [], [pixels], file_size=file_size)
@@ -260,7 +264,9 @@ def plan_source(source: Source, *, load_pixels: bool = True, wanted=None) -> Pla
     if load_pixels:
         needed = [i for i, item in enumerate(items) if wanted is None or wanted(item)]
         if needed:
-            used = sorted({f for i in needed for f in range(items[i].start, items[i].start + items[i].frames)})
+            used = sorted(
+                {f for i in needed for f in range(items[i].start, items[i].start + items[i].frames)}
+            )
             resized = {f: resize_to_bucket(video.frames[f], bucket) for f in used}
             for i in needed:
                 item = items[i]

@@ -68,7 +68,9 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 
 def frame_files(folder: Path) -> list[Path]:
     """The image files of a folder of frames, in sorted name order."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith(".")
+    )
 
 
 def _rotation(frame, stream) -> int:

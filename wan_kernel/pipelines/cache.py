@@ -25,8 +25,9 @@ import os
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import attrs
 import numpy as np
@@ -101,7 +102,7 @@ class CacheReport:
         """Share of the wall time the encoder was computing."""
         return self.encode_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
-    def merge(self, others: Iterable["CacheReport"]) -> "CacheReport":
+    def merge(self, others: Iterable[CacheReport]) -> CacheReport:
         """One report for several ranks (wall time: the slowest rank's)."""
         merged = CacheReport(self.kind)
         for r in [self, *others]:
@@ -156,7 +157,9 @@ def _remove_stale(group: DatasetGroupConfig, expected: set[Path], suffix: str, l
                 path.unlink(missing_ok=True)
                 removed += 1
     if removed:
-        log(f"removed {removed} cache file(s) of items no longer in the dataset (keep them with --keep_cache)")
+        log(
+            f"removed {removed} cache file(s) of items no longer in the dataset (keep them with --keep_cache)"
+        )
     return removed
 
 
@@ -186,7 +189,9 @@ class _Failure:
 class _SourceReader(torch.utils.data.Dataset):
     """A map-style dataset over sources: item ``i`` is ``plan_source(sources[i])`` (or a failure)."""
 
-    def __init__(self, sources: list[Source], *, load_pixels: bool, wanted: Callable[[LatentItem], bool] | None):
+    def __init__(
+        self, sources: list[Source], *, load_pixels: bool, wanted: Callable[[LatentItem], bool] | None
+    ):
         self.sources = sources
         self.load_pixels = load_pixels
         self.wanted = wanted
@@ -255,7 +260,9 @@ class MissingLatentCache:
     clip: bool = False
 
     def __call__(self, item: LatentItem) -> bool:
-        return not latent_cache_complete(item.cache_path, image_conditioning=self.image_conditioning, clip=self.clip)
+        return not latent_cache_complete(
+            item.cache_path, image_conditioning=self.image_conditioning, clip=self.clip
+        )
 
 
 class LatentEncoder:
@@ -266,7 +273,9 @@ class LatentEncoder:
     :param image_conditioning: also write ``latents_image`` (the i2v first-frame conditioning).
     """
 
-    def __init__(self, vae, *, clip=None, image_conditioning: bool = False, store_dtype: torch.dtype | None = None):
+    def __init__(
+        self, vae, *, clip=None, image_conditioning: bool = False, store_dtype: torch.dtype | None = None
+    ):
         self.vae = vae
         self.clip = clip
         self.image_conditioning = image_conditioning or clip is not None
@@ -278,7 +287,7 @@ class LatentEncoder:
         """Whether ``item`` already has a whole cache with everything this encoder writes."""
         return not self.missing()(item)
 
-    def missing(self) -> "MissingLatentCache":
+    def missing(self) -> MissingLatentCache:
         """A picklable ``item -> bool``: true when the item's cache lacks what this encoder writes."""
         return MissingLatentCache(self.image_conditioning, self.clip is not None)
 
@@ -399,7 +408,9 @@ def cache_latents(
     report.encode_seconds = encoder.seconds
     everything = ranks.gather(sorted(str(p) for p in expected))
     if ranks.is_main and not settings.keep_cache:
-        report.removed = _remove_stale(group, {Path(p) for part in everything for p in part}, LATENT_SUFFIX, log)
+        report.removed = _remove_stale(
+            group, {Path(p) for part in everything for p in part}, LATENT_SUFFIX, log
+        )
     report.wall_seconds = time.perf_counter() - wall
     return report
 
@@ -512,9 +523,8 @@ def dry_run(group: DatasetGroupConfig, *, workers: int = 0, log: LogFn = print) 
             kind = "video" if dataset.is_video else "image"
             extra = ""
             if dataset.is_video:
-                extra = (
-                    f", {dataset.frame_extraction}, target_frames {list(dataset.target_frames)}"
-                    + (f", source_fps {dataset.source_fps:g} -> 16" if dataset.source_fps else "")
+                extra = f", {dataset.frame_extraction}, target_frames {list(dataset.target_frames)}" + (
+                    f", source_fps {dataset.source_fps:g} -> 16" if dataset.source_fps else ""
                 )
             log(
                 f"{dataset.label}: {kind}, resolution {dataset.resolution[0]}x{dataset.resolution[1]}, "
@@ -526,14 +536,13 @@ def dry_run(group: DatasetGroupConfig, *, workers: int = 0, log: LogFn = print) 
             log(f"  {source.path.name}: FAILED: {planned.reason}")
             continue
         parts = [_megabytes(planned.file_size)]
-        if planned.items or dataset.is_video:
-            if dataset.is_video:
-                if planned.fps:
-                    parts.append(f"{planned.fps:.2f} fps")
-                parts.append(f"{planned.frame_count} frames" + (" (resampled)" if dataset.source_fps else ""))
+        if dataset.is_video:
+            if planned.fps:
+                parts.append(f"{planned.fps:.2f} fps")
+            parts.append(f"{planned.frame_count} frames" + (" (resampled)" if dataset.source_fps else ""))
         if planned.items:
-            first = planned.items[0]
-            parts.append(f"{first.original_size[0]}x{first.original_size[1]} -> bucket {first.bucket[0]}x{first.bucket[1]}")
+            (width, height), (bucket_w, bucket_h) = planned.items[0].original_size, planned.items[0].bucket
+            parts.append(f"{width}x{height} -> bucket {bucket_w}x{bucket_h}")
             if dataset.is_video:
                 parts.append("clips " + " ".join(f"({i.start}, {i.frames})" for i in planned.items))
         for d in planned.dropped:
@@ -617,7 +626,9 @@ def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
     group = load_dataset_config(job.dataset_config)
     for dataset in group.datasets:
         if dataset.unused:
-            log(f"{dataset.label}: ignoring {', '.join(dataset.unused)} (not used by Wan2.1 t2v/i2v training)")
+            log(
+                f"{dataset.label}: ignoring {', '.join(dataset.unused)} (not used by Wan2.1 t2v/i2v training)"
+            )
     ranks = Ranks.from_env()
     device = _device(job.device, ranks)
     reports = []
@@ -625,7 +636,10 @@ def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
         from wan_kernel.models.vae_loading import load_vae
 
         vae = load_vae(
-            job.vae, device=device, dtype=_vae_dtype(job.vae_dtype), cache_device="cpu" if job.vae_cache_cpu else None
+            job.vae,
+            device=device,
+            dtype=_vae_dtype(job.vae_dtype),
+            cache_device="cpu" if job.vae_cache_cpu else None,
         )
         clip = None
         if job.clip:
@@ -643,7 +657,9 @@ def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
 
         tokenizer = load_tokenizer(job.t5_tokenizer or DEFAULT_TOKENIZER)
         t5 = load_t5(job.t5, device=device, quant="fp8_t5" if job.fp8_t5 else None)
-        report = cache_text(group, TextEncoder(t5, tokenizer, device=device), job.settings, ranks=ranks, log=log)
+        report = cache_text(
+            group, TextEncoder(t5, tokenizer, device=device), job.settings, ranks=ranks, log=log
+        )
         del t5
         free_memory(device)
         reports.append(report)

@@ -9,7 +9,8 @@ exchange small Python objects and to wait for each other, never for the models).
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import attrs
 
@@ -27,7 +28,7 @@ class Ranks:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "Ranks":
+    def from_env(cls) -> Ranks:
         """From ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` (one process when they are not set)."""
         try:
             world = int(os.environ.get("WORLD_SIZE", "1"))
