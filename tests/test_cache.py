@@ -303,6 +303,11 @@ def test_skip_existing_and_stale_caches(tmp_path, vae):
     assert sorted(p.name for p in (tmp_path / "cache/img").glob("*_wan.safetensors")) == [
         "a_0040x0024_wan.safetensors"
     ]
+    # a source that fails to read keeps its earlier cache (the failure is reported, nothing is lost)
+    (tmp_path / "data/img/a.png").write_bytes(b"broken")
+    report = cache_latents(group, LatentEncoder(vae), SETTINGS)
+    assert len(report.failed) == 1 and report.removed == 0
+    assert (tmp_path / "cache/img/a_0040x0024_wan.safetensors").exists()
 
 
 def test_dry_run_lists_files_buckets_clips_and_drops(tmp_path):

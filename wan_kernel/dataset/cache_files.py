@@ -308,6 +308,33 @@ def latent_cache_complete(
     )
 
 
+@attrs.frozen
+class CachedItem:
+    """A latent cache and the text cache it trains with (what the trainer iterates over)."""
+
+    latent_path: Path
+    text_path: Path
+    name: LatentCacheName
+
+
+def find_cached_items(directory: str | os.PathLike) -> tuple[list[CachedItem], list[Path]]:
+    """The latent caches of a cache directory that have their text cache, in name order, and
+    the latent caches that have none (the seed trainer skips those with a warning)."""
+    directory = Path(directory)
+    found: list[CachedItem] = []
+    orphans: list[Path] = []
+    for path in sorted(directory.glob(f"*{LATENT_SUFFIX}")):
+        name = parse_latent_cache_name(path)
+        if name is None or path.name.startswith("."):
+            continue
+        text = directory / text_cache_name(name.base)
+        if text.is_file():
+            found.append(CachedItem(path, text, name))
+        else:
+            orphans.append(path)
+    return found, orphans
+
+
 def text_cache_complete(path: str | os.PathLike, *, caption: str | None = None) -> bool:
     """Whether ``path`` is a whole text cache (of ``caption``, when given)."""
     found = cache_keys(path)

@@ -143,15 +143,30 @@ def _cache_directories(group: DatasetGroupConfig) -> list[Path]:
     return list(dict.fromkeys(d.cache_directory for d in group.datasets))
 
 
-def _remove_stale(group: DatasetGroupConfig, expected: set[Path], suffix: str, log: LogFn) -> int:
-    """Delete ``*<suffix>`` caches in the cache directories that no dataset item produces."""
+def _remove_stale(
+    group: DatasetGroupConfig,
+    expected: set[Path],
+    suffix: str,
+    log: LogFn,
+    *,
+    protected: set[tuple[Path, str]] | None = None,
+) -> int:
+    """Delete ``*<suffix>`` caches in the cache directories that no dataset item produces.
+
+    ``protected`` holds ``(cache directory, base name)`` of sources that failed to read this time:
+    their earlier caches stay (the failure is reported; fixing the file should not cost them).
+    """
     keep = {p.resolve() for p in expected}
+    protected = {(d.resolve(), base) for d, base in protected or ()}
     removed = 0
     for directory in _cache_directories(group):
         if not directory.is_dir():
             continue
         for path in sorted(directory.glob(f"*{suffix}")):
-            if suffix == LATENT_SUFFIX and parse_latent_cache_name(path) is None:
+            parsed = parse_latent_cache_name(path) if suffix == LATENT_SUFFIX else None
+            if suffix == LATENT_SUFFIX and parsed is None:
+                continue
+            if parsed is not None and (directory.resolve(), parsed.base) in protected:
                 continue
             if path.resolve() not in keep:
                 path.unlink(missing_ok=True)
@@ -356,6 +371,7 @@ def cache_latents(
     wanted = encoder.missing() if settings.skip_existing else None
     buffers: dict[tuple, list[tuple[LatentItem, np.ndarray]]] = defaultdict(list)
     expected: set[Path] = set()
+    protected: set[tuple[str, str]] = set()
 
     def flush(key: tuple) -> None:
         batch = buffers.pop(key, [])
@@ -388,6 +404,7 @@ def cache_latents(
             bar.update(1)
             if isinstance(planned, _Failure):
                 report.failed.append(Dropped(str(planned.source.path), planned.reason))
+                protected.add((str(planned.source.dataset.cache_directory), planned.source.base))
                 continue
             report.dropped += planned.dropped
             dataset = planned.source.dataset
@@ -406,10 +423,14 @@ def cache_latents(
             flush(key)
 
     report.encode_seconds = encoder.seconds
-    everything = ranks.gather(sorted(str(p) for p in expected))
+    everything = ranks.gather((sorted(str(p) for p in expected), sorted(protected)))
     if ranks.is_main and not settings.keep_cache:
         report.removed = _remove_stale(
-            group, {Path(p) for part in everything for p in part}, LATENT_SUFFIX, log
+            group,
+            {Path(p) for paths, _ in everything for p in paths},
+            LATENT_SUFFIX,
+            log,
+            protected={(Path(d), base) for _, kept in everything for d, base in kept},
         )
     report.wall_seconds = time.perf_counter() - wall
     return report
