@@ -262,9 +262,14 @@ def _progress(total: int, desc: str, enabled: bool):
 # --------------------------------------------------------------------------------------------
 
 
-def _pixels_to_video(pixels: np.ndarray) -> torch.Tensor:
-    """``uint8`` ``[F, H, W, 3]`` -> float32 ``[3, F, H, W]`` in [-1, 1]."""
-    return torch.from_numpy(np.array(pixels)).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+def pixels_to_video(pixels: list[np.ndarray], device: torch.device | str = "cpu") -> torch.Tensor:
+    """``uint8`` clips ``[F, H, W, 3]`` (same size) -> float32 ``[B, 3, F, H, W]`` in [-1, 1] on ``device``.
+
+    The bytes travel to the device as ``uint8`` (a quarter of the float32 traffic) and are
+    converted there; the arithmetic is the same on every device.
+    """
+    batch = torch.from_numpy(np.stack(pixels)).to(device)  # [B, F, H, W, 3] uint8
+    return batch.permute(0, 4, 1, 2, 3).float().div_(127.5).sub_(1.0)
 
 
 @attrs.frozen
@@ -310,15 +315,15 @@ class LatentEncoder:
         """The tensors of each item: ``latents`` and, for i2v, ``image_latents`` / ``clip``."""
         from wan_kernel.pipelines.conditioning import encode_conditioning
 
-        video = torch.stack([_pixels_to_video(p) for p in pixels])  # [B, 3, F, H, W]
         start = time.perf_counter()
+        video = pixels_to_video(pixels, self.device)  # [B, 3, F, H, W]
         latents = self.vae.encode(video).to(self.store_dtype).cpu()  # [B, 16, T, H/8, W/8]
         outputs = []
         for index, item in enumerate(items):
             tensors: dict[str, Any] = {"latents": latents[index]}
             if self.image_conditioning:
                 width, height = item.bucket
-                first = video[index, :, 0]  # [3, H, W], already at the bucket size
+                first = video[index, :, 0].cpu()  # [3, H, W], already at the bucket size (CPU, as generation)
                 # encode_conditioning derives the latent size from an area and the image's aspect
                 # (official rounding); with the bare W*H, float error gives one latent pixel less
                 # for some buckets, so ask for W*H plus a margin that rounds back to W x H exactly
