@@ -90,6 +90,11 @@ def _latent_options(func):
             ),
             _option("--vae_cache_cpu", is_flag=True, help="Keep the VAE's causal cache in CPU memory."),
             _option(
+                "--disable_cudnn_backend",
+                is_flag=True,
+                help="Run the VAE without cuDNN (works around cuDNN errors on some GPUs).",
+            ),
+            _option(
                 "--clip",
                 type=click.Path(),
                 default=None,
@@ -173,6 +178,7 @@ def _run(options: dict, *, latents: bool, text: bool) -> None:
         vae=options.get("vae") if latents else None,
         vae_dtype=options.get("vae_dtype") or "bfloat16",
         vae_cache_cpu=bool(options.get("vae_cache_cpu")),
+        disable_cudnn=bool(options.get("disable_cudnn_backend")),
         clip=options.get("clip") if latents else None,
         i2v=bool(options.get("i2v")),
         t5=options.get("t5") if text else None,

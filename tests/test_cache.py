@@ -523,7 +523,15 @@ def test_help_documents_every_option(command):
         "--keep_cache",
     }
     seed |= (
-        {"--vae", "--vae_dtype", "--vae_cache_cpu", "--clip", "--i2v", "--debug_mode"}
+        {
+            "--vae",
+            "--vae_dtype",
+            "--vae_cache_cpu",
+            "--clip",
+            "--i2v",
+            "--debug_mode",
+            "--disable_cudnn_backend",
+        }
         if command != "cache-text"
         else set()
     )

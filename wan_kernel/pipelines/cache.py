@@ -611,6 +611,7 @@ class CacheJob:
     vae: str | None = None
     vae_dtype: str = "bfloat16"
     vae_cache_cpu: bool = False
+    disable_cudnn: bool = False
     clip: str | None = None
     i2v: bool = False
     t5: str | None = None
@@ -673,7 +674,12 @@ def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
 
             clip = load_clip_vision(job.clip, device=device)
         encoder = LatentEncoder(vae, clip=clip, image_conditioning=job.i2v)
-        report = cache_latents(group, encoder, job.settings, ranks=ranks, log=log)
+        cudnn = torch.backends.cudnn.enabled
+        torch.backends.cudnn.enabled = cudnn and not job.disable_cudnn
+        try:
+            report = cache_latents(group, encoder, job.settings, ranks=ranks, log=log)
+        finally:
+            torch.backends.cudnn.enabled = cudnn
         del vae, clip, encoder
         free_memory(device)
         reports.append(report)
