@@ -104,6 +104,8 @@ def test_unknown_key_names_the_closest(tmp_path):
         "batch_size",
     )
     _fails(tmp_path, "[general]\ntarget_frames = [1]\n", "[general]", "target_frames", "[[datasets]]")
+    _fails(tmp_path, '[[datasets]]\nimage_dir = "x"\n', "datasets[0]", "did you mean 'image_directory'")
+    _fails(tmp_path, '[[dataset]]\nimage_directory = "x"\n', "'dataset'", "did you mean 'datasets'")
 
 
 def test_wrong_type_names_dataset_and_key(tmp_path):

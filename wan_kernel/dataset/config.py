@@ -363,6 +363,7 @@ def load_dataset_config(path: str | os.PathLike) -> DatasetGroupConfig:
 
 def _dataset(index: int, entry: dict, defaults: dict, base: Path) -> DatasetConfig:
     where = f"datasets[{index}]"
+    _check_keys(entry, KEYS, where)  # a misspelt source key is named before "no source given"
     sources = [k for k in SOURCE_KEYS if k in entry]
     if len(sources) != 1:
         given = ", ".join(sources) if sources else "none"
