@@ -177,7 +177,7 @@ def main() -> None:
 
         spec = T5_SIZES[t5_size]
         t5 = build_t5(spec, device, dtype)
-        params = sum(p.numel() for p in t5.parameters()) / 1e9
+        params = sum(p.numel() for p in t5.parameters())
         text_root = root / "text"
         text_root.mkdir()
         for i in range(captions):
@@ -197,7 +197,7 @@ def main() -> None:
         if not report.ok:
             sys.exit(report.summary())
         print(
-            f"text ({t5_size} stand-in, {params:.2f}B parameters, batch {args.text_batch_size}): "
+            f"text ({t5_size} stand-in, {params / 1e6:,.1f}M parameters, batch {args.text_batch_size}): "
             f"{report.cached} captions in {report.wall_seconds:.2f} s = "
             f"{report.cached / report.wall_seconds:.2f} items/s; "
             f"T5 busy {100 * report.busy_fraction:.1f}% of wall time"
