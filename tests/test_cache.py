@@ -393,7 +393,7 @@ def _latent_args(root: Path, weights: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_kill_and_resume_equals_a_clean_run(tmp_path, weights):
-    names = tuple(f"im{i:02d}.png" for i in range(12))
+    names = tuple(f"im{i:02d}.png" for i in range(8))
     clean_root, killed_root = tmp_path / "clean", tmp_path / "killed"
     for root in (clean_root, killed_root):
         make_dataset(root, images=names, videos=())
@@ -401,7 +401,24 @@ def test_kill_and_resume_equals_a_clean_run(tmp_path, weights):
     def args(root):
         return [*_latent_args(root, weights), "--num_workers", "0", "--batch_size", "1"]
 
-    process = _wan(["cache-latents", *args(killed_root)])
+    # the killed run writes one cache every 0.2 s, so the kill always lands mid-way
+    slow = (
+        "import sys, time\n"
+        "import wan_kernel.pipelines.cache as cache\n"
+        "write = cache.write_latent_cache\n"
+        "def slow(*args, **kwargs):\n"
+        "    out = write(*args, **kwargs)\n"
+        "    time.sleep(0.2)\n"
+        "    return out\n"
+        "cache.write_latent_cache = slow\n"
+        "from wan_cli.main import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", slow, "run", "cache-latents", *args(killed_root)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     folder = killed_root / "cache/img"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(list(folder.glob("*_wan.safetensors"))) < 3:
