@@ -152,7 +152,8 @@ def read_video(
     except MediaError:
         raise
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as exc:  # type: ignore[attr-defined]
-        raise MediaError(f"cannot decode video {path}: {exc}") from None
+        reason = getattr(exc, "strerror", None) or str(exc)  # FFmpeg's words, without errno and path
+        raise MediaError(f"cannot decode video {path}: {reason}") from None
     if not kept:
         raise MediaError(f"cannot decode video {path}: no frames")
     return VideoFrames(np.stack(kept), fps, seen, complete, count)
