@@ -191,3 +191,23 @@ def test_not_toml(tmp_path):
     _fails(tmp_path, "[[datasets]\nfoo", "not valid TOML")
     with pytest.raises(InputError, match="not found"):
         load_dataset_config(tmp_path / "missing.toml")
+
+
+def test_readme_example_uses_only_known_keys():
+    import re
+    import sys
+
+    from wan_kernel.dataset.config import GENERAL_KEYS, KEYS
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```toml\n(.*?)```", text, re.S)
+    assert block, "the README's Training section shows a dataset TOML"
+    data = tomllib.loads(block.group(1))
+    assert set(data["general"]) <= set(GENERAL_KEYS)
+    for entry in data["datasets"]:
+        assert set(entry) <= set(KEYS)
