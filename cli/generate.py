@@ -14,8 +14,12 @@ import click
 from wan_cli.errors import handle_wan_errors
 
 from wan_kernel.errors import InputError, WanError
+from wan_kernel.pipelines.config import OUTPUT_TYPES
+from wan_kernel.pipelines.media import BACKGROUNDS
+from wan_kernel.pipelines.tasks import TASKS
+from wan_kernel.sampling.solvers import SOLVER_CHOICES
 
-TASK_NAMES = ("t2v-1.3B", "t2v-14B", "i2v-14B", "t2i-14B", "flf2v-14B")
+TASK_NAMES = tuple(TASKS)
 PRESETS = ("demo",)
 FP8_FLAGS = ("fp8", "fp8_scaled", "fp8_fast")  # in increasing precedence: --fp8 --fp8_scaled -> fp8_scaled
 
@@ -154,7 +158,7 @@ class GenerateCommand(click.Command):
 @_option("--guidance_scale", type=float, default=None, help="Classifier-free guidance scale.  [default: 5.0]")
 @_option(
     "--sample_solver",
-    type=click.Choice(["unipc", "dpm++", "euler", "vanilla"]),
+    type=click.Choice(SOLVER_CHOICES),
     default="unipc",
     help="Sampler ('vanilla' = euler).",
 )
@@ -176,7 +180,7 @@ class GenerateCommand(click.Command):
 )
 @_option(
     "--image_background",
-    type=click.Choice(["white", "black"]),
+    type=click.Choice(list(BACKGROUNDS)),
     default="white",
     help="Colour transparent pixels of input images are flattened onto.",
 )
@@ -195,7 +199,7 @@ class GenerateCommand(click.Command):
 # outputs
 @_option(
     "--output_type",
-    type=click.Choice(["video", "images", "latent", "both", "latent_images"]),
+    type=click.Choice(OUTPUT_TYPES),
     default="video",
     help="both = latent + video; latent_images = latent + PNG frames.",
 )
