@@ -18,7 +18,6 @@ embedding; ``xxl``: the real 4096 x 24 encoder; ``tiny`` for CPUs), builtin byte
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from wan_kernel.models.t5 import T5Spec
 from wan_kernel.models.vae import VAEConfig, WanVAE, WanVAEModel
 from wan_kernel.pipelines.cache import CacheSettings, LatentEncoder, TextEncoder, cache_latents, cache_text
 from wan_kernel.pipelines.media import write_video
+from wan_kernel.testing import randomize_weights
 
 T5_SIZES = {
     "tiny": T5Spec(vocab=258, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2, num_buckets=32),
@@ -45,24 +45,11 @@ T5_SIZES = {
 }
 
 
-def _randomise(module: torch.nn.Module, seed: int) -> None:
-    """Norm scales 1 + 0.1N, biases 0.05N, weights N / sqrt(fan_in): activations stay bounded."""
-    g = torch.Generator("cpu").manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            draw = torch.randn(p.shape, generator=g)
-            if p.ndim == 1:
-                value = 1 + 0.1 * draw if name.endswith(("weight", "gamma")) else 0.05 * draw
-            else:
-                value = draw / math.sqrt(max(1, p[0].numel() if "embed" not in name else p.shape[1]))
-            p.copy_(value.to(p.dtype))
-
-
 def build_vae(device: torch.device, dtype: torch.dtype) -> WanVAE:
     with torch.device("meta"):
         model = WanVAEModel(VAEConfig())  # the real size (dim 96)
     model = model.to_empty(device="cpu")
-    _randomise(model, 1)
+    randomize_weights(model, 1)
     return WanVAE(model.to(device=device, dtype=dtype).eval().requires_grad_(False))
 
 
@@ -74,7 +61,7 @@ def build_t5(spec: T5Spec, device: torch.device, dtype: torch.dtype):
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
     model = model.to_empty(device="cpu")
-    _randomise(model, 2)
+    randomize_weights(model, 2)
     model.encoder.embed_tokens.weight = model.shared.weight
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 

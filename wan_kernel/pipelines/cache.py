@@ -20,7 +20,6 @@ takes every ``world_size``-th source (:class:`~wan_kernel.pipelines.distributed.
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import time
@@ -47,6 +46,7 @@ from wan_kernel.dataset.cache_files import (
 from wan_kernel.dataset.config import DatasetGroupConfig
 from wan_kernel.dataset.items import Dropped, LatentItem, PlannedSource, Source, list_all_sources, plan_source
 from wan_kernel.errors import InputError, WanError
+from wan_kernel.pipelines.devices import free_memory, resolve_compute_dtype, resolve_device
 from wan_kernel.pipelines.distributed import Ranks
 
 LogFn = Callable[[str], None]
@@ -181,13 +181,6 @@ def _remove_stale(
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device | str) -> None:
-    """Return freed model memory to the system/driver (between one model and the next)."""
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,21 +615,10 @@ class CacheJob:
 
 
 def _device(name: str | None, ranks: Ranks) -> torch.device:
-    from wan_kernel.pipelines.generate import resolve_device
-
     device = resolve_device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ranks.local_rank % max(1, torch.cuda.device_count()))
     return device
-
-
-def _vae_dtype(name: str) -> torch.dtype:
-    from wan_kernel.models.dit_loading import resolve_dtype
-
-    try:
-        return resolve_dtype(name)
-    except InputError as exc:
-        raise InputError(f"--vae_dtype: {exc}") from None
 
 
 def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
@@ -660,19 +642,16 @@ def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
     device = _device(job.device, ranks)
     reports = []
     if job.vae:
+        from wan_kernel.models.clip import load_clip_vision
         from wan_kernel.models.vae_loading import load_vae
 
         vae = load_vae(
             job.vae,
             device=device,
-            dtype=_vae_dtype(job.vae_dtype),
+            dtype=resolve_compute_dtype(job.vae_dtype, device, "vae_dtype"),
             cache_device="cpu" if job.vae_cache_cpu else None,
         )
-        clip = None
-        if job.clip:
-            from wan_kernel.models.clip import load_clip_vision
-
-            clip = load_clip_vision(job.clip, device=device)
+        clip = load_clip_vision(job.clip, device=device) if job.clip else None
         encoder = LatentEncoder(vae, clip=clip, image_conditioning=job.i2v)
         cudnn = torch.backends.cudnn.enabled
         torch.backends.cudnn.enabled = cudnn and not job.disable_cudnn
@@ -686,9 +665,11 @@ def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
     if job.t5:
         from wan_kernel.models.t5 import load_t5
         from wan_kernel.models.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+        from wan_kernel.pipelines.plugin_setup import resolve_quantizer
 
         tokenizer = load_tokenizer(job.t5_tokenizer or DEFAULT_TOKENIZER)
-        t5 = load_t5(job.t5, device=device, quant="fp8_t5" if job.fp8_t5 else None)
+        quantizer = resolve_quantizer("fp8_t5", target="t5") if job.fp8_t5 else None
+        t5 = load_t5(job.t5, device=device, quant=quantizer)
         report = cache_text(
             group, TextEncoder(t5, tokenizer, device=device), job.settings, ranks=ranks, log=log
         )
