@@ -41,9 +41,8 @@ from wan_kernel.pipelines.cache import (
     dry_run,
 )
 from wan_kernel.pipelines.media import write_image, write_video
+from wan_kernel.testing import reference_case, skip_without_fixtures
 
-REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "wan21_reference"
 SETTINGS = CacheSettings(num_workers=0, progress=False)
 
 
@@ -209,12 +208,12 @@ def test_text_equals_load_t5_cut_at_the_token_count(tmp_path, t5):
     assert read_cache(tmp_path / "cache/img/a_wan_te.safetensors")[1]["caption1"] == "new words"
 
 
-@pytest.mark.skipif(not (FIXTURES / "clip_visual").is_dir(), reason="reference fixtures not found")
+@skip_without_fixtures()
 def test_i2v_conditioning_equals_the_generation_formula(tmp_path, vae):
     from wan_kernel.models import load_clip_vision
     from wan_kernel.pipelines.conditioning import clip_features, frame_mask
 
-    clip = load_clip_vision(FIXTURES / "clip_visual/weights.safetensors", num_heads=4)
+    clip = load_clip_vision(reference_case("clip_visual") / "weights.safetensors", num_heads=4)
     toml = make_dataset(tmp_path, images=("a.png",))
     report = cache_latents(load_dataset_config(toml), LatentEncoder(vae, clip=clip), SETTINGS)
     assert report.ok
