@@ -206,6 +206,11 @@ def test_text_equals_load_t5_cut_at_the_token_count(tmp_path, t5):
     )
     assert (again.cached, again.skipped) == (1, 3)
     assert read_cache(tmp_path / "cache/img/a_wan_te.safetensors")[1]["caption1"] == "new words"
+    # a caption file removed: the item leaves the training set and its text cache goes
+    (tmp_path / "data/img/c.txt").unlink()
+    gone = cache_text(load_dataset_config(toml), TextEncoder(model, tokenizer), SETTINGS)
+    assert gone.removed == 1 and [Path(d.what).name for d in gone.dropped] == ["c.png"]
+    assert not (tmp_path / "cache/img/c_wan_te.safetensors").exists()
 
 
 @skip_without_fixtures()
