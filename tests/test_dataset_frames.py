@@ -125,6 +125,10 @@ def test_read_video_counts_resamples_and_stops(tmp_path):
     assert head.count == 5 and not head.complete and np.array_equal(head.frames, whole.frames[:5])
     counted = read_video(tmp_path / "v.mp4", pixels=False)
     assert counted.count == 20 and counted.frames.shape[0] == 1
+    # frames are fitted (to their bucket) as they are decoded; the size reported is the source's
+    fitted = read_video(tmp_path / "v.mp4", fit=lambda frame: resize_to_bucket(frame, (16, 16)))
+    assert fitted.frames.shape == (20, 16, 16, 3) and fitted.size == (48, 32)
+    assert np.array_equal(fitted.frames[3], resize_to_bucket(whole.frames[3], (16, 16)))
 
 
 def test_folder_of_images_is_a_video(tmp_path):

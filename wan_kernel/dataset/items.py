@@ -234,8 +234,13 @@ def plan_source(source: Source, *, load_pixels: bool = True, wanted=None) -> Pla
     limit = decode_limit(
         target_frames=dataset.target_frames, mode=dataset.frame_extraction, max_frames=dataset.max_frames
     )
+    fit = _FitToBucket(selector) if load_pixels else None
     video = read_video(
-        source.path, source_fps=dataset.source_fps, limit=limit if load_pixels else None, pixels=load_pixels
+        source.path,
+        source_fps=dataset.source_fps,
+        limit=limit if load_pixels else None,
+        pixels=load_pixels,
+        fit=fit,
     )
     count = video.count
     width, height = video.size
@@ -262,15 +267,9 @@ def plan_source(source: Source, *, load_pixels: bool = True, wanted=None) -> Pla
     items = [LatentItem(source, (width, height), bucket, start, length) for start, length in clips]
     pixels: list[np.ndarray | None] = [None] * len(items)
     if load_pixels:
-        needed = [i for i, item in enumerate(items) if wanted is None or wanted(item)]
-        if needed:
-            used = sorted(
-                {f for i in needed for f in range(items[i].start, items[i].start + items[i].frames)}
-            )
-            resized = {f: resize_to_bucket(video.frames[f], bucket) for f in used}
-            for i in needed:
-                item = items[i]
-                pixels[i] = np.stack([resized[f] for f in range(item.start, item.start + item.frames)])
+        for i, item in enumerate(items):  # video.frames are already at the bucket size
+            if wanted is None or wanted(item):
+                pixels[i] = video.frames[item.start : item.start + item.frames]
     return PlannedSource(
         source,
         items,
@@ -280,6 +279,21 @@ def plan_source(source: Source, *, load_pixels: bool = True, wanted=None) -> Pla
         frame_count=count if video.complete else None,
         file_size=file_size,
     )
+
+
+class _FitToBucket:
+    """Resizes decoded frames to the bucket of the first frame's size (all frames share a size)."""
+
+    def __init__(self, selector: BucketSelector):
+        self.selector = selector
+        self.bucket: tuple[int, int] | None = None
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        if self.bucket is None:
+            self.bucket = self.selector.bucket(frame.shape[1], frame.shape[0])
+        if min(self.bucket) < 16:
+            return frame[:1, :1]  # too small to train on: dropped by the caller, keep nothing
+        return resize_to_bucket(frame, self.bucket)
 
 
 def _size_on_disk(path: Path) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import attrs
 import numpy as np
@@ -36,11 +37,7 @@ class VideoFrames:
     source_frames: int  # frames decoded before resampling (up to the limit)
     complete: bool  # False when decoding stopped at ``limit``
     count: int  # frames kept (after resampling)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """``(width, height)`` of the frames."""
-        return int(self.frames.shape[2]), int(self.frames.shape[1])
+    size: tuple[int, int]  # (width, height) of the source frames (upright, before ``fit``)
 
 
 def read_image_array(path: str | os.PathLike) -> np.ndarray:
@@ -91,11 +88,16 @@ def read_video(
     source_fps: float | None = None,
     limit: int | None = None,
     pixels: bool = True,
+    fit: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> VideoFrames:
     """Decode a video file or a folder of frames; :class:`MediaError` when it cannot be decoded.
 
     ``pixels=False`` still decodes every frame (to count them) but keeps only the first.
+    ``fit`` is applied to each kept frame as it is decoded (e.g. the resize to its bucket), so a
+    long video is held at the training size, never at its own.
     """
+    fit = fit or (lambda frame: frame)
+    size: tuple[int, int] | None = None
     path = Path(path)
     resampler = FpsResampler(source_fps)
     kept: list[np.ndarray] = []
@@ -112,15 +114,17 @@ def read_video(
             seen += 1
             if resampler.keep():
                 if pixels or not kept:
-                    kept.append(read_image_array(file))
-                    shapes.add(kept[-1].shape)
+                    array = read_image_array(file)
+                    shapes.add(array.shape)
+                    size = size or (array.shape[1], array.shape[0])
+                    kept.append(fit(array))
                 else:
                     width, height = image_size(file)
                     shapes.add((height, width, 3))
                 count += 1
         if len(shapes) > 1:
             raise MediaError(f"{path}: the frames do not all have the same size ({sorted(shapes)})")
-        return VideoFrames(np.stack(kept), None, seen, seen == len(files), count)
+        return VideoFrames(np.stack(kept), None, seen, seen == len(files), count, size)
 
     import av
 
@@ -148,7 +152,8 @@ def read_video(
                 turn = _rotation(frame, stream)
                 if turn:
                     array = np.ascontiguousarray(np.rot90(array, k=-(turn // 90)))
-                kept.append(array)
+                size = size or (array.shape[1], array.shape[0])
+                kept.append(fit(array))
     except MediaError:
         raise
     except (av.error.FFmpegError, OSError, ValueError, EOFError) as exc:  # type: ignore[attr-defined]
@@ -156,4 +161,5 @@ def read_video(
         raise MediaError(f"cannot decode video {path}: {reason}") from None
     if not kept:
         raise MediaError(f"cannot decode video {path}: no frames")
-    return VideoFrames(np.stack(kept), fps, seen, complete, count)
+    assert size is not None
+    return VideoFrames(np.stack(kept), fps, seen, complete, count, size)
