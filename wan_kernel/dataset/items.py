@@ -207,7 +207,8 @@ def plan_source(source: Source, *, load_pixels: bool = True, wanted=None) -> Pla
     """The latent items of one source (see the module doc).
 
     :param load_pixels: read and bucket the pixels (``False``: sizes and clips only, for dry runs;
-        images are then read from their header alone, videos decoded whole to count their frames).
+        videos are then decoded whole to count their frames; images are only ever sized from their
+        header until their pixels are needed).
     :param wanted: optional ``LatentItem -> bool``; pixels are prepared only for wanted items
         (``--skip_existing`` passes "not cached yet").
     :raises MediaError: the file cannot be read.
@@ -216,19 +217,18 @@ def plan_source(source: Source, *, load_pixels: bool = True, wanted=None) -> Pla
     selector = BucketSelector.for_dataset(dataset)
     file_size = _size_on_disk(source.path)
     if not dataset.is_video:
-        if load_pixels:
-            image = read_image_array(source.path)
-            height, width = image.shape[:2]
-        else:
-            image = None
-            width, height = image_size(source.path)
+        width, height = image_size(source.path)  # the header: a cached image is never decoded
         item = LatentItem(source, (width, height), selector.bucket(width, height))
         if min(item.bucket) < 16:
             return PlannedSource(
                 source, [], [Dropped(str(source.path), f"{width}x{height} is smaller than 16 px")], []
             )
-        need = image is not None and (wanted is None or wanted(item))
-        pixels = resize_to_bucket(image, item.bucket)[None] if need else None
+        pixels = None
+        if load_pixels and (wanted is None or wanted(item)):
+            image = read_image_array(source.path)
+            if image.shape[:2] != (height, width):
+                raise MediaError(f"{source.path}: the header says {width}x{height}, the pixels do not")
+            pixels = resize_to_bucket(image, item.bucket)[None]
         return PlannedSource(source, [item], [], [pixels], file_size=file_size)
 
     limit = decode_limit(
