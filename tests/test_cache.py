@@ -558,3 +558,17 @@ def test_help_documents_every_option(command):
     )
     seed |= {"--t5", "--fp8_t5", "--t5_tokenizer"} if command != "cache-latents" else set()
     assert seed <= {opt for p in click_command.params for opt in p.opts}
+
+
+def test_cli_i2v_without_clip_and_option_checks(tmp_path, weights):
+    toml = make_dataset(tmp_path, images=("a.png",), videos=())
+    toml.write_text(toml.read_text() + "fp_latent_window_size = 9\n")  # a seed key Wan2.1 does not use
+    result = _cli(
+        "cache-latents", *_cache_args(toml, weights)[:6], "--device", "cpu", "--i2v", "--no_progress"
+    )
+    assert result.exit_code == 0, result.output
+    assert "datasets[0] (" in result.output and "ignoring fp_latent_window_size" in result.output
+    with safe_open(str(tmp_path / "cache/img/a_0040x0024_wan.safetensors"), framework="pt") as handle:
+        assert sorted(handle.keys()) == ["latents_1x2x4_float32", "latents_image_1x2x4_float32"]
+    result = _cli("cache", "--dataset_config", str(toml), "--clip", "clip.pth", "--t5", "t5.pth")
+    assert result.exit_code == 1 and "--clip is used with the latent caches: give --vae too" in result.output
