@@ -258,7 +258,6 @@ class DatasetGroupConfig:
 # --------------------------------------------------------------------------------------------
 
 _BASIC_STRING = re.compile(r'"(?:[^"\\\n]|\\.)*"')
-_VALID_ESCAPE = re.compile(r'\\(?=[btnfr"\\uU])')
 
 
 def _repair_windows_paths(text: str) -> str:
