@@ -30,14 +30,10 @@ from safetensors import safe_open
 
 from wan_kernel.errors import InputError
 
-LATENT_FILE_RE = re.compile(
-    r"^(?P<base>.+?)_(?:(?P<start>\d{5})-(?P<frames>\d{3})_)?(?P<w>\d{4})x(?P<h>\d{4})_wan\.safetensors$"
-)
 LATENT_KEY_RE = re.compile(r"^latents_(?P<f>\d+)x(?P<h>\d+)x(?P<w>\d+)_(?P<dtype>\w+)$")
 IMAGE_KEY_RE = re.compile(r"^latents_image_(?P<f>\d+)x(?P<h>\d+)x(?P<w>\d+)_(?P<dtype>\w+)$")
 CLIP_KEY_RE = re.compile(r"^clip_(?P<dtype>\w+)$")
 TEXT_KEY_RE = re.compile(r"^varlen_t5_(?P<dtype>\w+)$")
-TEXT_SUFFIX = "_wan_te.safetensors"
 
 
 @attrs.frozen
@@ -93,24 +89,21 @@ def _one(keys: dict[str, tuple[int, ...]], pattern: re.Pattern, path: Path, what
 
 
 def scan_cache_directory(directory: Path, *, warn=print) -> list[CachedItem]:
-    """The complete items of one cache directory (a latent file without its text file is skipped)."""
+    """The complete items of one cache directory (``wan_kernel.dataset.cache_files`` pairs latent
+    and text files; a latent file without its text file is skipped with a warning, as the seed)."""
+    from wan_kernel.dataset.cache_files import ARCHITECTURE, find_cached_items
+
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"cache directory {directory} does not exist; run wan run cache first")
+    found, orphans = find_cached_items(directory)
+    for path in orphans:
+        warn(f"warning: {path.name} has no text cache; skipped (run wan run cache --t5 ...)")
     items = []
-    for path in sorted(directory.glob("*_wan.safetensors")):
-        m = LATENT_FILE_RE.match(path.name)
-        if m is None:
-            continue
-        text_path = directory / f"{m.group('base')}{TEXT_SUFFIX}"
-        if not text_path.exists():
-            warn(
-                f"warning: {path.name} has no text cache {text_path.name}; skipped "
-                "(run wan run cache --t5 ...)"
-            )
-            continue
+    for pair in found:
+        path, text_path = pair.latent_path, pair.text_path
         shapes, meta = _header(path)
-        if meta.get("architecture", "wan") not in ("wan", "wan21", "wan2.1"):
+        if meta.get("architecture", ARCHITECTURE) != ARCHITECTURE:
             raise InputError(f"{path} is a cache for {meta['architecture']!r}, not Wan2.1")
         latent_key = _one(shapes, LATENT_KEY_RE, path, "latent")
         if latent_key is None:

@@ -88,49 +88,14 @@ class TrainingModel(nn.Module):
 
 
 def data_sources(config: TrainConfig) -> list[CacheSource]:
-    """The datasets: from ``--dataset_config`` (the cache step's TOML) or plain cache directories."""
+    """The datasets: from ``--dataset_config`` (the cache step's TOML, read by
+    ``wan_kernel.dataset.config``) or plain cache directories."""
     if config.dataset_config is None:
         return [CacheSource(d, config.batch_size, config.num_repeats) for d in config.cache_directories]
-    try:
-        from wan_kernel.dataset.config import load_dataset_config
-    except ImportError:
-        load_dataset_config = None
-    if load_dataset_config is not None:
-        group = load_dataset_config(config.dataset_config)
-        return [CacheSource(d.cache_directory, d.batch_size, d.num_repeats) for d in group.datasets]
-    return _read_dataset_config(config.dataset_config)
+    from wan_kernel.dataset.config import load_dataset_config
 
-
-def _read_dataset_config(path: Path) -> list[CacheSource]:
-    """The ``cache_directory``/``batch_size``/``num_repeats`` of each ``[[datasets]]`` (``[general]``
-    gives defaults; ``cache_directory`` defaults to the image/video directory, as the seed)."""
-    import tomllib
-
-    try:
-        doc = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(f"--dataset_config {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"--dataset_config {path} is not valid TOML: {exc}") from None
-    general = doc.get("general", {})
-    out = []
-    for i, ds in enumerate(doc.get("datasets", [])):
-        cache = ds.get("cache_directory") or ds.get("image_directory") or ds.get("video_directory")
-        if not cache:
-            raise InputError(f"{path}: datasets[{i}] has no cache_directory")
-        cache = Path(cache)
-        if not cache.is_absolute():
-            cache = Path(path).parent / cache
-        out.append(
-            CacheSource(
-                cache,
-                int(ds.get("batch_size", general.get("batch_size", 1))),
-                int(ds.get("num_repeats", general.get("num_repeats", 1))),
-            )
-        )
-    if not out:
-        raise InputError(f"{path} defines no [[datasets]]")
-    return out
+    group = load_dataset_config(config.dataset_config)
+    return [CacheSource(d.cache_directory, d.batch_size, d.num_repeats) for d in group.datasets]
 
 
 def check_caches(data: TrainingData, dit_config, task: str) -> None:
