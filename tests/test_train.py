@@ -834,3 +834,37 @@ def test_on_cuda_block_swap_training_matches_resident_blocks(files, tmp_path, cu
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in trainer.network.parameters()]).float().cpu())
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+
+
+@skip_without_fixtures()
+def test_wan_run_cache_then_wan_run_train(tmp_path):
+    """The whole chain on tiny models: images -> `wan run cache` -> `wan run train` -> a LoRA."""
+    from wan_cli.main import cli
+
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 48), (60 * i, 100, 200)).save(tmp_path / "img" / f"p{i}.png")
+        (tmp_path / "img" / f"p{i}.txt").write_text(f"picture {i}")
+    (tmp_path / "ds.toml").write_text(
+        '[general]\nresolution = [32, 32]\ncaption_extension = ".txt"\nbatch_size = 1\n\n'
+        f'[[datasets]]\nimage_directory = "{tmp_path / "img"}"\ncache_directory = "{tmp_path / "cache"}"\n'
+    )
+    write_tiny_dit(tmp_path / "dit.safetensors")
+    t5, vae = reference_case("t5") / "weights.safetensors", reference_case("vae") / "weights.safetensors"
+    runner = CliRunner()
+    cached = runner.invoke(
+        cli,
+        ["run", "cache", "--dataset_config", str(tmp_path / "ds.toml"), "--vae", str(vae), "--t5", str(t5),
+         "--t5_tokenizer", "builtin:bytes"],
+    )  # fmt: skip
+    assert cached.exit_code == 0, cached.output
+    trained = runner.invoke(
+        cli,
+        ["run", "train", "--dit", str(tmp_path / "dit.safetensors"), "--dataset_config", str(tmp_path / "ds.toml"),
+         "--output_dir", str(tmp_path / "out"), "--output_name", "e2e", "--max_train_steps", "3",
+         "--learning_rate", "1e-2", "--seed", "0"],
+    )  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    assert "3 items" in trained.output
+    sd = load_file(tmp_path / "out" / "e2e.safetensors")
+    assert any(k.endswith("lora_up.weight") and t.abs().sum() > 0 for k, t in sd.items())
