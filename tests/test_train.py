@@ -860,7 +860,8 @@ def test_wan_run_cache_then_wan_run_train(tmp_path):
     assert cached.exit_code == 0, cached.output
     trained = runner.invoke(
         cli,
-        ["run", "train", "--dit", str(tmp_path / "dit.safetensors"), "--dataset_config", str(tmp_path / "ds.toml"),
+        ["run", "train", "--dit", str(tmp_path / "dit.safetensors"),
+         "--dataset_config", str(tmp_path / "ds.toml"),
          "--output_dir", str(tmp_path / "out"), "--output_name", "e2e", "--max_train_steps", "3",
          "--learning_rate", "1e-2", "--seed", "0"],
     )  # fmt: skip

@@ -389,7 +389,8 @@ class Trainer:
         for target, module in lora.by_official_path.items():
             if module.kind != "lora" or module.is_dora:
                 raise InputError(
-                    f"--network_weights {path}: {module.name} is a {'DoRA' if module.is_dora else module.kind} "
+                    f"--network_weights {path}: {module.name} is a "
+                    f"{'DoRA' if module.is_dora else module.kind} "
                     "module; training continues plain LoRAs only"
                 )
             name = kohya_name(target)
