@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    from wan_kernel.pipelines.generate import quantize_module
+    from wan_kernel.pipelines.model_sources import quantize_module
     from wan_kernel.plugins import resolve
 
     setup = CONFIGS[args.config]
