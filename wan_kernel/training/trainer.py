@@ -233,6 +233,7 @@ class Trainer:
 
         from wan_kernel.lora import LoraMerge, LoraSpec
         from wan_kernel.models import load_dit
+        from wan_kernel.models.dit_loading import read_dit
         from wan_kernel.pipelines.plugin_setup import resolve_quantizer
         from wan_kernel.plugins import resolve
 
@@ -290,9 +291,13 @@ class Trainer:
             LoraSpec(p, multiplier=multipliers[i] if len(multipliers) > 1 else multipliers[0])
             for i, p in enumerate(cfg.base_weights)
         ]
+        # read once (memory-mapped): the caches are checked against it before anything is loaded
+        dit_file = read_dit(cfg.dit)
+        self.task = cfg.task or task_of(dit_file.config)
+        check_caches(self.data, dit_file.config, self.task)
         self.log(f"loading DiT {cfg.dit}" + (f" ({quant_name})" if quant_name else ""))
         dit = load_dit(
-            cfg.dit,
+            dit_file,
             device=torch.device("cpu") if swap else self.device,
             dtype=dtype,
             attention=attention,
@@ -301,8 +306,7 @@ class Trainer:
             # --base_weights: merged into the high-precision weights, before any quantization
             state_dict_transform=LoraMerge(base, log=self.log) if base else None,
         )
-        self.task = cfg.task or task_of(dit.config)
-        check_caches(self.data, dit.config, self.task)
+        del dit_file
         if swap and swap > dit.config.num_layers - 1:
             raise InputError(
                 f"--blocks_to_swap {swap} is too many for {dit.config.num_layers} blocks "
