@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.models import arguments
 from wan_kernel.models.quantization import resolve_quantizer
 from wan_kernel.models.dit import COMPUTE_DTYPES, WanDiT
 from wan_kernel.models.dit_config import MODEL_TYPE_WORDS, PRESETS, DiTConfig, infer_dit_config
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
 from wan_kernel.models.weights import (
+    as_path,
     config_beside,
     describe_keys,
     float_elements_by_dtype,
@@ -51,33 +53,17 @@ TASKS: dict[str, tuple[str, DiTConfig | None]] = {
 }
 """Task names ``load_dit(task=...)`` checks the weights against: model type and (if sized) preset."""
 
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
 KEEP_FP32 = ("modulation",)
 """Parameters (by last name) kept in float32 whatever ``dtype`` is: the modulation tables are
 added to the float32 time embedding, as in the official code."""
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``torch.float32``/``bfloat16``/``float16`` from a dtype or its name (``"bf16"``); ``None`` stays."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        key = dtype.lower().removeprefix("torch.")
-        if key not in DTYPE_NAMES:
-            raise InputError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
-        dtype = DTYPE_NAMES[key]
-    if dtype not in COMPUTE_DTYPES:
-        raise InputError(f"the DiT runs in float32, bfloat16 or float16, not {dtype} (use quant= for fp8)")
-    return dtype
+    """``torch.float32``/``bfloat16``/``float16`` from a dtype or its name (``"bf16"``); ``None`` stays.
+
+    :raises InputError: another dtype, an unknown name, or not a dtype at all.
+    """
+    return arguments.resolve_dtype(dtype, allowed=COMPUTE_DTYPES, what="the DiT", hint="use quant= for fp8")
 
 
 def _file_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
@@ -232,7 +218,8 @@ def read_dit_config(path: str | os.PathLike, *, num_heads: int | None = None) ->
     :returns: ``(config, layout)``, ``layout`` one of ``official``, ``comfyui``, ``diffusers``.
     :raises WeightsError: the file is missing, unreadable, or not a Wan2.1 DiT (saying what it is).
     """
-    path = Path(path).expanduser()
+    path = as_path(path, what="DiT").expanduser()
+    num_heads = arguments.check_num_heads(num_heads, what="the DiT")
     sd, config, layout = _read_dit(path, num_heads)
     del sd
     return config, layout
@@ -273,14 +260,18 @@ def load_dit(
     :param log: receives one summary line per LoRA file (what was merged, what had no target).
     :param plugin_manager: the ``PluginManager`` to resolve names with (default: the process-wide one).
     :returns: the model in eval mode with ``requires_grad`` off (training turns on what it trains).
-    :raises WeightsError: the file is missing, unreadable, another kind of model, incomplete,
-        or wrong for ``task``; a LoRA file is missing, unreadable or no LoRA.
-    :raises InputError: a LoRA matches nothing in the model or does not fit its shapes.
+    :raises WeightsError: the file is missing, unreadable, malformed, another kind of model,
+        incomplete, or wrong for ``task``; a scaled-fp8 weight lacks its scale; a ``config.json``
+        beside it is malformed; a LoRA file is missing, unreadable or no LoRA.
+    :raises InputError: an argument of the wrong type or value (``path`` not a path, an unknown
+        ``dtype`` name, ``num_heads`` not a positive int, an unknown ``device``); a LoRA matches
+        nothing in the model or does not fit its shapes.
     """
-    path = Path(path).expanduser()
+    path = as_path(path, what="DiT").expanduser()
+    num_heads = arguments.check_num_heads(num_heads, what="the DiT")
     lora_specs = _coerce_loras(loras)
     dtype = resolve_dtype(dtype)
-    device = torch.device(device)
+    device = arguments.check_device(device)
     attention_fn = _resolve_attention(attention, plugin_manager)
     quantizer = resolve_quantizer(quant, target="dit", manager=plugin_manager)
 

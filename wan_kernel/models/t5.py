@@ -28,8 +28,10 @@ import attrs
 import torch
 
 from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.models import arguments
 from wan_kernel.models.quantization import resolve_quantizer
 from wan_kernel.models.weights import (
+    as_path,
     describe_keys,
     float_elements_by_dtype,
     fold_fp8_scales,
@@ -57,6 +59,8 @@ _OFFICIAL_BLOCK_KEYS = {
 _OFFICIAL_ANCHOR = "blocks.0.attn.q.weight"
 _HF_ANCHOR = "block.0.layer.0.SelfAttention.q.weight"
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+T5_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes ``load_t5(dtype=)`` computes in (fp8 comes from ``quant=``)."""
 
 
 @attrs.frozen
@@ -332,10 +336,14 @@ def load_t5(
     :param plugin_manager: the ``PluginManager`` to resolve ``quant`` with (default: the process-wide one).
     :returns: a transformers ``UMT5EncoderModel`` in eval mode; ``t5(input_ids, attention_mask)``
         returns an output whose ``last_hidden_state`` is ``[B, L, dim]``.
-    :raises InputError: ``quant`` is not a quantizer, or does not handle the text encoder.
+    :raises WeightsError: the file is missing, unreadable, malformed or not a umt5 encoder.
+    :raises InputError: ``quant`` is not a quantizer, or does not handle the text encoder; ``path``
+        is not a path; ``dtype`` / ``device`` unknown or unsupported.
     """
+    path = as_path(path, what="T5 text encoder").expanduser()
+    dtype = arguments.resolve_dtype(dtype, allowed=T5_DTYPES, what="the T5 text encoder")
+    device = arguments.check_device(device)
     quantizer = resolve_quantizer(quant, target="t5", manager=plugin_manager)
-    device = torch.device(device)
     raw = load_state_dict(path, what="T5 text encoder")
     state = t5_state_to_hf(raw, source=str(path))
     del raw

@@ -38,12 +38,15 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import attrs
 import torch
 
+from wan_kernel.checks import check_finite, check_finite_number, check_seed, decode_causes, denoise_causes
 from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.models.compat import check_compatible
 from wan_kernel.models.quantization import resolve_quantizer
 from wan_kernel.pipelines import media
 from wan_kernel.pipelines.conditioning import ImageConditioning, encode_conditioning
 from wan_kernel.pipelines.prompts import PromptSpec
 from wan_kernel.pipelines.tasks import DEFAULT_FPS, TaskSpec, select_task
+from wan_kernel.plugins import check_attention_backend, plugin_failure
 
 OUTPUT_TYPES = ("video", "images", "latent", "both", "latent_images")
 """``--output_type`` values (the seed's): ``both`` = latent + video, ``latent_images`` = latent + PNGs."""
@@ -160,6 +163,19 @@ class GenerateConfig:
                 "--latent_path decodes a saved latent: use --output_type video or images, "
                 f"not {self.output_type}"
             )
+        for option, value in (
+            ("--flow_shift", self.flow_shift),
+            ("--guidance_scale", self.guidance_scale),
+            ("--cfg_apply_ratio", self.cfg_apply_ratio),
+            *(("--lora_multiplier", m) for m in self.lora_multipliers),
+        ):
+            check_finite_number(value, option)
+        if self.flow_shift is not None and self.flow_shift <= 0:
+            raise InputError(f"--flow_shift must be positive, got {self.flow_shift}")
+        if self.seed is not None:
+            check_seed(self.seed)
+        if self.prompt is not None and not self.prompt.strip():
+            raise InputError("the prompt is empty: pass --prompt with some text")
         if self.lora_multipliers and len(self.lora_multipliers) != len(self.lora_weights):
             raise InputError(
                 f"{len(self.lora_multipliers)} --lora_multiplier values for "
@@ -224,6 +240,8 @@ class ModelInfo:
     dim: int
     num_layers: int
     description: str
+    text_dim: int | None = None
+    head_dim: int | None = None
 
 
 class ModelSource(abc.ABC):
@@ -296,7 +314,9 @@ class FileModels(ModelSource):
                 config, _ = read_dit_config(path, num_heads=self.config.num_heads)
             except WeightsError as exc:
                 raise WeightsError(f"--dit {exc}") from None
-            self._info = ModelInfo(config.model_type, config.dim, config.num_layers, config.describe())
+            self._info = ModelInfo(
+                config.model_type, config.dim, config.num_layers, config.describe(), config.text_dim, config.head_dim
+            )
         return self._info
 
     def load_dit(self, *, device, dtype, attention, quant):
@@ -515,6 +535,11 @@ class GenerationPipeline:
             needs_vae=cfg.output_type != "latent" or self.task.needs_image,
             needs_clip=self.task.needs_image,
         )
+        self.dit_info = info
+        check_attention_backend(
+            self.attention, name=cfg.attn, device=self.device, dtype=self.dit_dtype,
+            head_dim=info.head_dim or 64, manager=self.plugin_manager,
+        )
         self.log(f"task: {self.task.name} ({info.description}); device {self.device}, attention {cfg.attn}")
         self._ready = True
         return self
@@ -662,6 +687,7 @@ class GenerationPipeline:
             embeddings = {}
             for text in texts:
                 embeddings[text] = encode_prompts(t5, tokenizer, [text], device=self.device)[0].float().cpu()
+                check_compatible(dit_text_dim=self.dit_info.text_dim, text_width=embeddings[text].shape[-1])
             del t5, tokenizer
             self._release("t5")
         return embeddings
@@ -691,6 +717,7 @@ class GenerationPipeline:
                     )
                 images[r.index] = (start, end)
                 features[r.index] = self._clip_features(clip, start, end, task.mode)
+                check_compatible(image_width=features[r.index].shape[-1])
             del clip
             self._release("clip")
             vae = self._vae()
@@ -843,9 +870,29 @@ class GenerationPipeline:
                             generator=generator,
                             callback=(lambda i, n, t, x: bar.update(1)) if bar is not None else None,
                         )[0]
+                except Exception as exc:
+                    failure = plugin_failure(
+                        exc, self.attention, concern="attention", name=cfg.attn, manager=self.plugin_manager
+                    )
+                    if failure is not None:
+                        raise failure from exc
+                    raise
                 finally:
                     if bar is not None:
                         bar.close()
+                check_finite(
+                    latent,
+                    what=f"the latents of prompt {r.index + 1} (seed {r.seed})",
+                    causes=lambda: denoise_causes(
+                        dit=dit,
+                        dit_source=str(cfg.dit or self.models.name),
+                        loras=[(s["path"], s["multiplier"]) for s in self._lora_specs()],
+                        dtype=self.dit_dtype,
+                        attention=cfg.attn,
+                        conditioning=extra,
+                    ),
+                    written="nothing was decoded or written",
+                )
                 pattern = "".join("A" if a else "S" for a in velocity.applied)
                 out[r.index] = (latent.cpu(), velocity.forwards, pattern)
             del dit
@@ -866,6 +913,13 @@ class GenerationPipeline:
             vae = self._vae()
             for latent in latents:
                 video = vae.decode(latent[None].to(self.device))[0].float().cpu()
+                check_finite(
+                    video,
+                    what="the decoded frames",
+                    causes=lambda: decode_causes(
+                        vae=vae, vae_source=str(self.config.vae or self.models.name), dtype=self.vae_dtype
+                    ),
+                )
                 if self.config.trim_tail_frames:
                     video = video[:, : -self.config.trim_tail_frames]
                 videos.append(video)
@@ -900,6 +954,7 @@ class GenerationPipeline:
     def decode_latent_file(self, path: str) -> GenerationResult:
         """``--latent_path``: decode a saved latent (T5 and DiT are never loaded)."""
         latent, metadata = media.load_latent(path)
+        check_finite(latent, what=f"the latent file {path}", causes=[f"{path} was saved from a failed run; regenerate it"])
         if latent.shape[0] != LATENT_CHANNELS:
             raise InputError(
                 f"{path}: a Wan latent has {LATENT_CHANNELS} channels, this one has {latent.shape[0]}"
