@@ -102,24 +102,29 @@ def check_output_folder(folder: str | os.PathLike, *, what: str = "output folder
     existing = _nearest_existing(folder)
     if not existing.is_dir():
         if existing == folder:
-            raise OutputError(f"{what} {folder} is a file, not a folder; pass a folder or a file name ending in a known suffix")
+            raise OutputError(
+                f"{what} {folder} is a file, not a folder; pass a folder, or a file name with a suffix "
+                "this command writes"
+            )
         raise OutputError(
             f"cannot create the {what} {folder}: {existing} is a file, not a folder; choose another path"
         )
-    probe_folder(existing, what=what if existing == folder else f"folder {existing} (where the {what} {folder} would be created)")
+    label = f"the {what} {folder}" if existing == folder else f"{existing} (where the {what} {folder} would be created)"
+    probe_folder(existing, label=label)
     if existing == folder:
         clean_stale_temporaries(folder)
     return folder
 
 
-def probe_folder(folder: Path, *, what: str = "output folder") -> None:
+def probe_folder(folder: Path, *, label: str | None = None) -> None:
     """Create and delete an empty hidden file in ``folder``: the only check that is right for root,
     immutable folders and read-only filesystems alike; then look at the free space."""
+    label = label or f"the folder {folder}"
     probe = folder / f".wan-probe-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        raise OutputError(f"cannot write to the {what}: {_reason(exc)}") from None
+        raise OutputError(f"cannot write to {label}: {_reason(exc)}") from None
     os.close(fd)
     with _suppress_oserror():
         os.unlink(probe)
@@ -129,7 +134,7 @@ def probe_folder(folder: Path, *, what: str = "output folder") -> None:
         return
     if free < MIN_FREE_BYTES:
         raise OutputError(
-            f"cannot write to the {what}: the disk is full ({free} bytes free); free some space or write elsewhere"
+            f"cannot write to {label}: the disk is full ({free} bytes free); free some space or write elsewhere"
         )
 
 
@@ -145,7 +150,7 @@ def check_output_file(path: str | os.PathLike, *, what: str = "output file") -> 
             f"{what} {path} is an existing folder; pass a new file name, or the folder alone to get "
             "generated names in it"
         )
-    check_output_folder(path.parent, what=f"folder of the {what} {path}")
+    check_output_folder(path.parent, what=f"folder for {what} {path.name},")
     return path
 
 
@@ -316,3 +321,18 @@ class AtomicOutput:
             os.unlink(self.tmp)
             return candidate
         raise OutputError(f"no free name for {self.path} (tried {self.path} and 99999 numbered ones)")
+
+
+def check_save_path(save_path: str | os.PathLike, *, file_suffixes: tuple[str, ...], option: str = "--save_path") -> Path:
+    """Check an output option that is either a file name (ending in one of ``file_suffixes``) or a
+    folder, before any work: see :func:`check_output_file` and :func:`check_output_folder`.
+
+    :raises OutputError: naming the option, the path and the reason.
+    """
+    raw = os.fspath(save_path)
+    if not raw.strip():
+        raise OutputError(f"{option} is empty; pass a folder or a file name")
+    path = Path(raw).expanduser()
+    if path.suffix.lower() in file_suffixes:
+        return check_output_file(path, what=f"{option}")
+    return check_output_folder(path, what=f"{option} folder")

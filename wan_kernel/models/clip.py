@@ -34,6 +34,7 @@ from torch import nn
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models import arguments
 from wan_kernel.models.weights import (
+    check_finite_weights,
     as_path,
     config_beside,
     describe_keys,
@@ -424,6 +425,7 @@ def load_clip_vision(
     if mismatch:
         raise WeightsError(f"{source}: CLIP vision tensors do not fit the architecture: {mismatch}")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    check_finite_weights(state, source)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:

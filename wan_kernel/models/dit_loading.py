@@ -27,6 +27,7 @@ from wan_kernel.models.dit import COMPUTE_DTYPES, WanDiT
 from wan_kernel.models.dit_config import MODEL_TYPE_WORDS, PRESETS, DiTConfig, infer_dit_config
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
 from wan_kernel.models.weights import (
+    check_finite_weights,
     as_path,
     config_beside,
     describe_keys,
@@ -304,6 +305,7 @@ def load_dit(
 
     for key, ref in expected.items():  # one tensor at a time: never two full copies
         sd[key] = sd[key].to(device=device, dtype=ref.dtype)
+    check_finite_weights(sd, str(path))
     model.load_state_dict(sd, strict=True, assign=True)
     del sd
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

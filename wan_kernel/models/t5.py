@@ -31,6 +31,7 @@ from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models import arguments
 from wan_kernel.models.quantization import resolve_quantizer
 from wan_kernel.models.weights import (
+    check_finite_weights,
     as_path,
     describe_keys,
     float_elements_by_dtype,
@@ -304,6 +305,7 @@ def build_t5(
             moved[id(value)] = value.to(device=device if device is not None else value.device, dtype=want)
         state[key] = moved[id(value)]
     del moved
+    check_finite_weights(state, source)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:

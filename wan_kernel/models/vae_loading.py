@@ -29,7 +29,7 @@ import torch
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models.vae import VAEConfig, WanVAE, WanVAEModel
 from wan_kernel.models import arguments
-from wan_kernel.models.weights import as_path, describe_keys, guess_model_kind, load_state_dict, strip_prefix
+from wan_kernel.models.weights import as_path, check_finite_weights, describe_keys, guess_model_kind, load_state_dict, strip_prefix
 
 VAE_LAYOUTS = ("official", "comfyui", "diffusers")
 VAE_PREFIXES = ("first_stage_model.", "vae.", "model.")
@@ -272,6 +272,7 @@ def load_vae(
         model = WanVAEModel(config)
     _check_keys(model, state, path)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    check_finite_weights(state, str(path))
     model.load_state_dict(state, assign=True)
     model.eval().requires_grad_(False)
     return WanVAE(model, cache_device=cache_device)

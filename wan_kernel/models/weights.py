@@ -222,10 +222,11 @@ def load_safetensors(path: str | os.PathLike, *, mmap: bool = True) -> dict[str,
 
 
 PTH_CONVERT_HINT = (
-    "If you trust where the file came from, convert it once with: python -c \"import torch; "
+    "If you trust where the file came from, convert it once: python -c \"import torch; "
     "from safetensors.torch import save_file; sd = torch.load('{path}', weights_only=False); "
     "save_file({{k: v.contiguous() for k, v in sd.items()}}, '{stem}.safetensors')\" "
-    "and pass the .safetensors file"
+    "(use pickle.load(open('{path}', 'rb')) instead of torch.load for a plain pickle), then pass the "
+    ".safetensors file"
 )
 
 
@@ -411,7 +412,14 @@ def load_state_dict(path: str | os.PathLike, *, what: str = "weights") -> dict[s
     if not state:
         raise WeightsError(f"{path}: holds no tensors")
     check_fp8_scales(state, str(path))
+    if what in FINITE_CHECKED_KINDS:
+        check_finite_weights(state, str(path))
     return state
+
+
+FINITE_CHECKED_KINDS = ("LoRA",)
+"""Kinds of file (``what=``) checked for NaN/Inf as soon as they are read: small files whose every
+value is used. Model weights are checked by their loaders once on the compute device instead."""
 
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -628,3 +636,20 @@ def fold_fp8_scales(
             value = dequantize_fp8_weight(value, scale, dtype=dtypes.get(key, default), name=key)
         out[key] = value
     return out
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or Inf (a damaged file, a bad conversion or merge): they make the
+    model produce NaN (a black video) or quietly wrong output. Run on the tensors once they are
+    on the compute device (fast there); fp8 tensors are checked through float32 one at a time.
+
+    :raises WeightsError: naming the file and up to three tensors.
+    """
+    from wan_kernel.checks import nonfinite_tensors
+
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise WeightsError(
+            f"{source}: the weights hold NaN or Inf values (in {', '.join(bad)}); the file is damaged or was "
+            "saved from a diverged training run: download, convert or export it again"
+        )

@@ -40,7 +40,9 @@ import torch
 
 from wan_kernel.checks import check_finite, check_finite_number, check_seed, decode_causes, denoise_causes
 from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.files import check_save_path
 from wan_kernel.models.compat import check_compatible
+from wan_kernel.models.weights import check_finite_weights
 from wan_kernel.models.quantization import resolve_quantizer
 from wan_kernel.pipelines import media
 from wan_kernel.pipelines.conditioning import ImageConditioning, encode_conditioning
@@ -484,6 +486,7 @@ class GenerationPipeline:
             return self
         cfg = self.config
         cfg.check()
+        check_save_path(cfg.save_path, file_suffixes=tuple(FILE_SUFFIXES))  # writable and free, before any work
         self.device = resolve_device(cfg.device)
         self.dit_dtype = _resolve_dtype(cfg.dit_dtype, self.device, "dit_dtype")
         self.vae_dtype = _resolve_dtype(cfg.vae_dtype, self.device, "vae_dtype")
@@ -767,6 +770,7 @@ class GenerationPipeline:
         )
         if lora_specs and self.quantizer is None:
             dit = self._lora_module().apply_loras(dit, lora_specs, log=self.log)
+            check_finite_weights(dict(dit.named_parameters()), "the DiT with the LoRAs merged in (a multiplier too large?)")
         elif lora_specs:
             for report in quant.reports:
                 self.log(report.summary())
