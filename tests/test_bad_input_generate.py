@@ -11,6 +11,7 @@ file as a script to print the count matrix (cases tried / clean / tracebacks / s
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import pickle
@@ -498,6 +499,109 @@ def _poisoned_run(which: str, **options):
     return call
 
 
+# -- plugins ------------------------------------------------------------------------------------
+
+ATTENTION_SOURCE = """
+import sys
+from wan_kernel import hookimpl
+from wan_kernel.interfaces import AttentionBackend, Availability
+{prelude}
+
+class Backend(AttentionBackend):
+    name = {name!r}
+
+    def availability(self):
+        return Availability.yes()
+
+    def __call__(self, q, k, v, k_lens=None):
+{body}
+
+
+@hookimpl
+def wan_register_attention(register):
+    register(Backend())
+"""
+
+
+@contextlib.contextmanager
+def fake_distribution(tmp: Path, distribution: str, name: str, *, body: str = "return q", prelude: str = ""):
+    """An installed-looking distribution (module + dist-info on sys.path) registering attention ``name``."""
+    import uuid
+
+    root = tmp / f"site-{uuid.uuid4().hex[:6]}"
+    root.mkdir()
+    module = f"wan_fake_{uuid.uuid4().hex[:10]}"
+    (root / f"{module}.py").write_text(
+        ATTENTION_SOURCE.format(prelude=prelude, name=name, body="        " + body.replace("\n", "\n        "))
+    )
+    info = root / f"{distribution.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[wan_kernel]\n{distribution.removeprefix('wan-')} = {module}\n")
+    sys.path.insert(0, str(root))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop(module, None)
+
+
+def _manager(*distributions: str):
+    from wan_kernel.plugins import LOAD_ENV, PluginManager
+
+    return PluginManager(environ={LOAD_ENV: ",".join(("wan-attention-sdpa", "wan-cfg-schedules", *distributions))})
+
+
+def _sys_exit_at_import(tmp: Path) -> None:
+    with fake_distribution(tmp, "wan-attention-quitter", "quitter", prelude="sys.exit(3)"):
+        manager = _manager("wan-attention-quitter")  # must not exit
+        manager.get("attention", "quitter")
+
+
+def _builtin_name_taken(tmp: Path) -> None:
+    from wan_kernel.errors import DuplicatePluginNameError
+
+    with fake_distribution(tmp, "wan-attention-squatter", "sdpa"):
+        try:
+            _manager("wan-attention-squatter").get("attention", "sdpa")
+        except DuplicatePluginNameError as exc:
+            if "pip uninstall wan-attention-sdpa" in str(exc):
+                raise WrongResult(f"advises removing wan's own plugin: {exc}") from None
+            raise
+
+
+def _attention_run(name: str, body: str, *, run: bool = False):
+    """Set up (and with ``run``, run) the demo pipeline with a third-party attention plugin."""
+
+    def call(tmp: Path) -> None:
+        from wan_kernel.demo import DemoModels
+        from wan_kernel.pipelines.generate import GenerateConfig, GenerationPipeline
+
+        with fake_distribution(tmp, f"wan-attention-{name}", name, body=body):
+            config = GenerateConfig(
+                prompt="p", video_size=(32, 32), video_length=5, infer_steps=2, seed=1, device="cpu",
+                attn=name, output_type="latent", save_path=str(tmp / "out"),
+            )  # fmt: skip
+            pipeline = GenerationPipeline(
+                config, models=DemoModels(), plugin_manager=_manager(f"wan-attention-{name}"),
+                progress=False, log=lambda m: None,
+            )  # fmt: skip
+            pipeline.run() if run else pipeline.setup()
+
+    return call
+
+
+PLUGIN_CASES = [
+    (Case("plugins", "sys-exit-at-import", message=("wan-attention-quitter", "sys.exit(3)")), _sys_exit_at_import),
+    (Case("plugins", "builtin-name-taken", message=("pip uninstall wan-attention-squatter", "WAN_DISABLE_PLUGINS=wan-attention-squatter")), _builtin_name_taken),
+    (Case("plugins", "attention-wrong-shape", message=("'narrow' (from wan-attention-narrow)", "returned shape", "--attn sdpa")), _attention_run("narrow", "return q[:, :, :1]")),
+    (Case("plugins", "attention-wrong-dtype", message=("returned dtype torch.float64", "--attn sdpa")), _attention_run("wide", "return q.double()")),
+    (Case("plugins", "attention-nan", message="NaN or Inf"), _attention_run("nanny", "return q * float('nan')")),
+    (Case("plugins", "attention-raises-at-once", message=("'boom' (from wan-attention-boom)", "failed on a small test input", "RuntimeError: kaboom")), _attention_run("boom", "raise RuntimeError('kaboom')")),
+    (Case("plugins", "attention-raises-mid-run", message=("'late' (from wan-attention-late)", "failed during the run", "ValueError: too long", "--attn sdpa")), _attention_run("late", "if k.shape[1] > 64:\n    raise ValueError('too long')\nreturn q", run=True)),
+]
+
+
 def _works(call):
     def run(tmp: Path) -> None:
         result = call(tmp)
@@ -538,6 +642,9 @@ API = [
 ]
 
 
+API += PLUGIN_CASES
+
+
 @pytest.mark.parametrize("case, call", API, ids=[c.id for c, _ in API])
 def test_python_api_bad_input(case, call, tmp_path):
     run_api_case(case, tmp_path, call, expected=WanError).check()
@@ -570,9 +677,33 @@ def all_outcomes(tmp_root: Path) -> list[Outcome]:
 
 
 if __name__ == "__main__":  # the count matrix: python tests/test_bad_input_generate.py
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # verdicts look at the output folders: inside the block
         results = all_outcomes(Path(tmp))
-    for outcome in results:
-        if outcome.verdict != "clean":
-            print(f"{outcome.case.id}: {outcome.verdict}: {'; '.join(outcome.problems)}", file=sys.stderr)
-    print(format_matrix(count_matrix(results)))
+        for outcome in results:
+            if outcome.verdict != "clean":
+                print(f"{outcome.case.id}: {outcome.verdict}: {'; '.join(outcome.problems)}", file=sys.stderr)
+        print(format_matrix(count_matrix(results)))
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_failing_attention_plugin_on_the_command_line(tmp_path, monkeypatch, verbose):
+    """The message names the plugin and suggests --attn sdpa; its traceback only with --verbose."""
+    from click.testing import CliRunner
+
+    from wan_cli.main import cli
+    from wan_kernel import plugins
+
+    monkeypatch.delenv("WAN_DEBUG", raising=False)
+    body = "if k.shape[1] > 64:\n    raise ValueError('too long')\nreturn q"
+    with fake_distribution(tmp_path, "wan-attention-late", "late", body=body):
+        monkeypatch.setattr(plugins, "_manager", _manager("wan-attention-late"))
+        args = ["run", "generate", "--prompt", "p", *DEMO, "--attn", "late", "--save_path", str(tmp_path / "out")]
+        result = CliRunner().invoke(cli, args + (["--verbose"] if verbose else []))
+    assert result.exit_code == 1
+    if verbose:  # the error propagates with its traceback (as WAN_DEBUG=1), after the plugin's own
+        assert "The plugin failed with" in result.output and "ValueError: too long" in result.output
+    else:
+        assert "Traceback" not in result.output
+        assert "'late' (from wan-attention-late)" in result.stderr and "--attn sdpa" in result.stderr
+        assert "pass --verbose or set WAN_DEBUG=1" in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
