@@ -325,6 +325,9 @@ OPTIONS = [
     Case("options", "seed-max-is-fine", ["--prompt", "p", *DEMO, "--output_type", "latent", "--seed", str(2**64 - 1)], exit_code=0, outputs=1),
     Case("options", "empty-prompt", ["--prompt", "", *DEMO], message="the prompt is empty"),
     Case("options", "blank-prompt", ["--prompt", "   ", *DEMO], message="the prompt is empty"),
+    Case("options", "prompt-not-utf8", ["--prompt", "a fox \udcff", *DEMO], message=("--prompt is not valid UTF-8", "0xff")),
+    Case("options", "negative-prompt-not-utf8", ["--prompt", "p", "--negative_prompt", "\udce9t\udce9", *DEMO], message="--negative_prompt is not valid UTF-8"),
+    Case("options", "latent-path-fifo", lambda tmp: [*DEMO, "--latent_path", str(make_fifo(tmp / "l.safetensors"))], message="named pipe"),
     Case("options", "shift-zero", ["--prompt", "p", *DEMO, "--flow_shift", "0"], message="--flow_shift must be positive"),
     Case("options", "interactive-not-utf8-line", [*DEMO, "--interactive", "--output_type", "latent"], input=b"\xff\xfe oops\ngood line --d 1\n", message="stdin line 1: not valid UTF-8", outputs=1),
 ]
@@ -405,8 +408,9 @@ def _gray16(tmp: Path, mode: str = "I;16") -> None:
 
     from wan_kernel.pipelines.media import read_image
 
-    path = tmp / "gray16.png"
-    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(path)
+    path = tmp / ("gray16.png" if mode == "I;16" else "gray32.tif")  # PNG cannot hold mode I
+    image = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
+    (image if mode == "I;16" else image.convert("I")).save(path)
     value = np.asarray(read_image(path))[0, 0, 0]
     if abs(int(value) - 128) > 1:
         raise WrongResult(f"a mid-gray 16-bit PNG (32768 of 65535) read as {value}, not 128")
@@ -449,9 +453,12 @@ def _closed_stdin(tmp: Path) -> None:
 
 
 def _compat(**kwargs):
-    from wan_kernel.models.compat import check_compatible
+    def call(tmp: Path) -> None:
+        from wan_kernel.models.compat import check_compatible
 
-    return lambda tmp: check_compatible(**kwargs)
+        check_compatible(**kwargs)
+
+    return call
 
 
 def _seed(value):
@@ -638,6 +645,7 @@ API = [
     (Case("media", "decompression-bomb", message=("too large to open safely", "MAX_IMAGE_PIXELS")), _bomb),
     (Case("media", "image-fifo", message="named pipe (FIFO)"), _read_image_at("fifo")),
     (Case("media", "image-folder", message="is a folder"), _read_image_at("folder")),
+    (Case("media", "gray32-int-tiff-by-range", exit_code=0), lambda tmp: _gray16(tmp, "I")),
     (Case("options", "interactive-stdin-closed", message="standard input, which is closed"), _closed_stdin),
 ]
 

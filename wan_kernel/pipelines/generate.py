@@ -46,7 +46,7 @@ from wan_kernel.models.weights import check_finite_weights
 from wan_kernel.models.quantization import resolve_quantizer
 from wan_kernel.pipelines import media
 from wan_kernel.pipelines.conditioning import ImageConditioning, encode_conditioning
-from wan_kernel.pipelines.prompts import PromptSpec
+from wan_kernel.pipelines.prompts import PromptSpec, check_text
 from wan_kernel.pipelines.tasks import DEFAULT_FPS, TaskSpec, select_task
 from wan_kernel.plugins import check_attention_backend, plugin_failure
 
@@ -178,6 +178,9 @@ class GenerateConfig:
             check_seed(self.seed)
         if self.prompt is not None and not self.prompt.strip():
             raise InputError("the prompt is empty: pass --prompt with some text")
+        for option, text in (("--prompt", self.prompt), ("--negative_prompt", self.negative_prompt)):
+            if text is not None:
+                check_text(text, option)
         if self.lora_multipliers and len(self.lora_multipliers) != len(self.lora_weights):
             raise InputError(
                 f"{len(self.lora_multipliers)} --lora_multiplier values for "

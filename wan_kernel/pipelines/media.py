@@ -52,7 +52,7 @@ def read_image(path: str | os.PathLike, *, background: str = "white"):
     path = Path(path)
     if background not in BACKGROUNDS:
         raise InputError(f"unknown image background {background!r}; use one of {', '.join(BACKGROUNDS)}")
-    _check_image_file(path)
+    _check_input_file(path, "image")
     try:
         with Image.open(path) as opened:
             opened.load()
@@ -76,20 +76,21 @@ def read_image(path: str | os.PathLike, *, background: str = "white"):
     return image.convert("RGB")
 
 
-def _check_image_file(path: Path) -> None:
+def _check_input_file(path: Path, what: str) -> None:
+    """A regular, readable file (never opened here: a FIFO would block), else an InputError."""
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise InputError(f"image not found: {path}") from None
+        raise InputError(f"{what} not found: {path}") from None
     except OSError as exc:
-        raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from None
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     if stat.S_ISDIR(info.st_mode):
-        raise InputError(f"image {path} is a folder, not an image file")
+        raise InputError(f"{what} {path} is a folder, not a file")
     if not stat.S_ISREG(info.st_mode):
         kind = "a named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode) else "not a regular file"
-        raise InputError(f"image {path} is {kind}; pass an image file (PNG, JPEG, WebP, ...)")
+        raise InputError(f"{what} {path} is {kind}; pass a regular file")
     if not os.access(path, os.R_OK):
-        raise InputError(f"cannot read image {path}: permission denied")
+        raise InputError(f"cannot read {what} {path}: permission denied")
 
 
 def _gray_to_8bit(image):
@@ -312,8 +313,7 @@ def load_latent(path: str | os.PathLike):
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"latent file not found: {path}")
+    _check_input_file(path, "latent file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())

@@ -99,6 +99,24 @@ def _check_value(where: str, key: str, field: str, value: Any) -> None:
         check_seed(value, f"{where}: --{key}")
 
 
+def check_text(text: str, what: str) -> str:
+    """``text`` checked to be valid Unicode: a command-line argument that was not UTF-8 reaches
+    Python with lone surrogates (``\\udcff``), which no tokenizer or file format can take.
+
+    :raises InputError: naming ``what`` and the offending byte.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        byte = f" (byte 0x{ord(bad) - 0xDC00:02x})" if 0xDC80 <= ord(bad) <= 0xDCFF else ""
+        raise InputError(
+            f"{what} is not valid UTF-8 text{byte} at character {exc.start + 1}; use a UTF-8 terminal or "
+            "put the prompt in a UTF-8 file (--from_file)"
+        ) from None
+    return text
+
+
 def parse_prompt_line(line: str, *, line_number: int | None = None, source: str = "prompt") -> PromptSpec:
     """Parse one prompt line; raises :class:`InputError` naming the line on a malformed part.
 
@@ -108,6 +126,7 @@ def parse_prompt_line(line: str, *, line_number: int | None = None, source: str 
     before any work starts.
     """
     where = f"{source} line {line_number}" if line_number is not None else source
+    check_text(line, where)
     parts = _OPTION_SPLIT.split(" " + line.lstrip(BOM).strip())
     text = parts[0].strip()
     if not text and len(parts) > 1:
