@@ -266,3 +266,20 @@ def test_unique_names_under_threads(tmp_path):
     assert len(set(results)) == 8 and len(output_files(tmp_path)) == 8
     values = sorted(int(media.load_latent(p)[0][0, 0, 0, 0]) for p in results)
     assert values == list(range(8))
+
+
+def test_immutable_folder(tmp_path):
+    """chattr +i stops even root: the set-up probe (creating a file) sees it, os.access would not."""
+    from wan_cli.main import cli
+
+    folder = tmp_path / "frozen"
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here (needs root on ext4/xfs/btrfs)")
+    try:
+        result = CliRunner().invoke(cli, ["run", "generate", *SMALL, "--prompt", "p", "--save_path", str(folder)])
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+    assert result.exit_code == 1, result.output
+    assert str(folder) in result.stderr and "not permitted" in result.stderr
+    assert "Traceback" not in result.output and list(folder.iterdir()) == []
