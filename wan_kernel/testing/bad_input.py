@@ -172,6 +172,7 @@ def deadline(seconds: int, what: str) -> Iterator[None]:
         return
 
     def expire(signum: int, frame: Any) -> None:
+        _release_fifos()  # a reader blocked in C on a FIFO only returns once a writer appears
         raise TimeoutError(f"{what} still running after {seconds} s (blocked?)")
 
     previous = signal.signal(signal.SIGALRM, expire)
@@ -265,7 +266,21 @@ def format_matrix(table: Mapping[str, Mapping[str, int]]) -> str:
     return "\n".join(lines)
 
 
+_FIFOS: list[Path] = []
+
+
 def make_fifo(path: Path) -> Path:
     """A named pipe at ``path`` (reading it would block forever: the cases check it never is)."""
     os.mkfifo(path)
+    _FIFOS.append(path)
     return path
+
+
+def _release_fifos() -> None:
+    """Open every FIFO made by :func:`make_fifo` for writing and close it again: a reader stuck in
+    ``open()`` gets end-of-file, so a case that hangs fails instead of blocking the test run."""
+    for path in list(_FIFOS):
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
