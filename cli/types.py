@@ -36,7 +36,11 @@ class Seed(click.ParamType):
         number = click.INT.convert(value, param, ctx)
         low, high = SEED_RANGE
         if not low <= number <= high:
-            self.fail(f"{number} is out of range: torch takes seeds from {low} (-2**63) to {high} (2**64 - 1)", param, ctx)
+            self.fail(
+                f"{number} is out of range: torch takes seeds from {low} (-2**63) to {high} (2**64 - 1)",
+                param,
+                ctx,
+            )
         return number
 
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from wan_kernel.errors import InputError, PluginError, WanError, WeightsError
+from wan_kernel.errors import InputError, WanError, WeightsError
 from wan_kernel.testing.bad_input import (
     Case,
     Outcome,
@@ -65,7 +65,10 @@ def weights() -> dict[str, Path]:
     }
     for name, state in models.items():
         (root / name).mkdir()
-        save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, root / name / "weights.safetensors")
+        save_file(
+            {k: v.detach().clone().contiguous() for k, v in state.items()},
+            root / name / "weights.safetensors",
+        )
         _WEIGHTS[name] = root / name / "weights.safetensors"
     (root / "dit" / "config.json").write_text(json.dumps(DEMO_DIT.to_official_json()))
     return _WEIGHTS
@@ -88,7 +91,11 @@ def raw_safetensors(path: Path, header: object, data: bytes = b"") -> Path:
 
 def dit_with_header(header: object, data: bytes = b""):
     def build(tmp: Path) -> list[str]:
-        return ["--prompt", "p", *file_models(tmp, dit=raw_safetensors(tmp / "dit.safetensors", header, data))]
+        return [
+            "--prompt",
+            "p",
+            *file_models(tmp, dit=raw_safetensors(tmp / "dit.safetensors", header, data)),
+        ]
 
     return build
 
@@ -176,11 +183,10 @@ def _scaled_fp8_without_one_scale(state):
 def narrow_t5(tmp: Path) -> list[str]:
     """A umt5 encoder 16 wide for the demo DiT, which takes 32-wide text."""
     import attrs
+    from transformers import UMT5EncoderModel
 
     from wan_kernel.demo import DEMO_T5
     from wan_kernel.models.t5 import T5Spec
-
-    from transformers import UMT5EncoderModel
 
     spec: T5Spec = attrs.evolve(DEMO_T5, dim=16, dim_attn=16)
     model = UMT5EncoderModel(spec.to_config())
@@ -280,87 +286,318 @@ def stale_temporary(tmp: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 FILES = [
-    Case("files", "entry-not-a-record", dit_with_header({"w": 5}), message=("dit.safetensors", "not a record")),
-    Case("files", "missing-data-offsets", dit_with_header({"w": {"dtype": "F32", "shape": [1]}}), message="data_offsets"),
-    Case("files", "string-data-offsets", dit_with_header({"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}}, b"\0" * 4), message="data_offsets"),
-    Case("files", "float-data-offsets", dit_with_header({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4.0]}}, b"\0" * 4), message="data_offsets"),
-    Case("files", "reversed-data-offsets", dit_with_header({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4), message="data_offsets"),
-    Case("files", "negative-shape", dit_with_header({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), message=("dit.safetensors", "shape")),
-    Case("files", "boolean-shape", dit_with_header({"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4), message="shape"),
-    Case("files", "metadata-not-strings", dit_with_header({"__metadata__": {"a": 1}}), message="__metadata__"),
+    Case(
+        "files", "entry-not-a-record", dit_with_header({"w": 5}), message=("dit.safetensors", "not a record")
+    ),
+    Case(
+        "files",
+        "missing-data-offsets",
+        dit_with_header({"w": {"dtype": "F32", "shape": [1]}}),
+        message="data_offsets",
+    ),
+    Case(
+        "files",
+        "string-data-offsets",
+        dit_with_header({"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}}, b"\0" * 4),
+        message="data_offsets",
+    ),
+    Case(
+        "files",
+        "float-data-offsets",
+        dit_with_header({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4.0]}}, b"\0" * 4),
+        message="data_offsets",
+    ),
+    Case(
+        "files",
+        "reversed-data-offsets",
+        dit_with_header({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}, b"\0" * 4),
+        message="data_offsets",
+    ),
+    Case(
+        "files",
+        "negative-shape",
+        dit_with_header({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4),
+        message=("dit.safetensors", "shape"),
+    ),
+    Case(
+        "files",
+        "boolean-shape",
+        dit_with_header({"w": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, b"\0" * 4),
+        message="shape",
+    ),
+    Case(
+        "files", "metadata-not-strings", dit_with_header({"__metadata__": {"a": 1}}), message="__metadata__"
+    ),
     Case("files", "header-a-list", dit_with_header([1, 2]), message="not a JSON object"),
-    Case("files", "truncated", dit_with_header({"w": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}}, b"\0" * 4), message="truncated"),
-    Case("files", "shard-index-list", shard_index({"weight_map": ["model-00001-of-00001.safetensors"]}), message=("index.json", "weight_map")),
+    Case(
+        "files",
+        "truncated",
+        dit_with_header({"w": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]}}, b"\0" * 4),
+        message="truncated",
+    ),
+    Case(
+        "files",
+        "shard-index-list",
+        shard_index({"weight_map": ["model-00001-of-00001.safetensors"]}),
+        message=("index.json", "weight_map"),
+    ),
     Case("files", "shard-index-not-object", shard_index([1, 2]), message=("index.json", "JSON object")),
-    Case("files", "shard-index-escapes-folder", shard_index({"weight_map": {"w": "../../etc/passwd"}}), message="file names in the same folder"),
+    Case(
+        "files",
+        "shard-index-escapes-folder",
+        shard_index({"weight_map": {"w": "../../etc/passwd"}}),
+        message="file names in the same folder",
+    ),
     Case("files", "dit-fifo", special("fifo", "dit"), message=("dit.safetensors", "named pipe")),
     Case("files", "t5-fifo", special("fifo", "t5"), message=("t5.safetensors", "named pipe")),
     Case("files", "vae-fifo", special("fifo", "vae"), message=("vae.safetensors", "named pipe")),
     Case("files", "dit-folder-without-weights", special("folder", "dit"), message="holds no .safetensors"),
     Case("files", "vae-folder-without-weights", special("folder", "vae"), message="holds no .safetensors"),
-    Case("files", "dit-no-permission", special("noperm", "dit"), message="permission denied", skip=AS_ROOT if ROOT else None),
-    Case("files", "plain-pickle-pth", changed("dit", lambda s: None, suffix=".pth"), message=("old-style (non-zip) pickle", "refuses", ".safetensors")),
-    Case("files", "fp8-scale-missing", changed("dit", _scaled_fp8_without_one_scale), message=("scaled-fp8", "no scale_weight")),
+    Case(
+        "files",
+        "dit-no-permission",
+        special("noperm", "dit"),
+        message="permission denied",
+        skip=AS_ROOT if ROOT else None,
+    ),
+    Case(
+        "files",
+        "plain-pickle-pth",
+        changed("dit", lambda s: None, suffix=".pth"),
+        message=("old-style (non-zip) pickle", "refuses", ".safetensors"),
+    ),
+    Case(
+        "files",
+        "fp8-scale-missing",
+        changed("dit", _scaled_fp8_without_one_scale),
+        message=("scaled-fp8", "no scale_weight"),
+    ),
     Case("files", "t5-narrower-than-dit", narrow_t5, message="does not fit this DiT (text width 16 vs 32)"),
 ]
 
 CONFIG = [
-    Case("config", "num-heads-true", dit_beside_config(b'{"dim": 64, "num_heads": true}'), message=("config.json", '"num_heads" must be a positive integer, got true')),
-    Case("config", "num-heads-float", dit_beside_config(b'{"dim": 64, "num_heads": 2.0}'), message='"num_heads"'),
-    Case("config", "dim-string", dit_beside_config(b'{"dim": "64", "num_heads": 2}'), message='"dim" must be a positive integer'),
+    Case(
+        "config",
+        "num-heads-true",
+        dit_beside_config(b'{"dim": 64, "num_heads": true}'),
+        message=("config.json", '"num_heads" must be a positive integer, got true'),
+    ),
+    Case(
+        "config",
+        "num-heads-float",
+        dit_beside_config(b'{"dim": 64, "num_heads": 2.0}'),
+        message='"num_heads"',
+    ),
+    Case(
+        "config",
+        "dim-string",
+        dit_beside_config(b'{"dim": "64", "num_heads": 2}'),
+        message='"dim" must be a positive integer',
+    ),
     Case("config", "eps-null", dit_beside_config(b'{"dim": 64, "eps": null}'), message='"eps"'),
-    Case("config", "not-utf8", dit_beside_config(b'{"model_type": "t2v\xff"}'), message=("config.json", "not UTF-8")),
+    Case(
+        "config",
+        "not-utf8",
+        dit_beside_config(b'{"model_type": "t2v\xff"}'),
+        message=("config.json", "not UTF-8"),
+    ),
     Case("config", "not-an-object", dit_beside_config(b"[64, 2]"), message=("config.json", "JSON object")),
     Case("config", "not-json", dit_beside_config(b"{dim: 64"), message=("config.json", "not valid JSON")),
-    Case("config", "utf8-bom-is-fine", dit_beside_config(b'\xef\xbb\xbf{"dim": 64, "num_heads": 2}'), exit_code=0, outputs=1),
+    Case(
+        "config",
+        "utf8-bom-is-fine",
+        dit_beside_config(b'\xef\xbb\xbf{"dim": 64, "num_heads": 2}'),
+        exit_code=0,
+        outputs=1,
+    ),
 ]
 
 OPTIONS = [
-    Case("options", "guidance-nan", ["--prompt", "p", *DEMO, "--guidance_scale", "nan"], exit_code=2, message="not a finite number"),
-    Case("options", "shift-inf", ["--prompt", "p", *DEMO, "--flow_shift", "inf"], exit_code=2, message="not a finite number"),
-    Case("options", "cfg-ratio-nan", ["--prompt", "p", *DEMO, "--cfg_apply_ratio", "nan"], exit_code=2, message="not a finite number"),
-    Case("options", "lora-multiplier-nan", ["--prompt", "p", *DEMO, "--lora_weight", "x.safetensors", "--lora_multiplier", "nan"], exit_code=2, message="not a finite number"),
-    Case("options", "seed-too-big", ["--prompt", "p", *DEMO, "--seed", str(2**64)], exit_code=2, message=("out of range", "18446744073709551615")),
-    Case("options", "seed-too-small", ["--prompt", "p", *DEMO, "--seed", str(-(2**63) - 1)], exit_code=2, message="out of range"),
-    Case("options", "seed-max-is-fine", ["--prompt", "p", *DEMO, "--output_type", "latent", "--seed", str(2**64 - 1)], exit_code=0, outputs=1),
+    Case(
+        "options",
+        "guidance-nan",
+        ["--prompt", "p", *DEMO, "--guidance_scale", "nan"],
+        exit_code=2,
+        message="not a finite number",
+    ),
+    Case(
+        "options",
+        "shift-inf",
+        ["--prompt", "p", *DEMO, "--flow_shift", "inf"],
+        exit_code=2,
+        message="not a finite number",
+    ),
+    Case(
+        "options",
+        "cfg-ratio-nan",
+        ["--prompt", "p", *DEMO, "--cfg_apply_ratio", "nan"],
+        exit_code=2,
+        message="not a finite number",
+    ),
+    Case(
+        "options",
+        "lora-multiplier-nan",
+        ["--prompt", "p", *DEMO, "--lora_weight", "x.safetensors", "--lora_multiplier", "nan"],
+        exit_code=2,
+        message="not a finite number",
+    ),
+    Case(
+        "options",
+        "seed-too-big",
+        ["--prompt", "p", *DEMO, "--seed", str(2**64)],
+        exit_code=2,
+        message=("out of range", "18446744073709551615"),
+    ),
+    Case(
+        "options",
+        "seed-too-small",
+        ["--prompt", "p", *DEMO, "--seed", str(-(2**63) - 1)],
+        exit_code=2,
+        message="out of range",
+    ),
+    Case(
+        "options",
+        "seed-max-is-fine",
+        ["--prompt", "p", *DEMO, "--output_type", "latent", "--seed", str(2**64 - 1)],
+        exit_code=0,
+        outputs=1,
+    ),
     Case("options", "empty-prompt", ["--prompt", "", *DEMO], message="the prompt is empty"),
     Case("options", "blank-prompt", ["--prompt", "   ", *DEMO], message="the prompt is empty"),
-    Case("options", "prompt-not-utf8", ["--prompt", "a fox \udcff", *DEMO], message=("--prompt is not valid UTF-8", "0xff")),
-    Case("options", "negative-prompt-not-utf8", ["--prompt", "p", "--negative_prompt", "\udce9t\udce9", *DEMO], message="--negative_prompt is not valid UTF-8"),
-    Case("options", "latent-path-fifo", lambda tmp: [*DEMO, "--latent_path", str(make_fifo(tmp / "l.safetensors"))], message="named pipe"),
-    Case("options", "shift-zero", ["--prompt", "p", *DEMO, "--flow_shift", "0"], message="--flow_shift must be positive"),
-    Case("options", "interactive-not-utf8-line", [*DEMO, "--interactive", "--output_type", "latent"], input=b"\xff\xfe oops\ngood line --d 1\n", message="stdin line 1: not valid UTF-8", outputs=1),
+    Case(
+        "options",
+        "prompt-not-utf8",
+        ["--prompt", "a fox \udcff", *DEMO],
+        message=("--prompt is not valid UTF-8", "0xff"),
+    ),
+    Case(
+        "options",
+        "negative-prompt-not-utf8",
+        ["--prompt", "p", "--negative_prompt", "\udce9t\udce9", *DEMO],
+        message="--negative_prompt is not valid UTF-8",
+    ),
+    Case(
+        "options",
+        "latent-path-fifo",
+        lambda tmp: [*DEMO, "--latent_path", str(make_fifo(tmp / "l.safetensors"))],
+        message="named pipe",
+    ),
+    Case(
+        "options",
+        "shift-zero",
+        ["--prompt", "p", *DEMO, "--flow_shift", "0"],
+        message="--flow_shift must be positive",
+    ),
+    Case(
+        "options",
+        "interactive-not-utf8-line",
+        [*DEMO, "--interactive", "--output_type", "latent"],
+        input=b"\xff\xfe oops\ngood line --d 1\n",
+        message="stdin line 1: not valid UTF-8",
+        outputs=1,
+    ),
 ]
 
 PROMPTS = [
-    Case("prompts", "bom-before-comment", prompt_file("\ufeff# a comment, not a prompt\nthe only prompt --d 1\n".encode()), exit_code=0, outputs=1),
-    Case("prompts", "tab-separated-options", prompt_file(b"a fox\t--d\t3\t--s 1\n"), exit_code=0, outputs=1, message="seed 3:"),
+    Case(
+        "prompts",
+        "bom-before-comment",
+        prompt_file("\ufeff# a comment, not a prompt\nthe only prompt --d 1\n".encode()),
+        exit_code=0,
+        outputs=1,
+    ),
+    Case(
+        "prompts",
+        "tab-separated-options",
+        prompt_file(b"a fox\t--d\t3\t--s 1\n"),
+        exit_code=0,
+        outputs=1,
+        message="seed 3:",
+    ),
     Case("prompts", "crlf-lines", prompt_file(b"one --d 1\r\ntwo --d 2\r\n"), exit_code=0, outputs=2),
-    Case("prompts", "line-not-utf8", prompt_file(b"fine\nbad \xff line\n"), message=("line 2", "not valid UTF-8")),
-    Case("prompts", "bad-shift-on-line-3", prompt_file(b"one\ntwo\nthree --fs 0\n"), message=("line 3", "must be positive")),
-    Case("prompts", "guidance-nan-on-line-2", prompt_file(b"one\ntwo --g nan\n"), message=("line 2", "finite")),
-    Case("prompts", "seed-out-of-range", prompt_file(b"one\ntwo --d 99999999999999999999999\n"), message=("line 2", "out of range")),
+    Case(
+        "prompts",
+        "line-not-utf8",
+        prompt_file(b"fine\nbad \xff line\n"),
+        message=("line 2", "not valid UTF-8"),
+    ),
+    Case(
+        "prompts",
+        "bad-shift-on-line-3",
+        prompt_file(b"one\ntwo\nthree --fs 0\n"),
+        message=("line 3", "must be positive"),
+    ),
+    Case(
+        "prompts", "guidance-nan-on-line-2", prompt_file(b"one\ntwo --g nan\n"), message=("line 2", "finite")
+    ),
+    Case(
+        "prompts",
+        "seed-out-of-range",
+        prompt_file(b"one\ntwo --d 99999999999999999999999\n"),
+        message=("line 2", "out of range"),
+    ),
     Case("prompts", "options-only", prompt_file(b"\t--d 3\n"), message="put the prompt text first"),
     Case("prompts", "fifo", prompt_path("fifo"), message="not a regular file"),
     Case("prompts", "folder", prompt_path("folder"), message="is a folder"),
 ]
 
 NONFINITE = [
-    Case("nonfinite", "nan-dit-weights", changed("dit", _nan_in("blocks.0.ffn")), message=("dit.safetensors", "NaN or Inf", "blocks.0.ffn")),
-    Case("nonfinite", "inf-dit-weights", changed("dit", _nan_in("blocks.1.self_attn.q", float("inf"))), message=("NaN or Inf", "blocks.1.self_attn.q.weight")),
-    Case("nonfinite", "nan-vae-weights", changed("vae", _nan_in("decoder.")), message=("vae.safetensors", "NaN or Inf")),
-    Case("nonfinite", "nan-t5-weights", changed("t5", _nan_in("encoder.block.0")), message=("t5.safetensors", "NaN or Inf")),
+    Case(
+        "nonfinite",
+        "nan-dit-weights",
+        changed("dit", _nan_in("blocks.0.ffn")),
+        message=("dit.safetensors", "NaN or Inf", "blocks.0.ffn"),
+    ),
+    Case(
+        "nonfinite",
+        "inf-dit-weights",
+        changed("dit", _nan_in("blocks.1.self_attn.q", float("inf"))),
+        message=("NaN or Inf", "blocks.1.self_attn.q.weight"),
+    ),
+    Case(
+        "nonfinite",
+        "nan-vae-weights",
+        changed("vae", _nan_in("decoder.")),
+        message=("vae.safetensors", "NaN or Inf"),
+    ),
+    Case(
+        "nonfinite",
+        "nan-t5-weights",
+        changed("t5", _nan_in("encoder.block.0")),
+        message=("t5.safetensors", "NaN or Inf"),
+    ),
     Case("nonfinite", "nan-lora", nan_lora, message=("NaN", "nan_lora.safetensors")),
     Case("nonfinite", "lora-multiplier-overflow", huge_lora, message=("NaN or Inf", "LoRAs merged in")),
     Case("nonfinite", "nan-latent-file", nan_latent, message=("nan_latent.safetensors", "NaN")),
 ]
 
 OUTPUTS = [
-    Case("outputs", "save-path-under-a-file", save_path("under-file"), message=("file.txt is a file, not a folder",)),
+    Case(
+        "outputs",
+        "save-path-under-a-file",
+        save_path("under-file"),
+        message=("file.txt is a file, not a folder",),
+    ),
     Case("outputs", "save-path-a-file", save_path("file"), message=("plainfile is a file, not a folder",)),
-    Case("outputs", "save-path-mp4-is-a-folder", save_path("dir.mp4"), message=("taken.mp4 is an existing folder",)),
-    Case("outputs", "read-only-folder", save_path("readonly"), message=("ro", "permission denied"), skip=AS_ROOT if ROOT else None),
-    Case("outputs", "empty-save-path", ["--prompt", "p", *DEMO, "--save_path", ""], message="--save_path is empty"),
+    Case(
+        "outputs",
+        "save-path-mp4-is-a-folder",
+        save_path("dir.mp4"),
+        message=("taken.mp4 is an existing folder",),
+    ),
+    Case(
+        "outputs",
+        "read-only-folder",
+        save_path("readonly"),
+        message=("ro", "permission denied"),
+        skip=AS_ROOT if ROOT else None,
+    ),
+    Case(
+        "outputs",
+        "empty-save-path",
+        ["--prompt", "p", *DEMO, "--save_path", ""],
+        message="--save_path is empty",
+    ),
     Case("outputs", "name-taken-gets-a-suffix", taken_name, exit_code=0, outputs=2, message="clip_1.mp4"),
     Case("outputs", "stale-temporary-is-cleaned", stale_temporary, exit_code=0, outputs=1),
 ]
@@ -539,7 +776,9 @@ def fake_distribution(tmp: Path, distribution: str, name: str, *, body: str = "r
     root.mkdir()
     module = f"wan_fake_{uuid.uuid4().hex[:10]}"
     (root / f"{module}.py").write_text(
-        ATTENTION_SOURCE.format(prelude=prelude, name=name, body="        " + body.replace("\n", "\n        "))
+        ATTENTION_SOURCE.format(
+            prelude=prelude, name=name, body="        " + body.replace("\n", "\n        ")
+        )
     )
     info = root / f"{distribution.replace('-', '_')}-1.0.dist-info"
     info.mkdir()
@@ -556,7 +795,9 @@ def fake_distribution(tmp: Path, distribution: str, name: str, *, body: str = "r
 def _manager(*distributions: str):
     from wan_kernel.plugins import LOAD_ENV, PluginManager
 
-    return PluginManager(environ={LOAD_ENV: ",".join(("wan-attention-sdpa", "wan-cfg-schedules", *distributions))})
+    return PluginManager(
+        environ={LOAD_ENV: ",".join(("wan-attention-sdpa", "wan-cfg-schedules", *distributions))}
+    )
 
 
 def _sys_exit_at_import(tmp: Path) -> None:
@@ -599,13 +840,59 @@ def _attention_run(name: str, body: str, *, run: bool = False):
 
 
 PLUGIN_CASES = [
-    (Case("plugins", "sys-exit-at-import", message=("wan-attention-quitter", "sys.exit(3)")), _sys_exit_at_import),
-    (Case("plugins", "builtin-name-taken", message=("pip uninstall wan-attention-squatter", "WAN_DISABLE_PLUGINS=wan-attention-squatter")), _builtin_name_taken),
-    (Case("plugins", "attention-wrong-shape", message=("'narrow' (from wan-attention-narrow)", "returned shape", "--attn sdpa")), _attention_run("narrow", "return q[:, :, :1]")),
-    (Case("plugins", "attention-wrong-dtype", message=("returned dtype torch.float64", "--attn sdpa")), _attention_run("wide", "return q.double()")),
-    (Case("plugins", "attention-nan", message="NaN or Inf"), _attention_run("nanny", "return q * float('nan')")),
-    (Case("plugins", "attention-raises-at-once", message=("'boom' (from wan-attention-boom)", "failed on a small test input", "RuntimeError: kaboom")), _attention_run("boom", "raise RuntimeError('kaboom')")),
-    (Case("plugins", "attention-raises-mid-run", message=("'late' (from wan-attention-late)", "failed during the run", "ValueError: too long", "--attn sdpa")), _attention_run("late", "if k.shape[1] > 64:\n    raise ValueError('too long')\nreturn q", run=True)),
+    (
+        Case("plugins", "sys-exit-at-import", message=("wan-attention-quitter", "sys.exit(3)")),
+        _sys_exit_at_import,
+    ),
+    (
+        Case(
+            "plugins",
+            "builtin-name-taken",
+            message=("pip uninstall wan-attention-squatter", "WAN_DISABLE_PLUGINS=wan-attention-squatter"),
+        ),
+        _builtin_name_taken,
+    ),
+    (
+        Case(
+            "plugins",
+            "attention-wrong-shape",
+            message=("'narrow' (from wan-attention-narrow)", "returned shape", "--attn sdpa"),
+        ),
+        _attention_run("narrow", "return q[:, :, :1]"),
+    ),
+    (
+        Case("plugins", "attention-wrong-dtype", message=("returned dtype torch.float64", "--attn sdpa")),
+        _attention_run("wide", "return q.double()"),
+    ),
+    (
+        Case("plugins", "attention-nan", message="NaN or Inf"),
+        _attention_run("nanny", "return q * float('nan')"),
+    ),
+    (
+        Case(
+            "plugins",
+            "attention-raises-at-once",
+            message=(
+                "'boom' (from wan-attention-boom)",
+                "failed on a small test input",
+                "RuntimeError: kaboom",
+            ),
+        ),
+        _attention_run("boom", "raise RuntimeError('kaboom')"),
+    ),
+    (
+        Case(
+            "plugins",
+            "attention-raises-mid-run",
+            message=(
+                "'late' (from wan-attention-late)",
+                "failed during the run",
+                "ValueError: too long",
+                "--attn sdpa",
+            ),
+        ),
+        _attention_run("late", "if k.shape[1] > 64:\n    raise ValueError('too long')\nreturn q", run=True),
+    ),
 ]
 
 
@@ -628,19 +915,74 @@ API = [
     (Case("api", "path-a-number", message="must be a str or os.PathLike, got int"), _load_dit(path=12)),
     (Case("api", "path-none", message="got NoneType"), _load_dit(path=None)),
     (Case("api", "pathlike-of-bytes", message="must be a str or os.PathLike"), _load_dit(path=_BytesPath())),
-    (Case("api", "num-heads-true", message="num_heads for the DiT must be a positive int, got bool"), _load_dit(num_heads=True)),
+    (
+        Case("api", "num-heads-true", message="num_heads for the DiT must be a positive int, got bool"),
+        _load_dit(num_heads=True),
+    ),
     (Case("api", "num-heads-string", message="got str"), _load_dit(num_heads="2")),
     (Case("api", "num-heads-zero", message="must be positive"), _load_dit(num_heads=0)),
     (Case("api", "device-unknown", message="unknown device 'gpu7'"), _load_dit(device="gpu7")),
-    (Case("api", "vae-dtype-name", exit_code=0), _works(lambda tmp: __import__("wan_kernel.models", fromlist=["x"]).load_vae(weights()["vae"], dtype="fp16"))),
-    (Case("api", "t5-path-none", message="T5 text encoder path must be a str"), lambda tmp: __import__("wan_kernel.models", fromlist=["x"]).load_t5(None)),
-    (Case("api", "clip-num-heads-float", message="num_heads for the CLIP vision tower"), lambda tmp: __import__("wan_kernel.models", fromlist=["x"]).load_clip_vision("x.safetensors", num_heads=2.0)),
-    (Case("api", "clip-too-narrow", message="this CLIP does not fit this DiT (image feature width 1024 vs 1280)"), _compat(image_width=1024)),
-    (Case("api", "t5-too-narrow", message="this T5 does not fit this DiT (text width 32 vs 48)"), _compat(text_width=32, dit_text_dim=48)),
-    (Case("api", "seed-out-of-range", message="from -9223372036854775808 (-2**63) to 18446744073709551615"), _seed(2**64)),
-    (Case("nonfinite", "pipeline-nan-dit", message=("the latents of prompt 1", "DiT weights", "blocks.0.ffn.0.weight", "nothing was decoded or written")), _poisoned_run("dit")),
-    (Case("nonfinite", "pipeline-nan-dit-latent-only", message=("the latents", "DiT weights")), _poisoned_run("dit", output_type="latent")),
-    (Case("nonfinite", "pipeline-nan-vae", message=("the decoded frames", "VAE weights", "nothing was written")), _poisoned_run("vae")),
+    (
+        Case("api", "vae-dtype-name", exit_code=0),
+        _works(
+            lambda tmp: __import__("wan_kernel.models", fromlist=["x"]).load_vae(
+                weights()["vae"], dtype="fp16"
+            )
+        ),
+    ),
+    (
+        Case("api", "t5-path-none", message="T5 text encoder path must be a str"),
+        lambda tmp: __import__("wan_kernel.models", fromlist=["x"]).load_t5(None),
+    ),
+    (
+        Case("api", "clip-num-heads-float", message="num_heads for the CLIP vision tower"),
+        lambda tmp: __import__("wan_kernel.models", fromlist=["x"]).load_clip_vision(
+            "x.safetensors", num_heads=2.0
+        ),
+    ),
+    (
+        Case(
+            "api",
+            "clip-too-narrow",
+            message="this CLIP does not fit this DiT (image feature width 1024 vs 1280)",
+        ),
+        _compat(image_width=1024),
+    ),
+    (
+        Case("api", "t5-too-narrow", message="this T5 does not fit this DiT (text width 32 vs 48)"),
+        _compat(text_width=32, dit_text_dim=48),
+    ),
+    (
+        Case(
+            "api", "seed-out-of-range", message="from -9223372036854775808 (-2**63) to 18446744073709551615"
+        ),
+        _seed(2**64),
+    ),
+    (
+        Case(
+            "nonfinite",
+            "pipeline-nan-dit",
+            message=(
+                "the latents of prompt 1",
+                "DiT weights",
+                "blocks.0.ffn.0.weight",
+                "nothing was decoded or written",
+            ),
+        ),
+        _poisoned_run("dit"),
+    ),
+    (
+        Case("nonfinite", "pipeline-nan-dit-latent-only", message=("the latents", "DiT weights")),
+        _poisoned_run("dit", output_type="latent"),
+    ),
+    (
+        Case(
+            "nonfinite",
+            "pipeline-nan-vae",
+            message=("the decoded frames", "VAE weights", "nothing was written"),
+        ),
+        _poisoned_run("vae"),
+    ),
     (Case("media", "gray16-png-by-range", exit_code=0), _gray16),
     (Case("media", "decompression-bomb", message=("too large to open safely", "MAX_IMAGE_PIXELS")), _bomb),
     (Case("media", "image-fifo", message="named pipe (FIFO)"), _read_image_at("fifo")),
@@ -697,15 +1039,25 @@ if __name__ == "__main__":  # the count matrix: python tests/test_bad_input_gene
 def test_failing_attention_plugin_on_the_command_line(tmp_path, monkeypatch, verbose):
     """The message names the plugin and suggests --attn sdpa; its traceback only with --verbose."""
     from click.testing import CliRunner
-
     from wan_cli.main import cli
+
     from wan_kernel import plugins
 
     monkeypatch.delenv("WAN_DEBUG", raising=False)
     body = "if k.shape[1] > 64:\n    raise ValueError('too long')\nreturn q"
     with fake_distribution(tmp_path, "wan-attention-late", "late", body=body):
         monkeypatch.setattr(plugins, "_manager", _manager("wan-attention-late"))
-        args = ["run", "generate", "--prompt", "p", *DEMO, "--attn", "late", "--save_path", str(tmp_path / "out")]
+        args = [
+            "run",
+            "generate",
+            "--prompt",
+            "p",
+            *DEMO,
+            "--attn",
+            "late",
+            "--save_path",
+            str(tmp_path / "out"),
+        ]
         result = CliRunner().invoke(cli, args + (["--verbose"] if verbose else []))
     assert result.exit_code == 1
     if verbose:  # the error propagates with its traceback (as WAN_DEBUG=1), after the plugin's own

@@ -29,7 +29,19 @@ from wan_kernel.pipelines import media
 from wan_kernel.testing.bad_input import leftover_temporaries, output_files
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--preset", "demo", "--video_size", "32", "32", "--video_length", "5", "--infer_steps", "2", "--seed", "7"]
+SMALL = [
+    "--preset",
+    "demo",
+    "--video_size",
+    "32",
+    "32",
+    "--video_length",
+    "5",
+    "--infer_steps",
+    "2",
+    "--seed",
+    "7",
+]
 FRAMES = np.zeros((5, 32, 32, 3), np.uint8)
 
 
@@ -39,7 +51,9 @@ def tmpfs(folder: Path, *, size: str, readonly: bool = False):
     folder.mkdir(parents=True, exist_ok=True)
     options = f"size={size}" + (",ro" if readonly else "")
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True
+        )
     except FileNotFoundError:
         done = None
     if done is None or done.returncode != 0:
@@ -121,7 +135,9 @@ def test_full_disk_mp4_and_latent_are_clean_errors(full_disk):
 def saved_latent(folder: Path) -> Path:
     """A small latent file for ``--latent_path`` runs (VAE decode + mp4 only: no T5, no DiT)."""
     path = folder / "in.safetensors"
-    media.save_latent(path, torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(0)), exclusive=False)
+    media.save_latent(
+        path, torch.randn(16, 2, 4, 4, generator=torch.Generator().manual_seed(0)), exclusive=False
+    )
     return path
 
 
@@ -145,7 +161,9 @@ def test_read_only_folder(tmp_path, monkeypatch):
             if os.geteuid() == 0:
                 pytest.skip("cannot mount a read-only tmpfs here, and root ignores folder permissions")
             folder.chmod(0o555)
-        result = CliRunner().invoke(cli, ["run", "generate", *SMALL, "--prompt", "p", "--save_path", str(folder / "x")])
+        result = CliRunner().invoke(
+            cli, ["run", "generate", *SMALL, "--prompt", "p", "--save_path", str(folder / "x")]
+        )
         assert result.exit_code == 1, result.output
         assert str(folder) in result.stderr
         assert ("read-only" if mounted else "permission denied") in result.stderr
@@ -186,7 +204,11 @@ def _spawn(tmp_path: Path, args: list[str], *, ready: Path | None = None, **kwar
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     return subprocess.Popen(
-        [sys.executable, str(driver), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs
+        [sys.executable, str(driver), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,
     )
 
 
@@ -259,7 +281,9 @@ def test_unique_names_under_threads(tmp_path):
 
     def write(i):
         try:
-            results.append(media.save_latent(tmp_path / "same.safetensors", torch.full((16, 1, 2, 2), float(i))))
+            results.append(
+                media.save_latent(tmp_path / "same.safetensors", torch.full((16, 1, 2, 2), float(i)))
+            )
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -283,7 +307,9 @@ def test_immutable_folder(tmp_path):
     if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
         pytest.skip("chattr +i is not available here (needs root on ext4/xfs/btrfs)")
     try:
-        result = CliRunner().invoke(cli, ["run", "generate", *SMALL, "--prompt", "p", "--save_path", str(folder)])
+        result = CliRunner().invoke(
+            cli, ["run", "generate", *SMALL, "--prompt", "p", "--save_path", str(folder)]
+        )
     finally:
         subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
     assert result.exit_code == 1, result.output

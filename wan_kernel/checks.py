@@ -31,7 +31,9 @@ def count_nonfinite(tensor) -> tuple[int, int]:
     return nan, inf
 
 
-def nonfinite_tensors(tensors: Mapping[str, object] | Iterable[tuple[str, object]], limit: int = 3) -> list[str]:
+def nonfinite_tensors(
+    tensors: Mapping[str, object] | Iterable[tuple[str, object]], limit: int = 3
+) -> list[str]:
     """Names (at most ``limit``) of the floating-point tensors holding NaN or Inf; fp8 tensors are
     checked through float32, meta tensors skipped."""
     import torch
@@ -70,7 +72,9 @@ def check_finite(
     listed = list(causes() if callable(causes) else causes)
     message = f"{what} hold {found} values (of {tensor.numel()}); {written}."
     if listed:
-        message += "\nLikely cause" + ("s" if len(listed) > 1 else "") + ":\n" + "\n".join(f"- {c}" for c in listed)
+        message += (
+            "\nLikely cause" + ("s" if len(listed) > 1 else "") + ":\n" + "\n".join(f"- {c}" for c in listed)
+        )
     raise NonFiniteError(message)
 
 
@@ -86,7 +90,9 @@ def check_seed(seed: object, where: str = "--seed") -> None:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputError(f"{where} must be an integer, got {seed!r}")
     if not low <= seed <= high:
-        raise InputError(f"{where} {seed} is out of range: torch takes seeds from {low} (-2**63) to {high} (2**64 - 1)")
+        raise InputError(
+            f"{where} {seed} is out of range: torch takes seeds from {low} (-2**63) to {high} (2**64 - 1)"
+        )
 
 
 # -- likely causes, gathered only when a check fails ------------------------------------------------
@@ -127,7 +133,9 @@ def denoise_causes(
         names = _lora_nonfinite(path)
         if names:
             bad_lora = True
-            causes.append(f"the LoRA {path} holds NaN/Inf values (in {', '.join(names)}): remove or re-train it")
+            causes.append(
+                f"the LoRA {path} holds NaN/Inf values (in {', '.join(names)}): remove or re-train it"
+            )
         elif not math.isfinite(multiplier):
             bad_lora = True
             causes.append(f"the LoRA {path} has multiplier {multiplier}")
@@ -140,7 +148,9 @@ def denoise_causes(
     if conditioning is not None:
         bad = [n for n, t in conditioning.items() if t is not None and not bool(torch.isfinite(t).all())]
         if bad:
-            causes.append(f"the image conditioning ({', '.join(bad)}) is not finite: check the VAE and CLIP weights")
+            causes.append(
+                f"the image conditioning ({', '.join(bad)}) is not finite: check the VAE and CLIP weights"
+            )
     if dtype == torch.float16:
         causes.append("a float16 overflow in the DiT: try --dit_dtype bfloat16")
     if attention and attention not in ("sdpa", "torch"):

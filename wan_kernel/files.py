@@ -109,7 +109,11 @@ def check_output_folder(folder: str | os.PathLike, *, what: str = "output folder
         raise OutputError(
             f"cannot create the {what} {folder}: {existing} is a file, not a folder; choose another path"
         )
-    label = f"the {what} {folder}" if existing == folder else f"{existing} (where the {what} {folder} would be created)"
+    label = (
+        f"the {what} {folder}"
+        if existing == folder
+        else f"{existing} (where the {what} {folder} would be created)"
+    )
     probe_folder(existing, label=label)
     if existing == folder:
         clean_stale_temporaries(folder)
@@ -323,7 +327,9 @@ class AtomicOutput:
         raise OutputError(f"no free name for {self.path} (tried {self.path} and 99999 numbered ones)")
 
 
-def check_save_path(save_path: str | os.PathLike, *, file_suffixes: tuple[str, ...], option: str = "--save_path") -> Path:
+def check_save_path(
+    save_path: str | os.PathLike, *, file_suffixes: tuple[str, ...], option: str = "--save_path"
+) -> Path:
     """Check an output option that is either a file name (ending in one of ``file_suffixes``) or a
     folder, before any work: see :func:`check_output_file` and :func:`check_output_folder`.
 

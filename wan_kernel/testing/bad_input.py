@@ -65,7 +65,9 @@ class Case:
     name: str
     args: Args = ()
     exit_code: int = 1
-    message: tuple[str, ...] = attrs.field(default=(), converter=lambda m: (m,) if isinstance(m, str) else tuple(m))
+    message: tuple[str, ...] = attrs.field(
+        default=(), converter=lambda m: (m,) if isinstance(m, str) else tuple(m)
+    )
     outputs: int | None = None
     input: str | bytes | None = None
     env: Mapping[str, str] = attrs.Factory(dict)
@@ -195,7 +197,6 @@ def run_cli_case(
     """Run ``wan <command> <case args> [out_option <tmp_path>/out]`` in-process (click's runner)."""
     import pytest
     from click.testing import CliRunner
-
     from wan_cli.main import cli
 
     if case.skip:
@@ -249,7 +250,9 @@ def count_matrix(outcomes: Sequence[Outcome]) -> dict[str, dict[str, int]]:
     table: dict[str, dict[str, int]] = {}
     for outcome in outcomes:
         for key in (outcome.case.klass, "total"):
-            row = table.setdefault(key, {"tried": 0, "clean": 0, "traceback": 0, "silent_wrong": 0, "unclean": 0})
+            row = table.setdefault(
+                key, {"tried": 0, "clean": 0, "traceback": 0, "silent_wrong": 0, "unclean": 0}
+            )
             row["tried"] += 1
             row[outcome.verdict] += 1
     if "total" in table:
