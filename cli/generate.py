@@ -152,7 +152,9 @@ class GenerateCommand(click.Command):
     default=None,
     help="Noise-schedule shift.  [default: 5.0; i2v 480p 3.0; flf2v 16]",
 )
-@_option("--guidance_scale", type=FINITE_FLOAT, default=None, help="Classifier-free guidance scale.  [default: 5.0]")
+@_option(
+    "--guidance_scale", type=FINITE_FLOAT, default=None, help="Classifier-free guidance scale.  [default: 5.0]"
+)
 @_option(
     "--sample_solver",
     type=click.Choice(["unipc", "dpm++", "euler", "vanilla"]),
@@ -344,7 +346,9 @@ def run_generate(ctx: click.Context, options: dict) -> None:
     from wan_kernel.pipelines.prompts import read_prompt_file
 
     config = _build_config(options)
-    modes = [name for name in ("prompt", "from_file", "interactive", "latent_path") if options[name] not in (None, False)]
+    modes = [
+        name for name in ("prompt", "from_file", "interactive", "latent_path") if options[name] not in (None, False)
+    ]  # --prompt '' is a mode too: the config check then says the prompt is empty
     if len(modes) > 1:
         raise InputError(
             "give only one of --prompt, --from_file, --interactive, --latent_path "

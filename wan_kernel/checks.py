@@ -142,7 +142,8 @@ def denoise_causes(
     names = _module_nonfinite(dit)
     if names and not bad_lora:
         causes.append(
-            f"the DiT weights ({dit_source}) hold NaN/Inf values (in {', '.join(names)}): the file is damaged; "
+            f"the DiT weights ({dit_source}) hold NaN/Inf values (in {', '.join(names)}): "
+            "the file is damaged; "
             "download or convert it again"
         )
     if conditioning is not None:
@@ -172,7 +173,8 @@ def decode_causes(*, vae=None, vae_source: str = "the VAE", dtype=None) -> list[
     names = _module_nonfinite(model)
     if names:
         causes.append(
-            f"the VAE weights ({vae_source}) hold NaN/Inf values (in {', '.join(names)}): the file is damaged; "
+            f"the VAE weights ({vae_source}) hold NaN/Inf values (in {', '.join(names)}): "
+            "the file is damaged; "
             "download it again"
         )
     if dtype == torch.float16:

@@ -138,7 +138,8 @@ def probe_folder(folder: Path, *, label: str | None = None) -> None:
         return
     if free < MIN_FREE_BYTES:
         raise OutputError(
-            f"cannot write to {label}: the disk is full ({free} bytes free); free some space or write elsewhere"
+            f"cannot write to {label}: the disk is full ({free} bytes free); "
+            "free some space or write elsewhere"
         )
 
 
@@ -245,7 +246,8 @@ class AtomicOutput:
 
     def _temporary_name(self) -> Path:
         suffix = "" if self.directory else self.path.suffix
-        name = f".{self.path.stem if not self.directory else self.path.name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{PARTIAL}{suffix}"
+        stem = self.path.name if self.directory else self.path.stem
+        name = f".{stem}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{PARTIAL}{suffix}"
         return self.path.parent / name
 
     def __enter__(self) -> "AtomicOutput":

@@ -613,7 +613,9 @@ def check_attention_backend(
     if not isinstance(out, torch.Tensor):
         problem = f"returned {type(out).__name__}, not a tensor"
     elif tuple(out.shape) != tuple(q.shape):
-        problem = f"returned shape {list(out.shape)} for q of shape {list(q.shape)} (it must return q's shape)"
+        problem = (
+            f"returned shape {list(out.shape)} for q of shape {list(q.shape)} (it must return q's shape)"
+        )
     elif out.dtype != q.dtype:
         problem = f"returned dtype {out.dtype} for q in {q.dtype} (it must return q's dtype)"
     elif not bool(torch.isfinite(out).all()):

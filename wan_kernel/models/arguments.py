@@ -52,7 +52,8 @@ def resolve_dtype(
         dtype = DTYPE_NAMES[key]
     if not isinstance(dtype, torch.dtype):
         raise InputError(
-            f"dtype for {what} must be a torch.dtype or its name (e.g. 'bfloat16'), got {type(dtype).__name__} "
+            f"dtype for {what} must be a torch.dtype or its name (e.g. 'bfloat16'), "
+            f"got {type(dtype).__name__} "
             f"{dtype!r:.60}"
         )
     if dtype not in allowed:

@@ -33,7 +33,8 @@ def check_compatible(
     if dit_text_dim is not None and text_width is not None and int(text_width) != int(dit_text_dim):
         raise WeightsError(
             f"{t5} does not fit {dit} (text width {text_width} vs {dit_text_dim}): the DiT was trained "
-            "with another text encoder; pass the T5 that belongs to this DiT (umt5-xxl, 4096 wide, for Wan2.1)"
+            "with another text encoder; pass the T5 that belongs to this DiT "
+            "(umt5-xxl, 4096 wide, for Wan2.1)"
         )
     if image_width is not None and int(image_width) != int(dit_image_dim):
         raise WeightsError(

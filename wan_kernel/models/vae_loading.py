@@ -29,7 +29,14 @@ import torch
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models.vae import VAEConfig, WanVAE, WanVAEModel
 from wan_kernel.models import arguments
-from wan_kernel.models.weights import as_path, check_finite_weights, describe_keys, guess_model_kind, load_state_dict, strip_prefix
+from wan_kernel.models.weights import (
+    as_path,
+    check_finite_weights,
+    describe_keys,
+    guess_model_kind,
+    load_state_dict,
+    strip_prefix,
+)
 
 VAE_LAYOUTS = ("official", "comfyui", "diffusers")
 VAE_PREFIXES = ("first_stage_model.", "vae.", "model.")

@@ -65,7 +65,9 @@ def check_readable_file(path: str | os.PathLike, *, what: str = "weights") -> Pa
     except FileNotFoundError:
         raise WeightsError(f"{what} file not found: {path}") from None
     except PermissionError:
-        raise WeightsError(f"{path}: permission denied on a folder above it; cannot read the {what}") from None
+        raise WeightsError(
+            f"{path}: permission denied on a folder above it; cannot read the {what}"
+        ) from None
     except OSError as exc:
         raise WeightsError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
     if stat.S_ISDIR(info.st_mode):
@@ -132,7 +134,8 @@ def _check_header_entry(path: Path, name: str, info: object) -> None:
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise _header_error(
-            path, f"tensor {name!r} has data_offsets {offsets!r}, expected [begin, end] with 0 <= begin <= end"
+            path,
+            f"tensor {name!r} has data_offsets {offsets!r}, expected [begin, end] with 0 <= begin <= end",
         )
 
 
@@ -271,7 +274,8 @@ def load_pth(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if legacy:
             raise WeightsError(
                 f"{path}: an old-style (non-zip) pickle file that torch cannot read safely "
-                f"({type(exc).__name__}: {exc}). " + PTH_CONVERT_HINT.format(path=path, stem=path.with_suffix(""))
+                f"({type(exc).__name__}: {exc}). "
+                + PTH_CONVERT_HINT.format(path=path, stem=path.with_suffix(""))
             ) from None
         raise WeightsError(f"{path}: not a readable PyTorch file ({type(exc).__name__}: {exc})") from None
     return _unwrap_state_dict(obj, path)
@@ -483,7 +487,8 @@ def check_config_types(config: Mapping[str, object], source: str) -> None:
             if not ok:
                 raise WeightsError(f"{source}: \"{key}\" must be a positive integer, got {json.dumps(value)}")
         elif key in CONFIG_FLOAT_FIELDS:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value <= 0:
                 raise WeightsError(f"{source}: \"{key}\" must be a positive number, got {json.dumps(value)}")
         elif key in CONFIG_STR_FIELDS:
             if not isinstance(value, str):

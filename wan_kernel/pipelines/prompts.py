@@ -246,7 +246,8 @@ class StdinLines:
             text = raw.decode("utf-8").rstrip("\r\n")
         except UnicodeDecodeError as exc:
             raise InputError(
-                f"stdin line {self.number}: not valid UTF-8 (byte {exc.start + 1} of the line); the line is skipped"
+                f"stdin line {self.number}: not valid UTF-8 (byte {exc.start + 1} of the line); "
+                "the line is skipped"
             ) from None
         if self.number == 1:
             text = text.lstrip(BOM)
