@@ -15,8 +15,12 @@ from wan_cli.errors import VERBOSE_META_KEY, handle_wan_errors
 from wan_cli.types import FINITE_FLOAT, SEED
 
 from wan_kernel.errors import InputError, WanError
+from wan_kernel.pipelines.config import OUTPUT_TYPES
+from wan_kernel.pipelines.media import BACKGROUNDS
+from wan_kernel.pipelines.tasks import TASKS
+from wan_kernel.sampling.solvers import SOLVER_CHOICES
 
-TASK_NAMES = ("t2v-1.3B", "t2v-14B", "i2v-14B", "t2i-14B", "flf2v-14B")
+TASK_NAMES = tuple(TASKS)
 PRESETS = ("demo",)
 FP8_FLAGS = ("fp8", "fp8_scaled", "fp8_fast")  # in increasing precedence: --fp8 --fp8_scaled -> fp8_scaled
 
@@ -157,7 +161,7 @@ class GenerateCommand(click.Command):
 )
 @_option(
     "--sample_solver",
-    type=click.Choice(["unipc", "dpm++", "euler", "vanilla"]),
+    type=click.Choice(SOLVER_CHOICES),
     default="unipc",
     help="Sampler ('vanilla' = euler).",
 )
@@ -179,7 +183,7 @@ class GenerateCommand(click.Command):
 )
 @_option(
     "--image_background",
-    type=click.Choice(["white", "black"]),
+    type=click.Choice(list(BACKGROUNDS)),
     default="white",
     help="Colour transparent pixels of input images are flattened onto.",
 )
@@ -198,7 +202,7 @@ class GenerateCommand(click.Command):
 # outputs
 @_option(
     "--output_type",
-    type=click.Choice(["video", "images", "latent", "both", "latent_images"]),
+    type=click.Choice(OUTPUT_TYPES),
     default="video",
     help="both = latent + video; latent_images = latent + PNG frames.",
 )

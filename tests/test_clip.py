@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models.clip import load_clip_vision
+from wan_kernel.testing import REFERENCE_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
+FIXTURES = REFERENCE_FIXTURES
 CASE = FIXTURES / "clip_visual"
 pytestmark = pytest.mark.skipif(not CASE.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
 HEADS = 4  # the fixture's; a 64-wide tower cannot use the real head size 80

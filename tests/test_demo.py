@@ -33,11 +33,10 @@ def test_demo_command_writes_a_real_mp4(tmp_path, monkeypatch):
 
 
 def test_demo_weights_are_fixed():
-    from wan_attention_sdpa import SdpaAttention
-
     from wan_kernel.demo import build_demo_dit
+    from wan_kernel.models.attention import sdpa_attention
 
-    a = build_demo_dit(SdpaAttention()).state_dict()
-    b = build_demo_dit(SdpaAttention()).state_dict()
+    a = build_demo_dit(sdpa_attention).state_dict()
+    b = build_demo_dit(sdpa_attention).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(v.abs().sum() > 0 for v in a.values())  # nothing left at zero (no silent head)

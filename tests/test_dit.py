@@ -10,19 +10,19 @@ i.e. about one bfloat16 rounding step (2^-8 = 0.39%) of accumulated error.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from wan_attention_sdpa import SdpaAttention
 
 from wan_kernel.errors import InputError
 from wan_kernel.models.dit import WanDiT, rope_tables, sinusoidal_embedding
 from wan_kernel.models.dit_config import PRESETS, DiTConfig, infer_dit_config
 from wan_kernel.testing.attention import reference_attention
+from wan_kernel.models.attention import sdpa_attention
+from wan_kernel.testing import REFERENCE_FIXTURES, randomize_weights
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
+FIXTURES = REFERENCE_FIXTURES
 needs_fixtures = pytest.mark.skipif(
     not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}"
 )
@@ -30,7 +30,7 @@ needs_fixtures = pytest.mark.skipif(
 BF16_RMS_REL = 0.012
 BF16_MAX_REL = 0.02
 
-ATTENTIONS = {"sdpa": SdpaAttention(), "reference": reference_attention}
+ATTENTIONS = {"sdpa": sdpa_attention, "reference": reference_attention}
 
 
 def tiny_config(model_type: str = "t2v", **overrides) -> DiTConfig:
@@ -47,22 +47,6 @@ def tiny_config(model_type: str = "t2v", **overrides) -> DiTConfig:
     return DiTConfig(**base)
 
 
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Non-trivial weights everywhere (the official init zeroes the head and the biases)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim == 1 and name.endswith("weight"):  # norm scales
-                p.copy_(1 + 0.1 * noise)
-            elif name.endswith("bias") or "modulation" in name or "emb_pos" in name:
-                p.copy_(0.1 * noise)
-            else:
-                fan_in = p[0].numel() if p.ndim > 1 else p.numel()
-                p.copy_(noise / fan_in**0.5)
-    return model
-
-
 def load_case(name: str):
     case = json.loads((FIXTURES / name / "case.json").read_text())
     tensors = load_file(FIXTURES / name / "case.safetensors")
@@ -73,7 +57,7 @@ def load_case(name: str):
 
 def fixture_model(name: str, attention=None) -> tuple[WanDiT, dict, dict]:
     case, tensors, weights, config = load_case(name)
-    model = WanDiT(config, attention=attention or SdpaAttention())
+    model = WanDiT(config, attention=attention or sdpa_attention)
     model.load_state_dict(weights, strict=True)
     return model.eval(), case, tensors
 
@@ -126,7 +110,7 @@ def test_i2v_matches_official(attention):
 def test_bf16_close_to_float32_reference(name):
     from wan_kernel.models.dit_loading import load_dit
 
-    model = load_dit(FIXTURES / name / "weights.safetensors", dtype=torch.bfloat16, attention=SdpaAttention())
+    model = load_dit(FIXTURES / name / "weights.safetensors", dtype=torch.bfloat16, attention=sdpa_attention)
     assert model.compute_dtype == torch.bfloat16 and model.blocks[0].modulation.dtype == torch.float32
     _, tensors = load_case(name)[:2]
     out = run_case(model, tensors)
@@ -159,7 +143,7 @@ def test_padded_context_tensor_equals_list():
 def test_batch_of_two_equals_single_runs(model_type):
     torch.manual_seed(0)
     cfg = tiny_config(model_type)
-    model = randomize(WanDiT(cfg, attention=SdpaAttention())).eval()
+    model = randomize_weights(WanDiT(cfg, attention=sdpa_attention)).eval()
     x = torch.randn(2, 16, 2, 4, 6)
     t = torch.tensor([999.0, 137.5])
     context = [torch.randn(5, cfg.text_dim), torch.randn(11, cfg.text_dim)]  # different lengths
@@ -183,7 +167,7 @@ def test_matches_diffusers(model_type):
     from wan_kernel.models.dit_keys import diffusers_config, dit_state_dict_to
 
     cfg = tiny_config(model_type)
-    ours = randomize(WanDiT(cfg, attention=SdpaAttention()), seed=3).eval()
+    ours = randomize_weights(WanDiT(cfg, attention=sdpa_attention), seed=3).eval()
     theirs = diffusers.WanTransformer3DModel(**diffusers_config(cfg)).eval()
     theirs.load_state_dict(dit_state_dict_to("diffusers", ours.state_dict()), strict=True)
     g = torch.Generator().manual_seed(1)
@@ -207,7 +191,7 @@ def test_matches_diffusers(model_type):
 
 def test_flf2v_runs_with_two_images_per_sample():
     cfg = tiny_config("flf2v")
-    model = randomize(WanDiT(cfg, attention=SdpaAttention())).eval()
+    model = randomize_weights(WanDiT(cfg, attention=sdpa_attention)).eval()
     assert model.img_emb.emb_pos.shape == (1, 514, 1280)
     b = 2
     x = torch.randn(b, 16, 1, 4, 4)
@@ -242,7 +226,7 @@ def _grads(model: WanDiT, checkpointing: bool) -> tuple[torch.Tensor, dict[str, 
 
 
 def test_backward_with_and_without_checkpointing():
-    model = randomize(WanDiT(tiny_config("i2v"), attention=SdpaAttention()))
+    model = randomize_weights(WanDiT(tiny_config("i2v"), attention=sdpa_attention))
     x_grad, grads = _grads(model, checkpointing=False)
     x_grad_ckpt, grads_ckpt = _grads(model, checkpointing=True)
     assert torch.isfinite(x_grad).all() and x_grad.abs().sum() > 0
@@ -259,7 +243,7 @@ def test_backward_with_and_without_checkpointing():
 
 
 def test_set_attention_and_k_lens_only_when_padding():
-    model = randomize(WanDiT(tiny_config(), attention=SdpaAttention())).eval()
+    model = randomize_weights(WanDiT(tiny_config(), attention=sdpa_attention)).eval()
     seen = []
 
     def spy(q, k, v, k_lens=None):
@@ -283,7 +267,7 @@ def test_set_attention_and_k_lens_only_when_padding():
 
 
 def test_block_runner_drives_the_loop():
-    model = randomize(WanDiT(tiny_config(), attention=SdpaAttention())).eval()
+    model = randomize_weights(WanDiT(tiny_config(), attention=sdpa_attention)).eval()
 
     class Runner:
         def __init__(self, blocks):
@@ -309,7 +293,7 @@ def test_block_runner_drives_the_loop():
 
 
 def test_state_dict_has_official_names_and_no_rope_buffer():
-    model = WanDiT(tiny_config("i2v"), attention=SdpaAttention())
+    model = WanDiT(tiny_config("i2v"), attention=sdpa_attention)
     keys = set(model.state_dict())
     for key in [
         "patch_embedding.weight",
@@ -361,7 +345,7 @@ def test_sinusoid_and_rope_tables():
 
 
 def test_input_errors():
-    model = WanDiT(tiny_config("i2v"), attention=SdpaAttention())
+    model = WanDiT(tiny_config("i2v"), attention=sdpa_attention)
     x, t, ctx = torch.randn(1, 16, 1, 4, 4), torch.tensor([1.0]), [torch.randn(2, 24)]
     y, clip = torch.randn(1, 20, 1, 4, 4), torch.randn(1, 257, 1280)
     with pytest.raises(InputError, match="needs y"):
@@ -378,7 +362,7 @@ def test_input_errors():
         model(x, t, ctx * 2, clip_fea=clip, y=y)
     with pytest.raises(InputError, match="t must be"):
         model(x, torch.tensor([1.0, 2.0, 3.0]), ctx, clip_fea=clip, y=y)
-    t2v = WanDiT(tiny_config(), attention=SdpaAttention())
+    t2v = WanDiT(tiny_config(), attention=sdpa_attention)
     with pytest.raises(InputError, match="text-to-video"):
         t2v(x, t, ctx, clip_fea=clip)
     with pytest.raises(InputError, match="divisible"):

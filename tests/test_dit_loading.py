@@ -12,18 +12,20 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from wan_attention_sdpa import SdpaAttention
 
 from wan_kernel import hookimpl
 from wan_kernel.errors import InputError, PluginError, WeightsError
-from wan_kernel.interfaces import Quantizer
+from wan_kernel.interfaces import AttentionBackend, Availability, Quantizer
+from wan_kernel.models.attention import sdpa_attention
 from wan_kernel.models.dit import WanDiT
 from wan_kernel.models.dit_config import DiTConfig
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
 from wan_kernel.models.dit_loading import load_dit
 from wan_kernel.plugins import PluginManager
+from wan_kernel.pipelines.plugin_setup import resolve_plugin, resolve_quantizer
+from wan_kernel.testing import REFERENCE_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
+FIXTURES = REFERENCE_FIXTURES
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
 
 T2V = FIXTURES / "dit_t2v"
@@ -77,7 +79,7 @@ def test_comfyui_prefixed(tmp_path, prefix):
     sd = {prefix + k: v for k, v in weights(I2V).items()}
     assert detect_layout(sd) == "comfyui"
     save_file(sd, tmp_path / "wan2.1_i2v.safetensors")
-    model = load_dit(tmp_path / "wan2.1_i2v.safetensors", num_heads=2, attention=SdpaAttention())
+    model = load_dit(tmp_path / "wan2.1_i2v.safetensors", num_heads=2, attention=sdpa_attention)
     assert_matches_case(model, I2V)
 
 
@@ -276,23 +278,6 @@ def test_scaled_fp8_scale_of_wrong_shape(tmp_path):
         load_dit(_save(tmp_path, sd), num_heads=2)
 
 
-def test_fp8_scaled_plugin_file_loads_without_quant(tmp_path):
-    """A file written by the quant plugin's ``save_quantized`` (musubi's block layout) loads dequantized."""
-    checkpoint = pytest.importorskip("wan_quant_fp8.checkpoint")
-    tensors_mod = pytest.importorskip("wan_quant_fp8.tensors")
-    model = checkpoint.quantize_model(load_dit(T2V / "weights.safetensors"), "fp8_scaled", target="dit")
-    path = checkpoint.save_quantized(model, tmp_path / "dit_fp8_scaled.safetensors")
-    stored = load_file(path)
-    assert stored["blocks.1.ffn.2.scale_weight"].shape == (64, 2, 1)  # [out, in/64, 1]
-    loaded = load_dit(path, num_heads=2, dtype=torch.float32)
-    for prefix in ("blocks.1.ffn.2", "blocks.0.self_attn.k"):
-        want = tensors_mod.dequantize_weight(stored[prefix + ".weight"], stored[prefix + ".scale_weight"])
-        assert torch.equal(loaded.state_dict()[prefix + ".weight"], want), prefix
-    _, tensors = case(T2V)
-    out = run(loaded, tensors)
-    assert (out - tensors["out"]).pow(2).mean().sqrt() < 0.05 * tensors["out"].pow(2).mean().sqrt()
-
-
 # --------------------------------------------------------------------------------------------
 # the quantizer seam
 # --------------------------------------------------------------------------------------------
@@ -339,6 +324,18 @@ class FakeInt8(Quantizer):
         return state_dict
 
 
+class KernelSdpa(AttentionBackend):
+    """The kernel's default attention registered as a plugin would be (named ``sdpa``)."""
+
+    name = "sdpa"
+
+    def availability(self) -> Availability:
+        return Availability.yes()
+
+    def __call__(self, q, k, v, k_lens=None):
+        return sdpa_attention(q, k, v, k_lens)
+
+
 def test_quantizer_by_name_through_plugins():
     quantizer = FakeInt8()
     module = types.ModuleType("fake_quant_plugin")
@@ -349,12 +346,16 @@ def test_quantizer_by_name_through_plugins():
 
     @hookimpl
     def wan_register_attention(register):
-        register(SdpaAttention())
+        register(KernelSdpa())
 
     module.wan_register_quantization = wan_register_quantization
     module.wan_register_attention = wan_register_attention
     pm = PluginManager(load_entry_points=False, extra_plugins=[("fake", module)], environ={})
-    model = load_dit(T2V / "weights.safetensors", quant="fake_int8", attention="sdpa", plugin_manager=pm)
+    model = load_dit(
+        T2V / "weights.safetensors",
+        quant=resolve_quantizer("fake_int8", target="dit", manager=pm),
+        attention=resolve_plugin("attention", "sdpa", manager=pm),
+    )
     assert quantizer.calls == [("convert", "dit", "meta", torch.float32), ("quantize", "dit", "cpu")]
     ffn = model.blocks[1].ffn[2]
     assert isinstance(ffn, Int8Linear) and ffn.weight.dtype == torch.int8 and ffn.scale.dtype == torch.float32
@@ -366,7 +367,7 @@ def test_quantizer_by_name_through_plugins():
 
 def test_quantizer_object_and_wrong_target():
     quantizer = FakeInt8()
-    model = load_dit(T2V / "weights.safetensors", quant=quantizer, dtype="bf16", attention=SdpaAttention())
+    model = load_dit(T2V / "weights.safetensors", quant=quantizer, dtype="bf16", attention=sdpa_attention)
     assert quantizer.calls[0] == ("convert", "dit", "meta", torch.bfloat16)
     assert model.blocks[0].ffn[0].bias.dtype == torch.bfloat16
     t5_only = FakeInt8()
@@ -438,16 +439,16 @@ def test_loras_with_fp8_scaled_equal_merging_then_quantizing(tmp_path):
     from wan_kernel.lora import LoraSpec, merge_loras_into_state_dict
 
     specs = [LoraSpec(lora_file(tmp_path))]
-    model = load_dit(T2V / "weights.safetensors", loras=specs, quant="fp8_scaled")
+    model = load_dit(T2V / "weights.safetensors", loras=specs, quant=resolve_quantizer("fp8_scaled", target="dit"))
     merged = weights(T2V)
     merge_loras_into_state_dict(merged, specs)
-    by_hand = load_dit(_save(tmp_path, merged), num_heads=2, quant="fp8_scaled").state_dict()
+    by_hand = load_dit(_save(tmp_path, merged), num_heads=2, quant=resolve_quantizer("fp8_scaled", target="dit")).state_dict()
     loaded = model.state_dict()
     assert loaded["blocks.1.ffn.2.weight"].dtype == torch.float8_e4m3fn
     assert loaded.keys() == by_hand.keys()
     for key in loaded:
         assert torch.equal(loaded[key].float(), by_hand[key].float()), key
-    without = load_dit(T2V / "weights.safetensors", quant="fp8_scaled").state_dict()
+    without = load_dit(T2V / "weights.safetensors", quant=resolve_quantizer("fp8_scaled", target="dit")).state_dict()
     assert not torch.equal(loaded["blocks.1.ffn.2.weight"].float(), without["blocks.1.ffn.2.weight"].float())
     assert torch.equal(
         loaded["blocks.0.self_attn.k.weight"].float(), without["blocks.0.self_attn.k.weight"].float()
@@ -493,7 +494,7 @@ def test_loras_into_a_block_scaled_fp8_file(tmp_path, layout):
         assert torch.equal(merged[key], by_hand[key]), key
 
     # with quant: each merged layer quantized once from the float32 merge (by hand) ...
-    loaded = load_dit(path, num_heads=2, dtype=torch.float32, quant="fp8_scaled", loras=specs).state_dict()
+    loaded = load_dit(path, num_heads=2, dtype=torch.float32, quant=resolve_quantizer("fp8_scaled", target="dit"), loras=specs).state_dict()
     for name, shape in LORA_TARGETS.items():
         delta = lora.modules["lora_unet_" + name.replace(".", "_")].weight_delta(shape)
         w = torch.add(expected_weight(stored, name), delta, alpha=0.8).to(torch.bfloat16)
@@ -501,7 +502,7 @@ def test_loras_into_a_block_scaled_fp8_file(tmp_path, layout):
         assert torch.equal(loaded[name + ".weight"].float(), q.float()), name
         assert torch.equal(loaded[name + ".scale_weight"], scale), name
     # ... every other tensor as loading the file with the quantizer and no LoRA gives it ...
-    without = load_dit(path, num_heads=2, dtype=torch.float32, quant="fp8_scaled").state_dict()
+    without = load_dit(path, num_heads=2, dtype=torch.float32, quant=resolve_quantizer("fp8_scaled", target="dit")).state_dict()
     assert loaded.keys() == without.keys()
     untouched = [k for k in loaded if k.rsplit(".", 1)[0] not in LORA_TARGETS]
     for key in untouched:
@@ -523,7 +524,7 @@ def test_loras_into_a_block_scaled_fp8_file(tmp_path, layout):
     # and the fp8 model with the LoRA computes what the dequantized one with the LoRA does, to fp8 rounding
     _, tensors = case(T2V)
     plain = load_dit(path, num_heads=2, dtype=torch.float32, loras=specs)
-    fp8 = load_dit(path, num_heads=2, dtype=torch.float32, quant="fp8_scaled", loras=specs)
+    fp8 = load_dit(path, num_heads=2, dtype=torch.float32, quant=resolve_quantizer("fp8_scaled", target="dit"), loras=specs)
     want, got = run(plain, tensors), run(fp8, tensors)
     assert (got - want).pow(2).mean().sqrt() < 0.05 * want.pow(2).mean().sqrt()
 
@@ -542,7 +543,7 @@ def test_bad_lora_spec_is_refused_before_loading(tmp_path):
 
 def test_num_heads_resolution_order(tmp_path):
     cfg = DiTConfig(dim=256, ffn_dim=32, num_heads=2, num_layers=1, text_dim=16)
-    save_file(WanDiT(cfg, attention=SdpaAttention()).state_dict(), tmp_path / "dit.safetensors")
+    save_file(WanDiT(cfg, attention=sdpa_attention).state_dict(), tmp_path / "dit.safetensors")
     path = tmp_path / "dit.safetensors"
     assert load_dit(path).config.num_heads == 2  # dim // 128
     (tmp_path / "config.json").write_text(json.dumps({"dim": 256, "num_heads": 4, "model_type": "t2v"}))
@@ -655,7 +656,7 @@ def test_task_check():
 
 def test_unknown_attention_name():
     with pytest.raises(PluginError, match="no-such-attention"):
-        load_dit(T2V / "weights.safetensors", attention="no-such-attention")
+        resolve_plugin("attention", "no-such-attention")
 
 
 def test_unknown_dit_layout(tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from wan_kernel import hookspecs, interfaces
+from wan_kernel.attention_kernels import KernelAttention
 from wan_kernel.plugins import DISABLE_ENV, ENTRY_POINT_GROUP, LOAD_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_every_hookspec_is_a_registry_hook():
     assert set(hookspecs.REGISTRY_HOOKS) == set(interfaces.CONCERNS)
 
 
-INTERFACES = [*interfaces.CONCERNS.values(), interfaces.BlockRunner]
+INTERFACES = [*interfaces.CONCERNS.values(), interfaces.BlockRunner, KernelAttention]
 
 
 @pytest.mark.parametrize("cls", INTERFACES, ids=lambda c: c.__name__)

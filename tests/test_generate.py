@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from wan_kernel.errors import InputError, UnknownPluginError
 from wan_kernel.interfaces import AttentionBackend
 from wan_kernel.pipelines.generate import GenerateConfig, GenerationPipeline, ModelInfo, ModelSource
 from wan_kernel.pipelines.media import load_latent, read_png_settings, read_video
+from wan_kernel.testing import reference_case
 
 SMALL = dict(video_size=(32, 32), video_length=5, infer_steps=2, seed=11, device="cpu")
 
@@ -250,7 +250,7 @@ def test_bad_requests_are_input_errors(make, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-FIXTURE_DIT = Path(__file__).resolve().parents[2] / "shared/fixtures/wan21_reference/dit_t2v/weights.safetensors"
+FIXTURE_DIT = reference_case("dit_t2v") / "weights.safetensors"
 
 
 @pytest.mark.skipif(not FIXTURE_DIT.is_file(), reason="reference fixtures not found")
@@ -263,6 +263,7 @@ def test_lora_weights_reach_the_dit_as_load_dit_merges_them(tmp_path, quant):
     from safetensors.torch import save_file
 
     from wan_kernel.models.dit_loading import load_dit
+    from wan_kernel.pipelines.plugin_setup import resolve_quantizer
 
     gen = torch.Generator().manual_seed(0)
     lora = {
@@ -276,9 +277,10 @@ def test_lora_weights_reach_the_dit_as_load_dit_merges_them(tmp_path, quant):
         dit_dtype="float32", lora_weights=[str(tmp_path / "lora.safetensors")], lora_multipliers=[0.5],
     )  # fmt: skip
     pipeline = GenerationPipeline(config, log=lines.append).setup()
-    got = pipeline._prepare_dit().state_dict()
+    got = pipeline.build_dit().state_dict()
     specs = [{"path": tmp_path / "lora.safetensors", "multiplier": 0.5}]
-    want = load_dit(FIXTURE_DIT, dtype=torch.float32, quant=quant, loras=specs).state_dict()
+    quantizer = resolve_quantizer(quant, target="dit")
+    want = load_dit(FIXTURE_DIT, dtype=torch.float32, quant=quantizer, loras=specs).state_dict()
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key].float(), want[key].float()), key

@@ -9,7 +9,9 @@ import pytest
 from click.testing import CliRunner
 from wan_cli.main import cli
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
+from wan_kernel.testing import REFERENCE_FIXTURES
+
+FIXTURES = REFERENCE_FIXTURES
 needs_fixtures = pytest.mark.skipif(
     not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}"
 )

@@ -10,13 +10,14 @@ CLIP was a stub too). Every intermediate the fixture stores is compared at its t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
+from wan_kernel.testing import REFERENCE_FIXTURES
+
+FIXTURES = REFERENCE_FIXTURES
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
 
 

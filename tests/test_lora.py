@@ -19,8 +19,9 @@ from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.lora import LoraSpec, LoraWarning
 from wan_kernel.models.dit_keys import dit_state_dict_to, official_to_diffusers_key
 from wan_kernel.models.dit_loading import load_dit
+from wan_kernel.testing import REFERENCE_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
+FIXTURES = REFERENCE_FIXTURES
 T2V = FIXTURES / "dit_t2v" / "weights.safetensors"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
 

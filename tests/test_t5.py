@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +14,10 @@ from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.interfaces import Quantizer
 from wan_kernel.models.t5 import encode_prompts, load_t5
 from wan_kernel.models.tokenizer import ByteTokenizer, clean_prompt, load_tokenizer
+from wan_kernel.pipelines.plugin_setup import resolve_quantizer
+from wan_kernel.testing import REFERENCE_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
+FIXTURES = REFERENCE_FIXTURES
 CASE = FIXTURES / "t5"
 pytestmark = pytest.mark.skipif(not CASE.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
 
@@ -182,27 +183,6 @@ def _rel_err(hidden: torch.Tensor, tensors: dict) -> float:
     return float(err.pow(2).mean().sqrt() / tensors["hidden"][real].pow(2).mean().sqrt())
 
 
-def test_fp8_t5_plugin_through_load_t5(case):
-    pytest.importorskip("wan_quant_fp8")
-    from wan_quant_fp8 import quantize_model
-    from wan_quant_fp8.linear import Fp8Linear
-
-    _, tensors = case
-    model = load_t5(CASE / "weights.safetensors", quant="fp8_t5")  # resolved by name (entry point)
-    q = model.encoder.block[1].layer[0].SelfAttention.q
-    assert isinstance(q, Fp8Linear) and q.weight.dtype == torch.float8_e4m3fn and not q.weight.is_meta
-    assert model.shared.weight.dtype == torch.float32  # embeddings, tables and norms stay high precision
-    assert model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.dtype == torch.float32
-    hidden = model(tensors["ids"], tensors["mask"]).last_hidden_state
-    assert hidden.dtype == torch.float32
-    # the same numbers as quantizing the loaded float32 encoder with the plugin's own helper
-    by_hand = quantize_model(load_t5(CASE / "weights.safetensors"), "fp8_t5", target="t5")
-    torch.testing.assert_close(hidden, by_hand(tensors["ids"], tensors["mask"]).last_hidden_state)
-    # measured 0.122: 2.5% rms rounding per weight, amplified by this tiny random encoder
-    # (unscaled attention logits); bf16 alone gives 0.018
-    assert 0.02 < _rel_err(hidden, tensors) < 0.2
-
-
 def assert_tied(model) -> None:
     """One embedding Parameter under both names, as transformers ties them."""
     assert model.shared.weight is model.encoder.embed_tokens.weight
@@ -214,46 +194,6 @@ def test_loaded_embedding_is_tied():
     model.half()  # converted once, and still one tensor (not one copy per name)
     assert_tied(model)
     assert model.encoder.embed_tokens.weight.dtype == torch.float16
-
-
-def test_fp8_t5_save_quantized_round_trip_with_and_without_quant(case, tmp_path):
-    """``save_quantized`` writes the tied embedding once; ``load_t5`` reads the file back, tied."""
-    pytest.importorskip("wan_quant_fp8")
-    from wan_quant_fp8 import quantize_model, read_quantization_tag, save_quantized
-    from wan_quant_fp8.tensors import dequantize_weight
-
-    _, tensors = case
-    quantized = quantize_model(load_t5(CASE / "weights.safetensors"), "fp8_t5", target="t5")
-    path = save_quantized(quantized, tmp_path / "umt5_fp8_t5.safetensors", mode="fp8_t5")
-    assert read_quantization_tag(path) == "fp8_t5"
-    stored = load_file(path)
-    assert stored.keys() == quantized.state_dict().keys() - {"encoder.embed_tokens.weight"}
-    assert torch.equal(stored["shared.weight"], quantized.shared.weight)
-    wo = "encoder.block.0.layer.1.DenseReluDense.wo."
-    assert stored[wo + "weight"].dtype == torch.float8_e4m3fn
-    assert stored[wo + "scale_weight"].shape == (32, 1, 1)  # [out, in/64, 1]
-
-    plain = load_t5(path, dtype=torch.float32)  # no quantizer: dequantized
-    assert_tied(plain)
-    want = dequantize_weight(stored[wo + "weight"], stored[wo + "scale_weight"])
-    torch.testing.assert_close(plain.state_dict()[wo + "weight"], want, rtol=0, atol=0)
-    torch.testing.assert_close(
-        plain(tensors["ids"], tensors["mask"]).last_hidden_state,
-        quantized(tensors["ids"], tensors["mask"]).last_hidden_state,
-        rtol=1e-5,
-        atol=1e-5,
-    )
-
-    again = load_t5(path, quant="fp8_t5", dtype=torch.float32)  # the stored fp8 values pass through
-    assert_tied(again)
-    for key, value in quantized.state_dict().items():
-        assert torch.equal(again.state_dict()[key].float(), value.float()), key
-    torch.testing.assert_close(
-        again(tensors["ids"], tensors["mask"]).last_hidden_state,
-        quantized(tensors["ids"], tensors["mask"]).last_hidden_state,
-        rtol=1e-6,
-        atol=1e-6,
-    )
 
 
 class _Int8Linear(torch.nn.Module):
@@ -322,7 +262,7 @@ def test_quantizer_object_and_plugin_manager(case):
 
     module.wan_register_quantization = wan_register_quantization
     pm = PluginManager(load_entry_points=False, extra_plugins=[("fake", module)], environ={})
-    load_t5(CASE / "weights.safetensors", quant="fake_t5_int8", plugin_manager=pm)
+    load_t5(CASE / "weights.safetensors", quant=resolve_quantizer("fake_t5_int8", target="t5", manager=pm))
     assert [c[0] for c in by_name.calls] == ["convert", "quantize"]
 
 
@@ -336,7 +276,7 @@ def test_quantizer_for_the_dit_is_refused():
         load_t5(CASE / "weights.safetensors", quant=42)
     if importlib.util.find_spec("wan_quant_fp8") is not None:
         with pytest.raises(InputError, match="use fp8_t5"):
-            load_t5(CASE / "weights.safetensors", quant="fp8_scaled")
+            resolve_quantizer("fp8_scaled", target="t5")  # refused when resolved, before any load
 
 
 def test_wrong_file_says_what_it_looks_like():

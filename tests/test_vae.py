@@ -13,8 +13,9 @@ from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models.vae import FeatureCache, VAEConfig, WanVAEModel
 from wan_kernel.models.vae_loading import load_vae, vae_state_dict_from, vae_state_dict_to
 from wan_kernel.models.weights import load_safetensors, load_state_dict
+from wan_kernel.testing import REFERENCE_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "wan21_reference"
+FIXTURES = REFERENCE_FIXTURES
 CASE_DIR = FIXTURES / "vae"
 WEIGHTS = CASE_DIR / "weights.safetensors"
 

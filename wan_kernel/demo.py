@@ -14,8 +14,6 @@ To generate for real, point the same command at the released weights::
 
 from __future__ import annotations
 
-import math
-
 import attrs
 import torch
 from torch import nn
@@ -24,7 +22,8 @@ from wan_kernel.errors import InputError
 from wan_kernel.models.dit_config import DiTConfig
 from wan_kernel.models.t5 import T5Spec
 from wan_kernel.models.vae import VAEConfig
-from wan_kernel.pipelines.generate import ModelInfo, ModelSource, quantize_module
+from wan_kernel.pipelines.model_sources import ModelInfo, ModelSource, quantize_module
+from wan_kernel.testing.weights import randomize_weights
 
 DEMO_SEED = 20250225
 """Seed of the demo weights (the same models on every machine and run)."""
@@ -61,34 +60,6 @@ NOTICE = (
 )
 
 
-def _randomise(module: nn.Module, generator: torch.Generator) -> None:
-    """Re-draw every float parameter: norm scales ``1 + 0.1N``, biases ``0.05N``, matrices ``N/sqrt(fan_in)``.
-
-    Nothing is left at zero (the official DiT zero-initialises its head, which would make an
-    untrained model predict nothing at all).
-    """
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if not param.is_floating_point():
-                continue
-            draw = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            leaf = name.rsplit(".", 1)[-1]
-            if param.ndim == 1 and leaf == "weight":
-                value = 1.0 + 0.1 * draw
-            elif param.ndim == 1:
-                value = 0.05 * draw
-            elif param.ndim >= 2 and "modulation" not in name:
-                fan_in = (
-                    math.prod(param.shape[1:])
-                    if param.ndim > 2 or "embedding" not in name
-                    else param.shape[1]
-                )
-                value = draw / math.sqrt(max(1, fan_in))
-            else:
-                value = 0.1 * draw
-            param.copy_(value.to(param.dtype))
-
-
 def _generator(offset: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(DEMO_SEED + offset)
 
@@ -100,7 +71,7 @@ def build_demo_dit(attention, *, device: str | torch.device = "cpu") -> nn.Modul
     with torch.device("meta"):
         dit = WanDiT(DEMO_DIT, attention=attention)
     dit = dit.to_empty(device="cpu")
-    _randomise(dit, _generator(1))
+    randomize_weights(dit, generator=_generator(1))
     return dit.to(device).eval().requires_grad_(False)
 
 
@@ -113,7 +84,7 @@ def build_demo_t5(*, device: str | torch.device = "cpu") -> nn.Module:
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
     model = model.to_empty(device="cpu")
-    _randomise(model, _generator(2))
+    randomize_weights(model, generator=_generator(2))
     model.encoder.embed_tokens.weight = model.shared.weight  # tied, as in the real encoder
     return model.to(device).eval().requires_grad_(False)
 
@@ -125,19 +96,26 @@ def build_demo_vae(*, device: str | torch.device = "cpu", cache_device: str | No
     with torch.device("meta"):
         model = WanVAEModel(DEMO_VAE)
     model = model.to_empty(device="cpu")
-    _randomise(model, _generator(3))
+    randomize_weights(model, generator=_generator(3))
     model = model.to(device).eval().requires_grad_(False)
     return WanVAE(model, cache_device=cache_device)
 
 
 class DemoModels(ModelSource):
-    """The demo's :class:`~wan_kernel.pipelines.generate.ModelSource`: models built from
+    """The demo's :class:`~wan_kernel.pipelines.model_sources.ModelSource`: models built from
     :data:`DEMO_DIT` / :data:`DEMO_T5` / :data:`DEMO_VAE` with fixed weights (no files)."""
 
     name = "demo"
 
     def dit_info(self) -> ModelInfo:
-        return ModelInfo(DEMO_DIT.model_type, DEMO_DIT.dim, DEMO_DIT.num_layers, "the built-in tiny demo DiT")
+        return ModelInfo(
+            DEMO_DIT.model_type,
+            DEMO_DIT.dim,
+            DEMO_DIT.num_layers,
+            "the built-in tiny demo DiT",
+            text_dim=DEMO_DIT.text_dim,
+            head_dim=DEMO_DIT.head_dim,
+        )
 
     def load_dit(self, *, device, dtype, attention, quant):
         dit = build_demo_dit(attention, device=device)

@@ -15,7 +15,14 @@ from __future__ import annotations
 from typing import Callable
 
 from wan_kernel import hookspec
-from wan_kernel.interfaces import AttentionBackend, CfgSchedule, Offloader, Quantizer, TimestepSampler
+from wan_kernel.interfaces import (
+    CONCERNS,
+    AttentionBackend,
+    CfgSchedule,
+    Offloader,
+    Quantizer,
+    TimestepSampler,
+)
 
 # -- Attention --------------------------------------------------------------------------------
 
@@ -103,11 +110,5 @@ def wan_register_cfg_schedule(register: Callable[[CfgSchedule], None]) -> None:
     """
 
 
-REGISTRY_HOOKS: dict[str, str] = {
-    "attention": "wan_register_attention",
-    "quantization": "wan_register_quantization",
-    "offload": "wan_register_offload",
-    "timestep_sampling": "wan_register_timestep_sampling",
-    "cfg_schedule": "wan_register_cfg_schedule",
-}
+REGISTRY_HOOKS: dict[str, str] = {concern: f"wan_register_{concern}" for concern in CONCERNS}
 """Concern name -> the registry hook that fills its table."""

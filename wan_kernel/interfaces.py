@@ -167,6 +167,36 @@ class Offloader(Implementation):
 # --------------------------------------------------------------------------------------------
 
 
+WEIGHTING_SCHEMES: tuple[str, ...] = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
+"""The accepted ``weighting_scheme`` values (the seed trainer's)."""
+
+
+def weighting_scheme_loss_weights(sigmas: "torch.Tensor", weighting_scheme: str) -> "torch.Tensor":
+    """Per-sample loss weights of a weighting scheme for noise levels ``sigmas`` (any shape; float32,
+    same shape).
+
+    ``sigma_sqrt``: ``sigma^-2``; ``cosmap``: ``2 / (pi (1 - 2 sigma + 2 sigma^2))``; the other
+    schemes (``none``, ``logit_normal``, ``mode``: they only change how ``sigma`` is drawn) weigh
+    every sample 1.
+    """
+    import math
+
+    import torch
+
+    from wan_kernel.errors import InputError
+
+    if weighting_scheme not in WEIGHTING_SCHEMES:
+        raise InputError(
+            f"unknown weighting_scheme {weighting_scheme!r}; choose one of: {', '.join(WEIGHTING_SCHEMES)}."
+        )
+    sigmas = sigmas.float()
+    if weighting_scheme == "sigma_sqrt":
+        return sigmas**-2.0
+    if weighting_scheme == "cosmap":
+        return 2.0 / (math.pi * (1.0 - 2.0 * sigmas + 2.0 * sigmas**2))
+    return torch.ones_like(sigmas)
+
+
 @attrs.frozen
 class TimestepSamplingConfig:
     """Parameters of training timestep sampling, with the seed trainer's names and defaults."""
@@ -191,6 +221,9 @@ class TimestepSampler(Implementation):
     ``t * 1000``), honouring ``config.min_timestep``/``max_timestep``. ``latent_shape`` is
     ``[B, C, F, H, W]`` of the latents, for resolution-dependent samplers. Pure functions of the
     generator: the same seed gives the same draw.
+
+    ``sampler.loss_weights(sigmas, config=...)`` gives the per-sample loss weights the trainer
+    multiplies the loss by (override it for a sampler that needs its own weighting).
     """
 
     @abc.abstractmethod
@@ -203,6 +236,12 @@ class TimestepSampler(Implementation):
         generator: "torch.Generator | None" = None,
         device: Any = "cpu",
     ) -> "torch.Tensor": ...
+
+    def loss_weights(self, sigmas: "torch.Tensor", *, config: TimestepSamplingConfig) -> "torch.Tensor":
+        """Per-sample weights of the training loss for the noise levels ``sigmas`` this sampler drew
+        (any shape; float32, same shape). Default: ``config.weighting_scheme``'s weights
+        (:func:`weighting_scheme_loss_weights`: ones for ``none``, ``logit_normal``, ``mode``)."""
+        return weighting_scheme_loss_weights(sigmas, config.weighting_scheme)
 
 
 # --------------------------------------------------------------------------------------------

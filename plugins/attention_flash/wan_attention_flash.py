@@ -14,24 +14,22 @@ is a free reshape.
 
 The kernels take fp16/bf16 only: fp32 inputs are cast to bf16 and the result back to fp32. Head
 dims must be multiples of 8 up to 256. The library is imported when the backend is selected or
-first called, never when the plugin is discovered.
+first called, never when the plugin is discovered (``wan_kernel.attention_kernels.KernelAttention``
+does the lazy import, the availability verdict and the input checks).
 
-The packing helpers (``key_lengths``, ``cu_seqlens``, ``pack_varlen``, ``varlen_attention``)
-are plain torch so they are tested on CPU with a stand-in kernel.
+The packing helpers (``cu_seqlens``, ``pack_varlen``, ``varlen_attention``) are plain torch so
+they are tested on CPU with a stand-in kernel.
 """
 
 from __future__ import annotations
 
-import abc
 import importlib
-import importlib.util
 import itertools
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 from wan_kernel import hookimpl
-from wan_kernel.attention_inputs import check_attention_inputs, half_precision, key_lengths
-from wan_kernel.errors import InputError, PluginUnavailableError
-from wan_kernel.interfaces import AttentionBackend, Availability
+from wan_kernel.attention_inputs import key_lengths
+from wan_kernel.attention_kernels import KernelAttention
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -120,78 +118,24 @@ def varlen_attention(
     return out.reshape(b, lq, h, d)
 
 
-def check_head_dim(head_dim: int, *, backend: str) -> None:
-    """FlashAttention handles head dims that are multiples of 8, up to 256."""
-    if head_dim % 8 != 0 or not 8 <= head_dim <= MAX_HEAD_DIM:
-        raise InputError(
-            f"{backend} attention supports head dims that are multiples of 8 up to {MAX_HEAD_DIM}; got "
-            f"{head_dim}. Use the sdpa attention backend for this model"
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # The backends
 # --------------------------------------------------------------------------------------------
 
 
-class _FlashVarlenAttention(AttentionBackend):
+class _FlashVarlenAttention(KernelAttention):
     """Shared body of ``flash2`` and ``flash3``; subclasses say which module and which GPUs."""
 
-    module_name: ClassVar[str]
-    library: ClassVar[str]
     supports_backward = True
+    distribution = DISTRIBUTION
 
-    def __init__(self) -> None:
-        self._kernel: VarlenKernel | None = None
-
-    # -- availability ---------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    def capability_problem(self, capability: tuple[int, int]) -> str | None:
-        """Why a GPU of this compute capability cannot run the kernel (``None``: it can)."""
-
-    def judge(
-        self, *, library_found: bool, cuda_available: bool, capability: tuple[int, int] | None
-    ) -> Availability:
-        """The availability verdict from what was probed (a pure function, tested on CPU)."""
-        problems = []
-        if not library_found:
-            problems.append(
-                f"{self.library} is not installed (no module {self.module_name!r}); {self.install_hint}"
+    def head_dim_problem(self, head_dim):
+        if head_dim % 8 != 0 or not 8 <= head_dim <= MAX_HEAD_DIM:
+            return (
+                f"supports head dims that are multiples of 8 up to {MAX_HEAD_DIM}; got {head_dim}. "
+                "Use the sdpa attention backend for this model"
             )
-        if not cuda_available:
-            problems.append("it needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False)")
-        elif capability is not None:
-            problem = self.capability_problem(capability)
-            if problem:
-                problems.append(problem)
-        return Availability.no("; ".join(problems)) if problems else Availability.yes()
-
-    def availability(self) -> Availability:
-        if self._kernel is not None:
-            return Availability.yes()
-        try:
-            found = importlib.util.find_spec(self.module_name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:  # say so without importing torch: `wan plugins` stays fast
-            return self.judge(library_found=False, cuda_available=True, capability=None)
-        import torch
-
-        cuda = torch.cuda.is_available()
-        capability = tuple(torch.cuda.get_device_capability()) if cuda else None
-        verdict = self.judge(library_found=found, cuda_available=cuda, capability=capability)
-        if not verdict.ok:
-            return verdict
-        try:
-            self._kernel = self.load_kernel()
-        except Exception as exc:  # a wheel built for another torch fails here (undefined symbol)
-            return Availability.no(
-                f"{self.module_name} is installed but fails to import ({type(exc).__name__}: {exc}); it was "
-                f"probably built for another torch or CUDA version than torch {torch.__version__}: "
-                f"reinstall it against this torch ({self.install_hint})"
-            )
-        return verdict
+        return None
 
     def load_kernel(self) -> VarlenKernel:
         """Import the library and return its varlen function wrapped as a :data:`VarlenKernel`."""
@@ -207,27 +151,8 @@ class _FlashVarlenAttention(AttentionBackend):
 
         return kernel
 
-    def kernel(self) -> VarlenKernel:
-        """The loaded kernel; raises ``PluginUnavailableError`` saying what to install when it cannot run."""
-        if self._kernel is None:
-            verdict = self.availability()
-            if not verdict.ok:
-                raise PluginUnavailableError("attention", self.name, verdict.reason, DISTRIBUTION)
-        assert self._kernel is not None
-        return self._kernel
-
-    # -- the call -------------------------------------------------------------------------------
-
-    def __call__(self, q, k, v, k_lens=None):
-        """Attention of ``q`` ``[B, Lq, H, D]`` over ``k``/``v`` ``[B, Lk, H, D]`` (CUDA tensors).
-
-        Returns ``[B, Lq, H, D]`` in ``q``'s dtype; keys at index ``>= k_lens[b]`` get no weight.
-        """
-        check_attention_inputs(q, k, v, backend=self.name)
-        check_head_dim(q.shape[-1], backend=self.name)
-        kernel = self.kernel()
-        qh, kh, vh = half_precision(q, k, v)
-        return varlen_attention(qh, kh, vh, k_lens, kernel=kernel).to(q.dtype)
+    def attend(self, q, k, v, k_lens, *, kernel):
+        return varlen_attention(q, k, v, k_lens, kernel=kernel)
 
 
 class FlashAttention2(_FlashVarlenAttention):
@@ -238,7 +163,7 @@ class FlashAttention2(_FlashVarlenAttention):
     module_name = "flash_attn"
     library = "flash-attn (FlashAttention-2)"
 
-    def capability_problem(self, capability):
+    def capability_problem(self, capability, *, version=None):
         if tuple(capability) < (8, 0):
             major, minor = capability
             return (
@@ -259,7 +184,7 @@ class FlashAttention3(_FlashVarlenAttention):
     module_name = "flash_attn_interface"
     library = "FlashAttention-3"
 
-    def capability_problem(self, capability):
+    def capability_problem(self, capability, *, version=None):
         if tuple(capability)[0] != 9:
             major, minor = capability
             return (

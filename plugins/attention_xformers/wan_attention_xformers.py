@@ -9,19 +9,19 @@ queries see only its own valid keys. Forward and backward, on any CUDA GPU xform
 
 fp32 inputs are cast to bf16 (like the other fused backends; Wan runs in bf16) and the result
 back to fp32. xformers is imported when the backend is selected or first called, never when the
-plugin is discovered. The packing helpers are plain torch, tested on CPU with a stand-in kernel.
+plugin is discovered (``wan_kernel.attention_kernels.KernelAttention`` does the lazy import, the
+availability verdict and the input checks). The packing helpers are plain torch, tested on CPU
+with a stand-in kernel.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from wan_kernel import hookimpl
-from wan_kernel.attention_inputs import check_attention_inputs, half_precision, key_lengths
-from wan_kernel.errors import InputError, PluginUnavailableError
-from wan_kernel.interfaces import AttentionBackend, Availability
+from wan_kernel.attention_inputs import key_lengths
+from wan_kernel.attention_kernels import KernelAttention
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -80,7 +80,7 @@ def block_diagonal_attention(
 # --------------------------------------------------------------------------------------------
 
 
-class XformersAttention(AttentionBackend):
+class XformersAttention(KernelAttention):
     name = "xformers"
     description = "xformers memory_efficient_attention (CUDA, trains; pip install xformers)"
     install_hint = (
@@ -88,43 +88,8 @@ class XformersAttention(AttentionBackend):
         "(cu<XY> = your torch's CUDA build, e.g. cu128; the xformers wheel must match your torch version)"
     )
     supports_backward = True
-
-    def __init__(self) -> None:
-        self._kernel: BlockDiagonalKernel | None = None
-
-    def judge(
-        self, *, library_found: bool, cuda_available: bool, capability: tuple[int, int] | None = None
-    ) -> Availability:
-        """The availability verdict from what was probed (a pure function, tested on CPU)."""
-        problems = []
-        if not library_found:
-            problems.append(f"xformers is not installed; {self.install_hint}")
-        if not cuda_available:
-            problems.append("it needs a CUDA GPU and torch sees none (torch.cuda.is_available() is False)")
-        return Availability.no("; ".join(problems)) if problems else Availability.yes()
-
-    def availability(self) -> Availability:
-        if self._kernel is not None:
-            return Availability.yes()
-        try:
-            found = importlib.util.find_spec("xformers") is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:  # say so without importing torch: `wan plugins` stays fast
-            return self.judge(library_found=False, cuda_available=True)
-        import torch
-
-        verdict = self.judge(library_found=found, cuda_available=torch.cuda.is_available())
-        if not verdict.ok:
-            return verdict
-        try:
-            self._kernel = self.load_kernel()
-        except Exception as exc:  # a wheel built for another torch fails here
-            return Availability.no(
-                f"xformers is installed but fails to import ({type(exc).__name__}: {exc}); it was probably "
-                f"built for another torch than torch {torch.__version__}: reinstall it ({self.install_hint})"
-            )
-        return verdict
+    module_name = "xformers"
+    distribution = DISTRIBUTION
 
     def load_kernel(self) -> BlockDiagonalKernel:
         """Import xformers and wrap ``memory_efficient_attention`` as a :data:`BlockDiagonalKernel`."""
@@ -143,24 +108,8 @@ class XformersAttention(AttentionBackend):
 
         return kernel
 
-    def kernel(self) -> BlockDiagonalKernel:
-        """The loaded kernel; raises ``PluginUnavailableError`` saying what to install when it cannot run."""
-        if self._kernel is None:
-            verdict = self.availability()
-            if not verdict.ok:
-                raise PluginUnavailableError("attention", self.name, verdict.reason, DISTRIBUTION)
-        assert self._kernel is not None
-        return self._kernel
-
-    def __call__(self, q, k, v, k_lens=None):
-        """Attention of ``q`` ``[B, Lq, H, D]`` over ``k``/``v`` ``[B, Lk, H, D]`` (CUDA tensors).
-
-        Returns ``[B, Lq, H, D]`` in ``q``'s dtype; keys at index ``>= k_lens[b]`` get no weight.
-        """
-        check_attention_inputs(q, k, v, backend=self.name)
-        kernel = self.kernel()
-        qh, kh, vh = half_precision(q, k, v)
-        return block_diagonal_attention(qh, kh, vh, k_lens, kernel=kernel).to(q.dtype)
+    def attend(self, q, k, v, k_lens, *, kernel):
+        return block_diagonal_attention(q, k, v, k_lens, kernel=kernel)
 
 
 @hookimpl

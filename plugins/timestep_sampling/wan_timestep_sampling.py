@@ -57,7 +57,12 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from wan_kernel import hookimpl
 from wan_kernel.errors import InputError
-from wan_kernel.interfaces import TimestepSampler, TimestepSamplingConfig
+from wan_kernel.interfaces import (
+    WEIGHTING_SCHEMES,
+    TimestepSampler,
+    TimestepSamplingConfig,
+    weighting_scheme_loss_weights,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -78,9 +83,6 @@ __all__ = [
     "shift_timesteps",
     "validate_config",
 ]
-
-WEIGHTING_SCHEMES: tuple[str, ...] = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
-"""The accepted ``weighting_scheme`` values."""
 
 MAX_REJECTION_ROUNDS = 1000
 """Most rounds of draws ``preserve_distribution_shape`` makes before giving up."""
@@ -164,23 +166,10 @@ def flux_shift_mu(height: int, width: int) -> float:
 
 
 def loss_weights(sigmas: "torch.Tensor", weighting_scheme: str) -> "torch.Tensor":
-    """Per-sample loss weights for noise levels ``sigmas`` (any shape; float32, same shape).
-
-    ``sigma_sqrt``: ``sigma^-2``; ``cosmap``: ``2 / (pi (1 - 2 sigma + 2 sigma^2))``; the other
-    schemes (``none``, ``logit_normal``, ``mode``) weigh every sample 1.
-    """
-    import torch
-
-    if weighting_scheme not in WEIGHTING_SCHEMES:
-        raise InputError(
-            f"unknown weighting_scheme {weighting_scheme!r}; choose one of: {', '.join(WEIGHTING_SCHEMES)}."
-        )
-    sigmas = sigmas.float()
-    if weighting_scheme == "sigma_sqrt":
-        return sigmas**-2.0
-    if weighting_scheme == "cosmap":
-        return 2.0 / (math.pi * (1.0 - 2.0 * sigmas + 2.0 * sigmas**2))
-    return torch.ones_like(sigmas)
+    """Per-sample loss weights of ``weighting_scheme`` for noise levels ``sigmas`` (float32, same shape):
+    the kernel's :func:`~wan_kernel.interfaces.weighting_scheme_loss_weights`, which every sampler's
+    :meth:`~wan_kernel.interfaces.TimestepSampler.loss_weights` applies with ``config.weighting_scheme``."""
+    return weighting_scheme_loss_weights(sigmas, weighting_scheme)
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -17,9 +17,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "load_dit": "wan_kernel.models.dit_loading",
+    # the contract's loaders accept plugin names: wan_kernel.loading resolves them, then calls
+    # the models' own loaders with objects (models never import the plugin manager)
+    "load_dit": "wan_kernel.loading",
     "load_vae": "wan_kernel.models.vae_loading",
-    "load_t5": "wan_kernel.models.t5",
+    "load_t5": "wan_kernel.loading",
     "load_clip_vision": "wan_kernel.models.clip",
     "load_tokenizer": "wan_kernel.models.tokenizer",
     "encode_prompts": "wan_kernel.models.t5",

@@ -17,15 +17,17 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models import arguments
-from wan_kernel.models.quantization import resolve_quantizer
+from wan_kernel.models.attention import sdpa_attention
 from wan_kernel.models.dit import COMPUTE_DTYPES, WanDiT
-from wan_kernel.models.dit_config import MODEL_TYPE_WORDS, PRESETS, DiTConfig, infer_dit_config
+from wan_kernel.models.dit_config import MODEL_TYPE_WORDS, MODEL_TYPES, PRESETS, DiTConfig, infer_dit_config
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
+from wan_kernel.models.quantization import check_quantizer
 from wan_kernel.models.weights import (
     check_finite_weights,
     as_path,
@@ -39,18 +41,18 @@ from wan_kernel.models.weights import (
 
 __all__ = [
     "TASKS",
+    "DiTFile",
     "dit_state_dict_from",
     "dit_state_dict_to",
     "load_dit",
+    "read_dit",
     "read_dit_config",
     "resolve_dtype",
 ]
 
 TASKS: dict[str, tuple[str, DiTConfig | None]] = {
     **{name: (preset.model_type, preset) for name, preset in PRESETS.items()},
-    "t2v": ("t2v", None),
-    "i2v": ("i2v", None),
-    "flf2v": ("flf2v", None),
+    **{model_type: (model_type, None) for model_type in MODEL_TYPES},
 }
 """Task names ``load_dit(task=...)`` checks the weights against: model type and (if sized) preset."""
 
@@ -74,14 +76,15 @@ def _file_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
     return dominant if dominant in COMPUTE_DTYPES else torch.bfloat16
 
 
-def _resolve_attention(attention: str | Callable, manager) -> Callable:
-    if isinstance(attention, str):
-        from wan_kernel.plugins import resolve
-
-        return resolve("attention", attention, manager=manager)
+def _check_attention(attention: Callable | None) -> Callable:
+    if attention is None:
+        return sdpa_attention
     if callable(attention):
         return attention
-    raise InputError(f"attention must be a backend name (e.g. 'sdpa') or a callable, got {attention!r}")
+    raise InputError(
+        f"attention must be an attention implementation (a callable fn(q, k, v, k_lens)), got {attention!r}; "
+        "resolve a backend name with wan_kernel.plugins.resolve('attention', name)"
+    )
 
 
 def _check_kind(path: Path, keys: list[str]) -> str:
@@ -197,8 +200,28 @@ def _merge_loras(
     return sd
 
 
-def _read_dit(path: Path, num_heads: int | None) -> tuple[dict[str, torch.Tensor], DiTConfig, str]:
-    """The file's tensors in official names (memory-mapped where the format allows), its config and layout."""
+@attrs.frozen
+class DiTFile:
+    """A DiT weight file, read: its tensors in official names (memory-mapped where the format
+    allows; fused projections split into views), its config and its key layout."""
+
+    path: Path
+    state_dict: dict[str, torch.Tensor] = attrs.field(repr=False)
+    config: DiTConfig
+    layout: str
+
+
+def read_dit(path: str | os.PathLike, *, num_heads: int | None = None) -> DiTFile:
+    """Read a DiT file once: its tensors (nothing copied where the format allows memory-mapping),
+    config (heads as in :func:`load_dit`) and layout. :func:`load_dit` takes the result as its ``path``
+    (once: it consumes the tensors).
+
+    :raises WeightsError: the file is missing, unreadable, malformed, or not a Wan2.1 DiT (saying
+        what it is); a ``config.json`` beside it is malformed.
+    :raises InputError: ``path`` is not a path, ``num_heads`` not a positive int.
+    """
+    path = as_path(path, what="DiT").expanduser()
+    num_heads = arguments.check_num_heads(num_heads, what="the DiT")
     raw = load_state_dict(path, what="DiT")
     layout = _check_kind(path, list(raw))
     sd = dit_state_dict_from(layout, raw)  # renames only (fused projections are split into views)
@@ -207,7 +230,7 @@ def _read_dit(path: Path, num_heads: int | None) -> tuple[dict[str, torch.Tensor
         config = infer_dit_config(sd, num_heads=num_heads, config_json=config_beside(path))
     except WeightsError as exc:
         raise WeightsError(f"{path}: {exc}") from None
-    return sd, config, layout
+    return DiTFile(path, sd, config, layout)
 
 
 def read_dit_config(path: str | os.PathLike, *, num_heads: int | None = None) -> tuple[DiTConfig, str]:
@@ -219,38 +242,38 @@ def read_dit_config(path: str | os.PathLike, *, num_heads: int | None = None) ->
     :returns: ``(config, layout)``, ``layout`` one of ``official``, ``comfyui``, ``diffusers``.
     :raises WeightsError: the file is missing, unreadable, or not a Wan2.1 DiT (saying what it is).
     """
-    path = as_path(path, what="DiT").expanduser()
-    num_heads = arguments.check_num_heads(num_heads, what="the DiT")
-    sd, config, layout = _read_dit(path, num_heads)
-    del sd
-    return config, layout
+    dit_file = read_dit(path, num_heads=num_heads)
+    return dit_file.config, dit_file.layout
 
 
 def load_dit(
-    path: str | os.PathLike,
+    path: str | os.PathLike | DiTFile,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     num_heads: int | None = None,
     quant: Any = None,
-    attention: str | Callable = "sdpa",
+    attention: Callable | None = None,
     task: str | None = None,
     loras: Iterable[Any] | None = None,
     log: Callable[[str], None] | None = None,
-    plugin_manager=None,
 ) -> WanDiT:
     """Load a Wan2.1 DiT (t2v / i2v / flf2v, any size) from a file, a folder of shards or a ``.pth``.
 
     :param path: ``.safetensors`` file, folder of ``.safetensors`` shards, or ``.pth``/``.pt``; the
-        official, ComfyUI-prefixed or diffusers ``WanTransformer3DModel`` key layout.
+        official, ComfyUI-prefixed or diffusers ``WanTransformer3DModel`` key layout. Or a
+        :class:`DiTFile` from :func:`read_dit` (the file is then not read again; ``num_heads`` was
+        given to ``read_dit``).
     :param device: where the weights go.
     :param dtype: compute dtype (float32 / bfloat16 / float16, or a name); ``None``: the dtype most
         of the file's weights have (fp8 files: bfloat16). The ``modulation`` tables stay float32.
     :param num_heads: attention heads; else ``config.json`` beside the weights; else ``dim // 128``.
-    :param quant: a quantization plugin name (``fp8``, ``fp8_scaled``) or a ``Quantizer`` object.
+    :param quant: a resolved ``Quantizer`` object (a quantization plugin's implementation, e.g. from
+        ``wan_kernel.pipelines.plugin_setup.resolve_quantizer("fp8_scaled", target="dit")``), or ``None``.
         Without it, scaled-fp8 files (musubi-tuner, ``fp8_scaled``, ComfyUI ``scaled_fp8``) are
         dequantized to ``dtype`` (:func:`wan_kernel.models.weights.fold_fp8_scales`).
-    :param attention: an attention plugin name (default ``sdpa``) or a callable ``fn(q, k, v, k_lens)``.
+    :param attention: an attention implementation ``fn(q, k, v, k_lens)`` (e.g. a resolved attention
+        plugin); ``None``: PyTorch's SDPA (:func:`wan_kernel.models.attention.sdpa_attention`).
     :param task: optional task name (``t2v-14B``, ``i2v-14B``, ``t2v-1.3B``, ``t2v``, ...) the file must fit.
     :param loras: :class:`wan_kernel.lora.LoraSpec` objects (or paths, or mappings
         ``LoraSpec.coerce`` takes) merged into the state dict after the key layout is converted and
@@ -259,7 +282,6 @@ def load_dit(
         dequantized (any scale layout), merged and handed to the quantizer in bfloat16; fp8
         weights no LoRA touches reach the quantizer as stored.
     :param log: receives one summary line per LoRA file (what was merged, what had no target).
-    :param plugin_manager: the ``PluginManager`` to resolve names with (default: the process-wide one).
     :returns: the model in eval mode with ``requires_grad`` off (training turns on what it trains).
     :raises WeightsError: the file is missing, unreadable, malformed, another kind of model,
         incomplete, or wrong for ``task``; a scaled-fp8 weight lacks its scale; a ``config.json``
@@ -268,15 +290,17 @@ def load_dit(
         ``dtype`` name, ``num_heads`` not a positive int, an unknown ``device``); a LoRA matches
         nothing in the model or does not fit its shapes.
     """
-    path = as_path(path, what="DiT").expanduser()
     num_heads = arguments.check_num_heads(num_heads, what="the DiT")
     lora_specs = _coerce_loras(loras)
     dtype = resolve_dtype(dtype)
     device = arguments.check_device(device)
-    attention_fn = _resolve_attention(attention, plugin_manager)
-    quantizer = resolve_quantizer(quant, target="dit", manager=plugin_manager)
+    attention_fn = _check_attention(attention)
+    quantizer = check_quantizer(quant, target="dit")
 
-    sd, config, layout = _read_dit(path, num_heads)
+    dit_file = path if isinstance(path, DiTFile) else read_dit(path, num_heads=num_heads)
+    # the file's dict is consumed: each tensor is replaced by its loaded copy, never two full copies
+    path, sd, config, layout = dit_file.path, dit_file.state_dict, dit_file.config, dit_file.layout
+    del dit_file
     if task is not None:
         _check_task(path, config, task)
     if dtype is None:

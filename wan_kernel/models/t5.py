@@ -29,7 +29,7 @@ import torch
 
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models import arguments
-from wan_kernel.models.quantization import resolve_quantizer
+from wan_kernel.models.quantization import check_quantizer
 from wan_kernel.models.weights import (
     check_finite_weights,
     as_path,
@@ -324,18 +324,17 @@ def load_t5(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     quant: Any = None,
-    plugin_manager=None,
 ):
     """Load a umt5 text encoder from an official, ComfyUI or transformers-layout file.
 
     :param path: ``.pth``/``.safetensors`` file or folder of shards.
     :param device: where the weights go.
     :param dtype: compute dtype; ``None`` keeps the file's (fp8 files compute in bfloat16).
-    :param quant: a quantization plugin name (``fp8_t5``) or a ``Quantizer`` object supporting the
-        ``"t5"`` target. The model is built on ``meta``, the quantizer swaps its Linears, quantizes
-        the tensors read from the file (on ``device``), and the result is adopted: the
-        high-precision encoder is never held in full next to the quantized one.
-    :param plugin_manager: the ``PluginManager`` to resolve ``quant`` with (default: the process-wide one).
+    :param quant: a resolved ``Quantizer`` supporting the ``"t5"`` target (e.g.
+        ``wan_kernel.pipelines.plugin_setup.resolve_quantizer("fp8_t5", target="t5")``), or ``None``.
+        The model is built on ``meta``, the quantizer swaps its Linears, quantizes the tensors read
+        from the file (on ``device``), and the result is adopted: the high-precision encoder is never
+        held in full next to the quantized one.
     :returns: a transformers ``UMT5EncoderModel`` in eval mode; ``t5(input_ids, attention_mask)``
         returns an output whose ``last_hidden_state`` is ``[B, L, dim]``.
     :raises WeightsError: the file is missing, unreadable, malformed or not a umt5 encoder.
@@ -345,7 +344,7 @@ def load_t5(
     path = as_path(path, what="T5 text encoder").expanduser()
     dtype = arguments.resolve_dtype(dtype, allowed=T5_DTYPES, what="the T5 text encoder")
     device = arguments.check_device(device)
-    quantizer = resolve_quantizer(quant, target="t5", manager=plugin_manager)
+    quantizer = check_quantizer(quant, target="t5")
     raw = load_state_dict(path, what="T5 text encoder")
     state = t5_state_to_hf(raw, source=str(path))
     del raw

@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from wan_kernel.errors import InputError
+from wan_kernel.models.clip import CLIP_MEAN, CLIP_STD
+from wan_kernel.models.vae import SPATIAL_STRIDE, TEMPORAL_STRIDE
 
-VAE_STRIDE = (4, 8, 8)
+VAE_STRIDE = (TEMPORAL_STRIDE, SPATIAL_STRIDE, SPATIAL_STRIDE)
 PATCH = (1, 2, 2)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_IMAGE_SIZE = 224
 
 
@@ -192,3 +192,31 @@ def encode_conditioning(
             lat_f += 1
     y = torch.cat([msk, latent])  # [20, T, h, w]
     return ImageConditioning(y=y, clip_fea=clip_fea, lat_h=lat_h, lat_w=lat_w, latent_frames=lat_f)
+
+
+def read_request_images(
+    image_path: str, end_image_path: str | None = None, *, background: str = "white"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The start (and end) image of a request as ``[3, h, w]`` tensors in [-1, 1] at their own size.
+
+    :param background: what transparent pixels become (``--image_background``).
+    """
+    from wan_kernel.pipelines import media
+
+    start = media.image_to_tensor(media.read_image(image_path, background=background))
+    end = None
+    if end_image_path:
+        end = media.image_to_tensor(media.read_image(end_image_path, background=background))
+    return start, end
+
+
+def request_clip_features(
+    clip, start: torch.Tensor, end: torch.Tensor | None, *, mode: str, device: torch.device
+) -> torch.Tensor:
+    """CLIP features ``[N, 257, 1280]`` (CPU) of a request's images: the start image, and for
+    ``flf2v`` also the end image cropped to the start's aspect and resized to its size."""
+    images = [start]
+    if end is not None and mode == "flf2v":
+        images.append(resize_image(crop_to_aspect(end, *start.shape[1:]), *start.shape[1:]))
+    with torch.no_grad():
+        return torch.cat([clip_features(clip, image[None].to(device)) for image in images]).cpu()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import attrs
 
 from wan_kernel.errors import InputError
+from wan_kernel.models.dit_config import MODEL_TYPES, PRESETS
 
 DEFAULT_NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
@@ -76,27 +77,25 @@ class TaskSpec:
 
 _SIZES_14B = ((720, 1280), (1280, 720), (480, 832), (832, 480))
 
+
+def _task(name: str, mode: str, **defaults) -> TaskSpec:
+    """A named task of a released DiT: ``model_type`` and ``dim`` come from its preset."""
+    preset = PRESETS[name]
+    return TaskSpec(name, mode, preset.model_type, preset.dim, **defaults)
+
+
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("t2v-1.3B", "t2v", "t2v", 1536, steps=50, flow_shift=5.0, supported_sizes=SIZES_480P),
-        TaskSpec("t2v-14B", "t2v", "t2v", 5120, steps=50, flow_shift=5.0, supported_sizes=_SIZES_14B),
-        TaskSpec(
-            "t2i-14B",
-            "t2i",
-            "t2v",
-            5120,
-            steps=50,
-            flow_shift=5.0,
-            frames=1,
-            supported_sizes=(*_SIZES_14B, (1024, 1024)),
+        _task("t2v-1.3B", "t2v", steps=50, flow_shift=5.0, supported_sizes=SIZES_480P),
+        _task("t2v-14B", "t2v", steps=50, flow_shift=5.0, supported_sizes=_SIZES_14B),
+        _task(
+            "t2i-14B", "t2i", steps=50, flow_shift=5.0, frames=1, supported_sizes=(*_SIZES_14B, (1024, 1024))
         ),
-        TaskSpec("i2v-14B", "i2v", "i2v", 5120, steps=40, flow_shift=5.0, supported_sizes=_SIZES_14B),
-        TaskSpec(
+        _task("i2v-14B", "i2v", steps=40, flow_shift=5.0, supported_sizes=_SIZES_14B),
+        _task(
             "flf2v-14B",
             "flf2v",
-            "flf2v",
-            5120,
             steps=40,
             flow_shift=16.0,
             supported_sizes=_SIZES_14B,
@@ -104,7 +103,9 @@ TASKS: dict[str, TaskSpec] = {
         ),
     )
 }
-"""The named tasks of the official release (``--task``)."""
+"""The named tasks of the official release (``--task``): one per DiT preset
+(:data:`wan_kernel.models.dit_config.PRESETS`), with the official defaults."""
+assert TASKS.keys() == PRESETS.keys(), "every DiT preset is a task and every task a preset"
 
 
 def _family(model_type: str, dim: int) -> TaskSpec:
@@ -115,7 +116,7 @@ def _family(model_type: str, dim: int) -> TaskSpec:
 
 def tasks_for_model(model_type: str, dim: int) -> list[TaskSpec]:
     """Every task a DiT with this ``model_type`` and width can run, the default one first."""
-    if model_type not in ("t2v", "i2v", "flf2v"):
+    if model_type not in MODEL_TYPES:
         raise InputError(f"unsupported DiT model_type {model_type!r}; expected t2v, i2v or flf2v")
     matches = [t for t in TASKS.values() if t.model_type == model_type and t.dim == dim]
     if matches:

@@ -5,6 +5,7 @@ Fixtures:
 - ``attention_conformance``: a function ``(backend, **kwargs)`` that runs the attention
   conformance suite and fails the test with every case out of tolerance.
 - ``cuda_device``: ``"cuda"``, or skips the test with the reason when no CUDA GPU is present.
+- ``reference_fixtures``: the folder of the official golden tensors (skips when it is absent).
 
 Marker ``cuda``: tests marked ``@pytest.mark.cuda`` skip with a reason on machines without CUDA.
 """
@@ -50,3 +51,13 @@ def attention_conformance():
     from wan_kernel.testing.attention import check_attention_backend
 
     return check_attention_backend
+
+
+@pytest.fixture(scope="session")
+def reference_fixtures():
+    """The reference fixtures folder (:data:`wan_kernel.testing.REFERENCE_FIXTURES`); skips without it."""
+    from wan_kernel.testing import REFERENCE_FIXTURES
+
+    if not REFERENCE_FIXTURES.is_dir():
+        pytest.skip(f"reference fixtures not found at {REFERENCE_FIXTURES}")
+    return REFERENCE_FIXTURES

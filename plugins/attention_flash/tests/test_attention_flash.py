@@ -15,13 +15,11 @@ import torch
 from wan_attention_flash import (
     FlashAttention2,
     FlashAttention3,
-    check_head_dim,
     cu_seqlens,
-    half_precision,
-    key_lengths,
     pack_varlen,
     varlen_attention,
 )
+from wan_kernel.attention_inputs import half_precision, key_lengths
 from wan_kernel.errors import InputError, PluginUnavailableError
 from wan_kernel.plugins import PluginManager
 from wan_kernel.testing.attention import (
@@ -127,12 +125,12 @@ def test_fp32_is_cast_to_bf16_and_half_kept():
 @pytest.mark.parametrize("head_dim", [4, 100, 264])
 def test_unsupported_head_dims_are_explained(head_dim):
     with pytest.raises(InputError, match="multiples of 8 up to 256"):
-        check_head_dim(head_dim, backend="flash2")
+        FlashAttention2().check_head_dim(head_dim)
 
 
 def test_supported_head_dims_pass():
     for head_dim in (64, 128, 256):
-        check_head_dim(head_dim, backend="flash2")
+        FlashAttention2().check_head_dim(head_dim)
 
 
 def test_cpu_tensors_get_a_clear_error():
@@ -199,7 +197,7 @@ def test_call_without_library_raises_unavailable(monkeypatch):
     backend = FlashAttention2()
     if backend.availability().ok:
         pytest.skip("flash-attn is usable here")
-    monkeypatch.setattr("wan_attention_flash.check_attention_inputs", lambda *a, **k: None)
+    monkeypatch.setattr("wan_kernel.attention_kernels.check_attention_inputs", lambda *a, **k: None)
     q = torch.randn(1, 4, 2, 64)
     with pytest.raises(PluginUnavailableError, match="flash2"):
         backend(q, q, q)

@@ -14,11 +14,9 @@ import torch
 
 from wan_attention_sage import (
     SageAttention,
-    check_head_dim,
-    half_precision,
-    key_lengths,
     per_sample_attention,
 )
+from wan_kernel.attention_inputs import half_precision, key_lengths
 from wan_kernel.errors import InputError, PluginUnavailableError
 from wan_kernel.plugins import PluginManager
 from wan_kernel.testing.attention import (
@@ -87,7 +85,7 @@ def test_fp32_is_cast_to_bf16_and_half_kept():
 @pytest.mark.parametrize("head_dim", [32, 80, 256])
 def test_unsupported_head_dims_are_explained(head_dim):
     with pytest.raises(InputError, match="64, 96, 128"):
-        check_head_dim(head_dim, backend="sageattn")
+        SageAttention().check_head_dim(head_dim)
 
 
 def test_training_is_refused_clearly():

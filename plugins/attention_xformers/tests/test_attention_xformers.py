@@ -15,10 +15,9 @@ import torch
 from wan_attention_xformers import (
     XformersAttention,
     block_diagonal_attention,
-    half_precision,
-    key_lengths,
     pack_block_diagonal,
 )
+from wan_kernel.attention_inputs import half_precision, key_lengths
 from wan_kernel.errors import InputError, PluginUnavailableError
 from wan_kernel.plugins import PluginManager
 from wan_kernel.testing.attention import (

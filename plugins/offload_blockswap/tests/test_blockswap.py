@@ -18,10 +18,12 @@ from torch.utils.checkpoint import checkpoint
 
 from wan_kernel.errors import InputError, PluginUnavailableError
 from wan_kernel.plugins import PluginManager
+from wan_kernel.models.attention import sdpa_attention
+from wan_kernel.testing import REFERENCE_FIXTURES, randomize_weights
 from wan_offload_blockswap import BlockSwapOffloader
 from wan_offload_blockswap.runner import move_except_blocks
 
-FIXTURES = Path(__file__).resolve().parents[3].parent / "shared" / "fixtures" / "wan21_reference"
+FIXTURES = REFERENCE_FIXTURES
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,7 +360,6 @@ def test_fixture_dit_equals_no_swap(checkpointing):
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_four_layer_dit_equals_no_swap(n):
-    from wan_attention_sdpa import SdpaAttention
     from wan_kernel.models.dit import WanDiT
     from wan_kernel.models.dit_config import DiTConfig
 
@@ -366,18 +367,15 @@ def test_four_layer_dit_equals_no_swap(n):
 
     def make():
         torch.manual_seed(0)
-        model = WanDiT(cfg, SdpaAttention())
-        for p in model.parameters():
-            p.data.normal_(0, 0.2)  # the official init zeroes the head: make every weight count
-            p.requires_grad_(False)
-        return model
+        model = WanDiT(cfg, sdpa_attention)
+        # the official init zeroes the head: make every weight count
+        return randomize_weights(model).requires_grad_(False)
 
     _dit_equal_with_swap(make, n, checkpointing=True)
 
 
 def test_fp8_scaled_dit_from_the_quant_plugin_equals_no_swap():
     quant = pytest.importorskip("wan_quant_fp8.checkpoint", reason="wan-quant-fp8 is not installed")
-    from wan_attention_sdpa import SdpaAttention
     from wan_kernel.models.dit import WanDiT
     from wan_kernel.models.dit_config import DiTConfig
 
@@ -385,9 +383,8 @@ def test_fp8_scaled_dit_from_the_quant_plugin_equals_no_swap():
 
     def make():
         torch.manual_seed(0)
-        model = WanDiT(cfg, SdpaAttention())
-        for p in model.parameters():
-            p.data.normal_(0, 0.2)
+        model = WanDiT(cfg, sdpa_attention)
+        randomize_weights(model)
         quant.quantize_model(model, "fp8_scaled", target="dit", device="cpu")
         return model.requires_grad_(False)
 

@@ -9,19 +9,19 @@ import torch
 from safetensors.torch import save_file
 from wan_quant_fp8.testing import randomize_
 
+from wan_kernel.models.attention import sdpa_attention
 from wan_kernel.models.dit import WanDiT
 from wan_kernel.models.dit_config import DiTConfig
+from wan_kernel.testing import REFERENCE_FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[3].parent / "shared" / "fixtures" / "wan21_reference"
+FIXTURES = REFERENCE_FIXTURES
 TINY = DiTConfig(
     model_type="t2v", dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_dim=32, in_dim=16, out_dim=16
 )
 
 
 def _build(config: DiTConfig = TINY, seed: int = 0, spread_rows: bool = True) -> WanDiT:
-    from wan_attention_sdpa import SdpaAttention
-
-    return randomize_(WanDiT(config, attention=SdpaAttention()), seed, spread_rows=spread_rows).eval()
+    return randomize_(WanDiT(config, attention=sdpa_attention), seed, spread_rows=spread_rows).eval()
 
 
 def _inputs(config: DiTConfig = TINY, seed: int = 1):

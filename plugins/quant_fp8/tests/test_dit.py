@@ -20,6 +20,7 @@ from wan_kernel.errors import PluginUnavailableError, WeightsError
 from wan_kernel.models.dit import WanDiT
 from wan_kernel.models.dit_config import PRESETS
 from wan_kernel.models.dit_loading import load_dit
+from wan_kernel.pipelines.plugin_setup import resolve_quantizer
 
 BOUNDS = {"fp8": 0.04, "fp8_scaled": 0.02, "fp8_fast": 0.025}
 QUANTIZERS = {"fp8": Fp8Quantizer(), "fp8_scaled": Fp8ScaledQuantizer(), "fp8_fast": Fp8FastQuantizer()}
@@ -45,7 +46,7 @@ def test_each_mode_stays_close_to_float32_and_scaled_beats_plain(
 
 
 def test_kept_parts_stay_high_precision(tiny_dit_file):
-    model = load_dit(tiny_dit_file, num_heads=2, dtype="bfloat16", quant="fp8_scaled")
+    model = load_dit(tiny_dit_file, num_heads=2, dtype="bfloat16", quant=resolve_quantizer("fp8_scaled", target="dit"))
     for name, p in model.named_parameters():
         module_name, _, leaf = name.rpartition(".")
         if leaf == "weight" and is_quantized_layer("dit", module_name):
@@ -71,7 +72,7 @@ def test_parameter_bytes_are_about_half_of_bf16(tiny_dit_file):
             assert 0.5 <= ratio <= 0.56, (preset, mode, ratio)
     # the tiny model, loaded: its big Linears take (1 + 4/64) / 2 of their bf16 bytes
     plain = load_dit(tiny_dit_file, num_heads=2, dtype="bfloat16")
-    scaled = load_dit(tiny_dit_file, num_heads=2, dtype="bfloat16", quant="fp8_scaled")
+    scaled = load_dit(tiny_dit_file, num_heads=2, dtype="bfloat16", quant=resolve_quantizer("fp8_scaled", target="dit"))
     linears = [n for n, m in plain.named_modules() if is_quantized_layer("dit", n)]
     before = sum(state_bytes(plain.get_submodule(n)) for n in linears)
     after = sum(state_bytes(scaled.get_submodule(n)) for n in linears)
@@ -93,26 +94,26 @@ def test_float8_e4m3fn_files_load(tmp_path, tiny_dit_file, tiny_dit_reference, d
     }
     path = tmp_path / "dit_fp8_e4m3fn.safetensors"
     save_file(fp8_file, str(path))
-    from_fp8 = _run(load_dit(path, num_heads=2, dtype="float32", quant="fp8"), dit_inputs)
+    from_fp8 = _run(load_dit(path, num_heads=2, dtype="float32", quant=resolve_quantizer("fp8", target="dit")), dit_inputs)
     assert relative_error(from_fp8, tiny_dit_reference) < BOUNDS["fp8"]
     # fp8_scaled takes the stored fp8 values with unit scales: the same numbers exactly
-    scaled = load_dit(path, num_heads=2, dtype="float32", quant="fp8_scaled")
+    scaled = load_dit(path, num_heads=2, dtype="float32", quant=resolve_quantizer("fp8_scaled", target="dit"))
     assert scaled.blocks[0].ffn[0].scale_weight.eq(1).all()
     assert torch.equal(_run(scaled, dit_inputs), from_fp8)
     # bf16 is the compute dtype such a file picks when none is given
-    assert load_dit(path, num_heads=2, quant="fp8").compute_dtype == torch.bfloat16
+    assert load_dit(path, num_heads=2, quant=resolve_quantizer("fp8", target="dit")).compute_dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("mode", ["fp8", "fp8_scaled"])
 def test_save_quantized_then_load_gives_identical_outputs(tmp_path, tiny_dit_file, dit_inputs, mode):
-    model = load_dit(tiny_dit_file, num_heads=2, dtype="bfloat16", quant=mode)
+    model = load_dit(tiny_dit_file, num_heads=2, dtype="bfloat16", quant=resolve_quantizer(mode, target="dit"))
     first = _run(model, dit_inputs)
     path = save_quantized(model, tmp_path / f"tiny_{mode}.safetensors")
     assert read_quantization_tag(path) == mode
     stored = load_file(str(path))
     assert stored["blocks.0.self_attn.q.weight"].dtype == FP8
     assert ("blocks.0.self_attn.q.scale_weight" in stored) == (mode == "fp8_scaled")
-    again = load_dit(path, num_heads=2, quant=mode)
+    again = load_dit(path, num_heads=2, quant=resolve_quantizer(mode, target="dit"))
     assert again.compute_dtype == torch.bfloat16
     assert torch.equal(_run(again, dit_inputs), first)
     for key, value in model.state_dict().items():
@@ -121,7 +122,7 @@ def test_save_quantized_then_load_gives_identical_outputs(tmp_path, tiny_dit_fil
 
 def test_save_quantized_keeps_every_view_of_one_tensor(tmp_path, tiny_dit_file, dit_inputs):
     """Biases that are views of one fused tensor (a fused-qkv file) are not tied weights: all are written."""
-    model = load_dit(tiny_dit_file, num_heads=2, quant="fp8_scaled")
+    model = load_dit(tiny_dit_file, num_heads=2, quant=resolve_quantizer("fp8_scaled", target="dit"))
     attn = model.blocks[0].self_attn
     fused = torch.cat([attn.q.bias, attn.k.bias, attn.v.bias])  # [3 * dim]
     for i, name in enumerate("qkv"):
@@ -132,7 +133,7 @@ def test_save_quantized_keeps_every_view_of_one_tensor(tmp_path, tiny_dit_file, 
     assert stored.keys() == model.state_dict().keys()
     for name in "qkv":
         assert torch.equal(stored[f"blocks.0.self_attn.{name}.bias"], getattr(attn, name).bias), name
-    again = load_dit(path, num_heads=2, dtype="float32", quant="fp8_scaled")
+    again = load_dit(path, num_heads=2, dtype="float32", quant=resolve_quantizer("fp8_scaled", target="dit"))
     assert torch.equal(_run(again, dit_inputs), _run(model, dit_inputs))
 
 
@@ -156,19 +157,19 @@ def test_comfyui_style_per_tensor_scaled_file_loads(tmp_path, tiny_dit_file, tin
             out[k] = v.to(torch.bfloat16)
     path = tmp_path / "comfy_scaled.safetensors"
     save_file(out, str(path))
-    model = load_dit(path, num_heads=2, dtype="float32", quant="fp8_scaled")
+    model = load_dit(path, num_heads=2, dtype="float32", quant=resolve_quantizer("fp8_scaled", target="dit"))
     assert model.blocks[0].self_attn.q.scale_weight.shape == (128, 2, 1)
     # per-tensor scales with outlier rows are coarse, but the values are kept exactly
     assert relative_error(_run(model, dit_inputs), tiny_dit_reference) < 0.1
     with pytest.raises(WeightsError, match="fp8_scaled"):
-        load_dit(path, num_heads=2, quant="fp8")
+        load_dit(path, num_heads=2, quant=resolve_quantizer("fp8", target="dit"))
 
 
 @pytest.mark.parametrize("case", ["dit_t2v", "dit_i2v"])
 def test_official_fixture_under_fp8_scaled(fixtures_dir, case):
     data = load_file(str(fixtures_dir / case / "case.safetensors"))
     model = load_dit(
-        fixtures_dir / case / "weights.safetensors", num_heads=2, dtype="float32", quant="fp8_scaled"
+        fixtures_dir / case / "weights.safetensors", num_heads=2, dtype="float32", quant=resolve_quantizer("fp8_scaled", target="dit")
     )
     kwargs = {}
     if "clip_fea" in data:
@@ -185,7 +186,7 @@ def test_fp8_fast_is_refused_on_cpu_with_the_reason(tiny_dit_file):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
     with pytest.raises(PluginUnavailableError, match="compute capability 8.9"):
-        load_dit(tiny_dit_file, num_heads=2, quant="fp8_fast")
+        load_dit(tiny_dit_file, num_heads=2, quant=resolve_quantizer("fp8_fast", target="dit"))
 
 
 @pytest.mark.cuda
@@ -195,9 +196,29 @@ def test_fp8_fast_dit_on_cuda(cuda_device, tiny_dit_file, tiny_dit_reference, di
     reason = scaled_mm_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    model = load_dit(tiny_dit_file, num_heads=2, dtype="bfloat16", quant="fp8_fast", device=cuda_device)
+    model = load_dit(tiny_dit_file, num_heads=2, dtype="bfloat16", quant=resolve_quantizer("fp8_fast", target="dit"), device=cuda_device)
     assert model.blocks[0].ffn[0].weight.device.type == "cuda"
     x, t, context = dit_inputs
     with torch.no_grad():
         out = model(x.to(cuda_device), t.to(cuda_device), [c.to(cuda_device) for c in context]).cpu()
     assert relative_error(out, tiny_dit_reference) < 0.03
+
+
+@pytest.mark.parametrize("mode", ["fp8", "fp8_scaled"])
+def test_contract_loader_takes_the_plugin_name(tiny_dit_file, dit_inputs, mode):
+    """CONTRACT.md: ``wan_kernel.models.load_dit(path, quant="fp8_scaled")`` resolves the name through
+    the installed plugins and gives the model that loading with the resolved object gives."""
+    from wan_kernel import models
+
+    by_name = models.load_dit(tiny_dit_file, dtype="float32", quant=mode)
+    by_object = load_dit(tiny_dit_file, dtype="float32", quant=QUANTIZERS[mode])
+    assert any(isinstance(m, Fp8Linear) for m in by_name.modules())
+    torch.testing.assert_close(_run(by_name, dit_inputs), _run(by_object, dit_inputs), rtol=0, atol=0)
+
+
+def test_contract_loader_names_an_unknown_quantizer(tiny_dit_file):
+    from wan_kernel import models
+    from wan_kernel.errors import PluginError
+
+    with pytest.raises(PluginError, match="fp9"):
+        models.load_dit(tiny_dit_file, quant="fp9")

@@ -11,6 +11,7 @@ from wan_quant_fp8.tensors import FP8
 from wan_quant_fp8.testing import relative_error
 
 from wan_kernel.errors import InputError
+from wan_kernel.pipelines.plugin_setup import resolve_quantizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,7 +82,7 @@ def test_save_quantized_writes_the_tied_embedding_once(tmp_path):
     stored = load_file(str(path))
     assert stored.keys() == model.state_dict().keys() - {"encoder.embed_tokens.weight"}
     assert torch.equal(stored["shared.weight"], model.shared.weight)
-    again = load_t5(path, quant="fp8_t5", dtype=torch.float32)
+    again = load_t5(path, quant=resolve_quantizer("fp8_t5", target="t5"), dtype=torch.float32)
     assert again.shared.weight is again.encoder.embed_tokens.weight  # tied again
     for key, value in model.state_dict().items():
         assert torch.equal(again.state_dict()[key].float(), value.float()), key

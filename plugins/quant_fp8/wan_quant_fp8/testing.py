@@ -13,29 +13,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from wan_kernel.testing import randomize_weights
 from wan_quant_fp8.scheme import is_quantized_layer
 
 
 def randomize_(
     model: nn.Module, seed: int = 0, *, spread_rows: bool = True, device: str | torch.device = "cpu"
 ) -> nn.Module:
-    """Draw every parameter in place: weights ``N(0, 1/fan_in)``, biases ``0.05 N``, norm scales
-    ``1 + 0.1 N``, modulation ``0.1 N``; with ``spread_rows``, the attention q/k weights
-    ``0.002 N`` and rows 0-3 of every quantized DiT Linear x4 (outliers). The numbers are drawn
+    """Draw every parameter in place (``wan_kernel.testing.randomize_weights``: weights
+    ``N(0, 1/fan_in)``, biases ``0.05 N``, norm scales ``1 + 0.1 N``, modulation ``0.1 N``); with
+    ``spread_rows``, the attention q/k weights ``0.002 N`` and rows 0-3 of every quantized DiT
+    Linear x4 (outliers). The numbers are drawn
     on ``device`` (the same seed gives other numbers on another device) and copied in."""
     g = torch.Generator(device=device).manual_seed(seed)
+    randomize_weights(model, generator=g)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            last = name.rsplit(".", 1)[-1]
-            if last == "modulation":
-                value = 0.1 * torch.randn(p.shape, generator=g, device=device)
-            elif last == "bias":
-                value = 0.05 * torch.randn(p.shape, generator=g, device=device)
-            elif p.ndim == 1:  # norm scales
-                value = 1 + 0.1 * torch.randn(p.shape, generator=g, device=device)
-            else:
-                value = torch.randn(p.shape, generator=g, device=device) / p[0].numel() ** 0.5
-            p.copy_(value)
         if spread_rows:
             for name, module in model.named_modules():
                 if isinstance(module, nn.Linear) and is_quantized_layer("dit", name):

@@ -298,6 +298,20 @@ def test_loss_weights():
         loss_weights(sigmas, "sigma")
 
 
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+def test_every_sampler_gives_its_loss_weights_through_the_interface(name):
+    """The trainer asks the sampler (``TimestepSampler.loss_weights``), never this module."""
+    sampler = BY_NAME[name]
+    sigmas = sampler.sample(6, config=TimestepSamplingConfig(), latent_shape=(6, 16, 3, 8, 8))
+    for scheme in ("sigma_sqrt", "cosmap", "none", "logit_normal", "mode"):
+        config = TimestepSamplingConfig(weighting_scheme=scheme)
+        weights = sampler.loss_weights(sigmas, config=config)
+        assert weights.dtype == torch.float32 and weights.shape == sigmas.shape
+        assert torch.equal(weights, loss_weights(sigmas, scheme)), scheme
+    ones = sampler.loss_weights(sigmas, config=TimestepSamplingConfig(weighting_scheme="logit_normal"))
+    assert bool((ones == 1).all())
+
+
 # -- registration and import cost -----------------------------------------------------------
 
 

@@ -1,0 +1,146 @@
+"""The layering as a checked fact: walk every import of the source files (ast) and fail when
+
+- a model module (``wan_kernel.models``) imports the plugin manager, the pipelines or the CLI;
+- a sampler module (``wan_kernel.sampling``) imports the models;
+- a plugin under ``plugins/`` imports a kernel module ``docs/plugins.md`` does not list as public.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL = REPO / "wan_kernel"
+DOC = REPO / "docs" / "plugins.md"
+
+
+def module_name(path: Path, root: Path = REPO) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _is_module(dotted: str) -> bool:
+    base = REPO.joinpath(*dotted.split("."))
+    return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
+
+
+def imported_modules(source: str, *, package: str = "") -> set[str]:
+    """Every module a source file imports, anywhere in it (function-level imports included).
+
+    ``from pkg import name`` counts as ``pkg.name`` when that is a module of this repository;
+    relative imports are resolved against ``package``.
+    """
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*parent, *([base] if base else [])])
+            found.add(base)
+            for alias in node.names:
+                if _is_module(f"{base}.{alias.name}"):
+                    found.add(f"{base}.{alias.name}")
+    return found
+
+
+def _within(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def violations(files, forbidden: tuple[str, ...], root: Path = REPO) -> list[str]:
+    out = []
+    for path in files:
+        name = module_name(path, root)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for module in sorted(imported_modules(path.read_text(encoding="utf-8"), package=package)):
+            if _within(module, forbidden):
+                out.append(f"{path.relative_to(REPO)} imports {module}")
+    return out
+
+
+def public_kernel_modules() -> set[str]:
+    """The modules listed in the first column of docs/plugins.md's "Helpers for plugin authors" table."""
+    text = DOC.read_text(encoding="utf-8")
+    section = text.split("## Helpers for plugin authors", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `(wan_kernel[\w.]*)` \|", section, flags=re.MULTILINE))
+
+
+def allowed_for_plugins(module: str, public: set[str]) -> bool:
+    if module in public:
+        return True
+    # a public package (other than the root) opens its submodules: wan_kernel.testing.attention
+    packages = [p for p in public if p != "wan_kernel" and (REPO / p.replace(".", "/")).is_dir()]
+    return any(module.startswith(p + ".") for p in packages)
+
+
+def test_model_modules_import_neither_plugins_nor_pipelines_nor_cli():
+    files = sorted((KERNEL / "models").rglob("*.py"))
+    assert len(files) > 5
+    assert violations(files, ("wan_kernel.plugins", "wan_kernel.pipelines", "wan_cli", "cli")) == []
+
+
+def test_samplers_do_not_import_the_models():
+    files = sorted((KERNEL / "sampling").rglob("*.py"))
+    assert len(files) > 3
+    assert violations(files, ("wan_kernel.models",)) == []
+
+
+def plugin_sources() -> list[Path]:
+    return sorted(
+        p
+        for p in (REPO / "plugins").rglob("*.py")
+        if "tests" not in p.relative_to(REPO / "plugins").parts and ".egg-info" not in str(p)
+    )
+
+
+def test_plugins_import_only_public_kernel_modules():
+    public = public_kernel_modules()
+    assert {"wan_kernel", "wan_kernel.interfaces", "wan_kernel.errors"} <= public
+    files = plugin_sources()
+    assert len(files) > 8
+    bad = []
+    for path in files:
+        for module in sorted(imported_modules(path.read_text(encoding="utf-8"))):
+            if _within(module, ("wan_kernel",)) and not allowed_for_plugins(module, public):
+                bad.append(f"{path.relative_to(REPO)} imports {module}, which docs/plugins.md does not list")
+    assert bad == []
+
+
+@pytest.mark.parametrize(
+    "source, forbidden, caught",
+    [
+        (
+            "def f():\n    from wan_kernel.plugins import resolve\n",
+            ("wan_kernel.plugins",),
+            "wan_kernel.plugins",
+        ),
+        ("from wan_kernel import plugins\n", ("wan_kernel.plugins",), "wan_kernel.plugins"),
+        (
+            "import wan_kernel.pipelines.generate\n",
+            ("wan_kernel.pipelines",),
+            "wan_kernel.pipelines.generate",
+        ),
+        ("from ..models import dit\n", ("wan_kernel.models",), "wan_kernel.models"),
+    ],
+)
+def test_the_walk_sees_every_form_of_import(tmp_path, source, forbidden, caught):
+    """The checker itself: imports inside functions, of submodules by name, and relative ones."""
+    found = imported_modules(source, package="wan_kernel.sampling")
+    assert caught in found
+    assert any(_within(m, forbidden) for m in found)
+
+
+def test_an_unlisted_kernel_module_is_refused_for_plugins():
+    public = public_kernel_modules()
+    assert allowed_for_plugins("wan_kernel.testing.attention", public)
+    assert not allowed_for_plugins("wan_kernel.pipelines.generate", public)
+    assert not allowed_for_plugins("wan_kernel.plugins", public)

@@ -1,0 +1,107 @@
+"""Stage: build the DiT a run denoises with: load it (quantized while loading), merge LoRAs,
+attach block offload, compile the blocks. Every plugin arrives already resolved."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from wan_kernel.errors import InputError
+from wan_kernel.models.weights import check_finite_weights
+from wan_kernel.pipelines.model_sources import ModelSource
+
+
+def lora_support():
+    """The ``wan_kernel.lora`` module, or an :class:`InputError` when this install lacks it."""
+    if importlib.util.find_spec("wan_kernel.lora") is None:
+        raise InputError(
+            "--lora_weight needs LoRA support (wan_kernel.lora), which this install does not have"
+        )
+    from wan_kernel import lora
+
+    return lora
+
+
+def lora_specs(
+    paths: Sequence[str],
+    multipliers: Sequence[float] = (),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """One ``{path, multiplier, include, exclude}`` per LoRA file (the options pair up by position)."""
+    multipliers = tuple(multipliers) or tuple(1.0 for _ in paths)
+    return [
+        {
+            "path": path,
+            "multiplier": multipliers[i],
+            "include": include[i] if i < len(include) else None,
+            "exclude": exclude[i] if i < len(exclude) else None,
+        }
+        for i, path in enumerate(paths)
+    ]
+
+
+def build_dit(
+    models: ModelSource,
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    attention: Callable | None,
+    quantizer: Any = None,
+    loras: Sequence[Any] = (),
+    offloader: Any = None,
+    blocks_to_swap: int = 0,
+    compile: bool = False,
+    log: Callable[[str], None] = print,
+) -> torch.nn.Module:
+    """The DiT ready to denoise on ``device``.
+
+    :param models: where the DiT comes from (``models.load_dit``).
+    :param device: the compute device.
+    :param dtype: the compute dtype (``None``: the file's).
+    :param attention: a resolved attention implementation (``None``: the model's default, SDPA).
+    :param quantizer: a resolved ``Quantizer`` for the DiT, applied while loading, or ``None``.
+    :param loras: LoRA specs (:func:`lora_specs` dicts or ``wan_kernel.lora.LoraSpec``): merged
+        into the high-precision weights before quantization when ``quantizer`` is given, else
+        into the loaded module.
+    :param offloader: a resolved offload implementation (its ``attach(blocks, device=,
+        blocks_to_swap=, training=)``): the model is loaded on the CPU and only the non-block
+        parts move to ``device``; the runner swaps blocks in during the forward.
+    :param blocks_to_swap: blocks kept off ``device`` (with ``offloader``).
+    :param compile: ``torch.compile`` each transformer block.
+    :param log: receives the LoRA merge summaries.
+    """
+    offload = offloader is not None
+    quant = quantizer
+    if loras and quant is not None:
+        # merge into the high-precision weights while loading, before they are quantized
+        quant = lora_support().merging_quantizer(quant, loras)
+    dit = models.load_dit(
+        device=torch.device("cpu") if offload else device, dtype=dtype, attention=attention, quant=quant
+    )
+    if loras and quantizer is None:
+        dit = lora_support().apply_loras(dit, loras, log=log)
+        # a huge multiplier or a merge that overflowed: refuse it before a single step runs
+        check_finite_weights(
+            dict(dit.named_parameters()), "the DiT with the LoRAs merged in (a multiplier too large?)"
+        )
+    elif loras:
+        for report in quant.reports:
+            log(report.summary())
+    if offload:
+        for name, child in dit.named_children():
+            if name != "blocks":
+                child.to(device)
+        runner = offloader.attach(dit.blocks, device=device, blocks_to_swap=blocks_to_swap, training=False)
+        dit.set_block_runner(runner)
+        runner.prepare()
+    if compile:
+        for block in dit.blocks:
+            block.compile()
+    return dit
+
+
+__all__ = ["build_dit", "lora_specs", "lora_support"]
