@@ -238,6 +238,8 @@ def run_api_case(
             call(tmp_path)
     except WrongResult as exc:
         return Outcome(case, 0, str(exc), out, wrong=str(exc))
+    except SystemExit as exc:  # the process would have ended here without a word
+        return Outcome(case, 0, "", out, wrong=f"exited silently (SystemExit {exc.code!r})")
     except expected as exc:
         return Outcome(case, 1, str(exc), out)
     except Exception as exc:  # noqa: BLE001 - a wrong exception type is a traceback for the user
