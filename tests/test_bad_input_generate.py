@@ -277,7 +277,9 @@ def taken_name(tmp: Path) -> list[str]:
 def stale_temporary(tmp: Path) -> list[str]:
     out = tmp / "out"
     out.mkdir()
-    (out / ".clip.wan-999999999-0123abcd.partial.mp4").write_bytes(b"left by kill -9")
+    from wan_kernel.files import _host
+
+    (out / f".clip.wan-{_host()}-999999999-0123abcd.partial.mp4").write_bytes(b"left by kill -9")
     return ["--prompt", "p", *DEMO, "--output_type", "latent"]
 
 

@@ -315,3 +315,15 @@ def test_immutable_folder(tmp_path):
     assert result.exit_code == 1, result.output
     assert str(folder) in result.stderr and "not permitted" in result.stderr
     assert "Traceback" not in result.output and list(folder.iterdir()) == []
+
+
+def test_only_dead_writers_temporaries_of_this_machine_are_cleaned(tmp_path):
+    host = files._host()
+    dead = tmp_path / f".a.wan-{host}-999999999-0123abcd.partial.mp4"
+    live = tmp_path / f".b.wan-{host}-{os.getpid()}-0123abcd.partial.mp4"
+    elsewhere = tmp_path / ".c.wan-otherhost-999999999-0123abcd.partial.mp4"
+    mine = tmp_path / "keep.mp4"
+    for path in (dead, live, elsewhere, mine):
+        path.write_bytes(b"x")
+    assert files.clean_stale_temporaries(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (live, elsewhere, mine))

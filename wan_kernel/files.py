@@ -13,8 +13,8 @@ here:
   name exists, so two concurrent runs never overwrite each other; a taken name gets ``_1``,
   ``_2``, ... before the suffix), otherwise with ``os.replace``. Any failure (an exception,
   Ctrl-C, ``SIGTERM`` handled as Ctrl-C) removes the temporary. A ``kill -9`` leaves it, named
-  ``.<name>.wan-<pid>-<random>.partial<suffix>``, and the next run in that folder deletes it
-  once process ``<pid>`` is gone.
+  ``.<name>.wan-<host>-<pid>-<random>.partial<suffix>``, and the next run in that folder deletes
+  it once process ``<pid>`` of this machine is gone (another machine's temporaries are left alone).
 - A full disk, a quota, a read-only filesystem or a permission problem met while writing is an
   :class:`~wan_kernel.errors.OutputError` naming the path and the reason.
 """
@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,21 @@ from wan_kernel.errors import OutputError
 
 TEMP_MARK = ".wan-"
 PARTIAL = ".partial"
-_TEMP_RE = re.compile(r"^\..+\.wan-(\d+)-[0-9a-f]{8}\.partial[^/]*$")
+_TEMP_RE = re.compile(r"^\..+\.wan-(?P<host>[A-Za-z0-9_]*)-(?P<pid>\d+)-[0-9a-f]{8}\.partial[^/]*$")
+
+
+def _host() -> str:
+    """This machine's name as it goes into temporary names (a run on another machine sharing the
+    folder is never mistaken for a dead one of ours)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32]
+
+
+def temporary_name(stem: str, suffix: str = "") -> str:
+    """``.<stem>.wan-<host>-<pid>-<random>.partial<suffix>``: hidden, and telling which process on
+    which machine writes it (:func:`clean_stale_temporaries` reads that back)."""
+    return f".{stem}{TEMP_MARK}{_host()}-{os.getpid()}-{secrets.token_hex(4)}{PARTIAL}{suffix}"
+
+
 MIN_FREE_BYTES = 1 << 20
 """Set-up refuses a folder whose filesystem has less free space than this (1 MiB)."""
 _DISK_FULL_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -124,7 +139,7 @@ def probe_folder(folder: Path, *, label: str | None = None) -> None:
     """Create and delete an empty hidden file in ``folder``: the only check that is right for root,
     immutable folders and read-only filesystems alike; then look at the free space."""
     label = label or f"the folder {folder}"
-    probe = folder / f".wan-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    probe = folder / temporary_name("probe")
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
@@ -192,7 +207,7 @@ def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         match = _TEMP_RE.match(entry.name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or match["host"] != _host() or _pid_alive(int(match["pid"])):
             continue
         path = Path(entry.path)
         with _suppress_oserror():
@@ -247,7 +262,7 @@ class AtomicOutput:
     def _temporary_name(self) -> Path:
         suffix = "" if self.directory else self.path.suffix
         stem = self.path.name if self.directory else self.path.stem
-        name = f".{stem}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{PARTIAL}{suffix}"
+        name = temporary_name(stem, suffix)
         return self.path.parent / name
 
     def __enter__(self) -> "AtomicOutput":
