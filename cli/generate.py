@@ -286,6 +286,13 @@ class GenerateCommand(click.Command):
 )
 @_option("--include_patterns", multiple=True, help="Regex of LoRA modules to keep, one per LoRA.")
 @_option("--exclude_patterns", multiple=True, help="Regex of LoRA modules to drop, one per LoRA.")
+@_option("--lora_strict", is_flag=True, help="Fail when a LoRA has tensors that match nothing in the DiT.")
+@_option(
+    "--save_merged_model",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the DiT with the LoRAs merged to this file (as `wan lora merge`) and exit.",
+)
 @_option("--verbose", is_flag=True, help="Show tracebacks of errors (same as WAN_DEBUG=1).")
 @click.pass_context
 @handle_wan_errors
@@ -350,6 +357,9 @@ def run_generate(ctx: click.Context, options: dict) -> None:
     from wan_kernel.pipelines.prompts import read_prompt_file
 
     config = _build_config(options)
+    if options["save_merged_model"]:
+        _save_merged_model(config, options["save_merged_model"])
+        return
     modes = [
         name for name in ("prompt", "from_file", "interactive", "latent_path") if options[name] not in (None, False)
     ]  # --prompt '' is a mode too: the config check then says the prompt is empty
@@ -383,6 +393,24 @@ def run_generate(ctx: click.Context, options: dict) -> None:
         click.echo(pipeline.summary(), err=True)
     finally:
         pipeline.close()
+
+
+def _save_merged_model(config, output: str) -> None:
+    """``--save_merged_model``: the seed's way to bake LoRAs into the DiT (the file ``wan lora merge`` writes)."""
+    from wan_cli.lora_cmd import write_merged_dit
+
+    from wan_kernel.lora import specs_from_options
+
+    if not config.dit:
+        raise InputError("--save_merged_model needs the DiT: pass --dit PATH")
+    if not config.lora_weights:
+        raise InputError("--save_merged_model needs at least one --lora_weight to merge")
+    specs = specs_from_options(
+        config.lora_weights, config.lora_multipliers, config.include_patterns, config.exclude_patterns
+    )
+    write_merged_dit(
+        config.dit, specs, output, quant=config.quant, device=config.device, strict=config.lora_strict
+    )
 
 
 def _interactive(pipeline) -> None:

@@ -1,4 +1,4 @@
-"""The ``wan`` command: ``wan plugins`` and the ``wan run`` group of jobs.
+"""The ``wan`` command: ``wan plugins``, the ``wan run`` group of jobs and the ``wan lora`` tools.
 
 Startup stays cheap: nothing here imports torch. The jobs under ``wan run`` (which do) are
 listed in :data:`RUN_COMMANDS` as ``"module:attribute"`` with their one-line help, and imported
@@ -51,6 +51,21 @@ RUN_COMMANDS: dict[str, LazyCommand] = {
     ),
 }
 """``wan run`` subcommands: name -> where it lives and its one-line help (shown without importing it)."""
+
+LORA_COMMANDS: dict[str, LazyCommand] = {
+    "convert": LazyCommand(
+        "wan_cli.lora_cmd:convert", "Convert a LoRA between the kohya, ComfyUI and diffusers layouts."
+    ),
+    "merge": LazyCommand("wan_cli.lora_cmd:merge", "Merge LoRAs into a DiT file, or into one LoRA."),
+    "info": LazyCommand(
+        "wan_cli.lora_cmd:info", "Layout, ranks, targets, fitting model, metadata and hashes of a LoRA."
+    ),
+    "resize": LazyCommand(
+        "wan_cli.lora_cmd:resize", "Reduce a LoRA's rank by SVD, reporting the kept energy."
+    ),
+    "ema": LazyCommand("wan_cli.lora_cmd:ema", "Post-hoc EMA over LoRA checkpoints of one run."),
+}
+"""``wan lora`` subcommands, imported on first use like :data:`RUN_COMMANDS`."""
 
 
 class LazyGroup(WanGroup):
@@ -112,6 +127,16 @@ def cli() -> None:
 )
 def run() -> None:
     """Run a job. Each job is its own command with its own --help."""
+
+
+@cli.group(
+    cls=LazyGroup,
+    lazy_commands=LORA_COMMANDS,
+    context_settings=CONTEXT_SETTINGS,
+    short_help="LoRA files: " + ", ".join(sorted(LORA_COMMANDS)) + ".",
+)
+def lora() -> None:
+    """Convert, merge, inspect, resize and average LoRA files for the Wan2.1 DiT."""
 
 
 cli.add_command(plugins)

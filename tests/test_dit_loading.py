@@ -399,11 +399,12 @@ def lora_file(tmp_path: Path) -> Path:
 
 
 def test_loras_without_quant_equal_apply_loras(tmp_path):
-    from wan_kernel.lora import LoraSpec, apply_loras
+    from wan_kernel.lora import LoraMerge, LoraSpec, apply_loras
 
     specs = [LoraSpec(lora_file(tmp_path), multiplier=0.7)]
     lines: list[str] = []
-    merged = load_dit(T2V / "weights.safetensors", loras=specs, log=lines.append).state_dict()
+    merge = LoraMerge(specs, log=lines.append)
+    merged = load_dit(T2V / "weights.safetensors", state_dict_transform=merge).state_dict()
     by_hand = apply_loras(load_dit(T2V / "weights.safetensors"), specs).state_dict()
     assert merged.keys() == by_hand.keys()
     for key in merged:
@@ -422,13 +423,12 @@ class RecordingQuantizer(FakeInt8):
 
 
 def test_loras_are_merged_before_the_quantizer_sees_the_weights(tmp_path):
-    from wan_kernel.lora import LoraSpec, merge_loras_into_state_dict
+    from wan_kernel.lora import LoraMerge, LoraSpec
 
     specs = [LoraSpec(lora_file(tmp_path), multiplier=-0.5)]
     quantizer = RecordingQuantizer()
-    load_dit(T2V / "weights.safetensors", loras=specs, quant=quantizer)
-    by_hand = weights(T2V)
-    merge_loras_into_state_dict(by_hand, specs)
+    load_dit(T2V / "weights.safetensors", state_dict_transform=LoraMerge(specs), quant=quantizer)
+    by_hand = LoraMerge(specs)(weights(T2V))
     assert quantizer.seen.keys() == by_hand.keys()
     for key in by_hand:
         assert torch.equal(quantizer.seen[key], by_hand[key]), key
@@ -436,13 +436,13 @@ def test_loras_are_merged_before_the_quantizer_sees_the_weights(tmp_path):
 
 def test_loras_with_fp8_scaled_equal_merging_then_quantizing(tmp_path):
     pytest.importorskip("wan_quant_fp8")
-    from wan_kernel.lora import LoraSpec, merge_loras_into_state_dict
+    from wan_kernel.lora import LoraMerge, LoraSpec
 
     specs = [LoraSpec(lora_file(tmp_path))]
-    model = load_dit(T2V / "weights.safetensors", loras=specs, quant=resolve_quantizer("fp8_scaled", target="dit"))
-    merged = weights(T2V)
-    merge_loras_into_state_dict(merged, specs)
-    by_hand = load_dit(_save(tmp_path, merged), num_heads=2, quant=resolve_quantizer("fp8_scaled", target="dit")).state_dict()
+    fp8_scaled = resolve_quantizer("fp8_scaled", target="dit")
+    model = load_dit(T2V / "weights.safetensors", state_dict_transform=LoraMerge(specs), quant=fp8_scaled)
+    merged = LoraMerge(specs)(weights(T2V))
+    by_hand = load_dit(_save(tmp_path, merged), num_heads=2, quant=fp8_scaled).state_dict()
     loaded = model.state_dict()
     assert loaded["blocks.1.ffn.2.weight"].dtype == torch.float8_e4m3fn
     assert loaded.keys() == by_hand.keys()
@@ -479,7 +479,7 @@ def test_loras_into_a_block_scaled_fp8_file(tmp_path, layout):
     from wan_quant_fp8.scheme import SCHEMES
     from wan_quant_fp8.tensors import quantize_weight
 
-    from wan_kernel.lora import LoraSpec, apply_loras, merging_quantizer, read_lora
+    from wan_kernel.lora import LoraMerge, LoraSpec, apply_loras, read_lora
 
     path, stored = block_scaled_file(tmp_path, layout)
     assert stored["blocks.1.ffn.2.scale_weight"].numel() > 64  # block scales: several per row
@@ -487,14 +487,20 @@ def test_loras_into_a_block_scaled_fp8_file(tmp_path, layout):
     lora = read_lora(specs[0].path)
 
     # without quant: the same as merging into the dequantized float32 model
-    merged = load_dit(path, num_heads=2, dtype=torch.float32, loras=specs).state_dict()
+    merged = load_dit(
+        path, num_heads=2, dtype=torch.float32, state_dict_transform=LoraMerge(specs)
+    ).state_dict()
     by_hand = apply_loras(load_dit(path, num_heads=2, dtype=torch.float32), specs).state_dict()
     assert merged.keys() == by_hand.keys()
     for key in merged:
         assert torch.equal(merged[key], by_hand[key]), key
 
     # with quant: each merged layer quantized once from the float32 merge (by hand) ...
-    loaded = load_dit(path, num_heads=2, dtype=torch.float32, quant=resolve_quantizer("fp8_scaled", target="dit"), loras=specs).state_dict()
+    merge = LoraMerge(specs)
+    loaded = load_dit(
+        path, num_heads=2, dtype=torch.float32, quant=resolve_quantizer("fp8_scaled", target="dit"), state_dict_transform=merge
+    ).state_dict()
+    assert len(merge.reports) == 1 and len(merge.reports[0].merged) == len(LORA_TARGETS)
     for name, shape in LORA_TARGETS.items():
         delta = lora.modules["lora_unet_" + name.replace(".", "_")].weight_delta(shape)
         w = torch.add(expected_weight(stored, name), delta, alpha=0.8).to(torch.bfloat16)
@@ -514,26 +520,24 @@ def test_loras_into_a_block_scaled_fp8_file(tmp_path, layout):
                 assert torch.equal(loaded[key].float(), stored[key].float()), key
                 assert torch.equal(loaded[scale_key], stored[scale_key]), scale_key
 
-    # merging_quantizer (load_dit(quant=...) merging right before quantizing) gives the same model
-    wrapped = merging_quantizer("fp8_scaled", specs)
-    through = load_dit(path, num_heads=2, dtype=torch.float32, quant=wrapped).state_dict()
-    assert through.keys() == loaded.keys() and len(wrapped.reports) == 1
-    for key in loaded:
-        assert torch.equal(through[key].float(), loaded[key].float()), key
-
     # and the fp8 model with the LoRA computes what the dequantized one with the LoRA does, to fp8 rounding
     _, tensors = case(T2V)
-    plain = load_dit(path, num_heads=2, dtype=torch.float32, loras=specs)
-    fp8 = load_dit(path, num_heads=2, dtype=torch.float32, quant=resolve_quantizer("fp8_scaled", target="dit"), loras=specs)
+    plain = load_dit(path, num_heads=2, dtype=torch.float32, state_dict_transform=LoraMerge(specs))
+    fp8 = load_dit(
+        path, num_heads=2, dtype=torch.float32, quant=resolve_quantizer("fp8_scaled", target="dit"), state_dict_transform=LoraMerge(specs)
+    )
     want, got = run(plain, tensors), run(fp8, tensors)
     assert (got - want).pow(2).mean().sqrt() < 0.05 * want.pow(2).mean().sqrt()
 
 
 def test_bad_lora_spec_is_refused_before_loading(tmp_path):
+    from wan_kernel.lora import LoraMerge
+
     with pytest.raises(InputError, match="a LoRA is given as a path or a LoraSpec"):
-        load_dit(T2V / "weights.safetensors", loras=[42])
+        LoraMerge([42])
     with pytest.raises(WeightsError, match="not found"):
-        load_dit(T2V / "weights.safetensors", loras=[tmp_path / "missing.safetensors"])
+        missing = LoraMerge([tmp_path / "missing.safetensors"])
+        load_dit(T2V / "weights.safetensors", state_dict_transform=missing)
 
 
 # --------------------------------------------------------------------------------------------

@@ -256,12 +256,13 @@ FIXTURE_DIT = reference_case("dit_t2v") / "weights.safetensors"
 @pytest.mark.skipif(not FIXTURE_DIT.is_file(), reason="reference fixtures not found")
 @pytest.mark.parametrize("quant", [None, "fp8_scaled"])
 def test_lora_weights_reach_the_dit_as_load_dit_merges_them(tmp_path, quant):
-    """--lora_weight with the file models: the DiT the pipeline builds is load_dit(loras=) itself
+    """--lora_weight with the file models: the DiT the pipeline builds is load_dit(state_dict_transform=LoraMerge)
     (merged before the quantizer with --quant), and one summary line per LoRA is logged."""
     if quant is not None:
         pytest.importorskip("wan_quant_fp8")
     from safetensors.torch import save_file
 
+    from wan_kernel.lora import LoraMerge
     from wan_kernel.models.dit_loading import load_dit
     from wan_kernel.pipelines.plugin_setup import resolve_quantizer
 
@@ -280,7 +281,8 @@ def test_lora_weights_reach_the_dit_as_load_dit_merges_them(tmp_path, quant):
     got = pipeline.build_dit().state_dict()
     specs = [{"path": tmp_path / "lora.safetensors", "multiplier": 0.5}]
     quantizer = resolve_quantizer(quant, target="dit")
-    want = load_dit(FIXTURE_DIT, dtype=torch.float32, quant=quantizer, loras=specs).state_dict()
+    merge = LoraMerge(specs)
+    want = load_dit(FIXTURE_DIT, dtype=torch.float32, quant=quantizer, state_dict_transform=merge).state_dict()
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key].float(), want[key].float()), key

@@ -1,6 +1,7 @@
 """The layering as a checked fact: walk every import of the source files (ast) and fail when
 
-- a model module (``wan_kernel.models``) imports the plugin manager, the pipelines or the CLI;
+- a model module (``wan_kernel.models``) imports the plugin manager, the pipelines, the CLI or
+  ``wan_kernel.lora``;
 - a sampler module (``wan_kernel.sampling``) imports the models;
 - a plugin under ``plugins/`` imports a kernel module ``docs/plugins.md`` does not list as public.
 """
@@ -86,6 +87,12 @@ def test_model_modules_import_neither_plugins_nor_pipelines_nor_cli():
     files = sorted((KERNEL / "models").rglob("*.py"))
     assert len(files) > 5
     assert violations(files, ("wan_kernel.plugins", "wan_kernel.pipelines", "wan_cli", "cli")) == []
+
+
+def test_model_modules_do_not_import_the_lora_package():
+    """LoRAs reach the loader as a state-dict transform; wan_kernel.lora imports the models, not back."""
+    files = sorted((KERNEL / "models").rglob("*.py"))
+    assert violations(files, ("wan_kernel.lora",)) == []
 
 
 def test_samplers_do_not_import_the_models():

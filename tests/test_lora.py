@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from wan_kernel import lora
 from wan_kernel.errors import InputError, WeightsError
-from wan_kernel.lora import LoraSpec, LoraWarning
-from wan_kernel.models.dit_keys import dit_state_dict_to, official_to_diffusers_key
+from wan_kernel.lora import LoraMerge, LoraSpec, LoraWarning
+from wan_kernel.models.dit_keys import dit_state_dict_from, dit_state_dict_to, official_to_diffusers_key
 from wan_kernel.models.dit_loading import load_dit
 from wan_kernel.testing import REFERENCE_FIXTURES
 
@@ -240,13 +240,13 @@ def test_include_exclude_patterns(include, exclude, expect, tmp_path, base_sd, m
 def test_patterns_that_leave_nothing_are_an_error(tmp_path, base_sd, model):
     path = write_lora(tmp_path / "l.safetensors", random_delta(base_sd))
     with pytest.raises(InputError, match="patterns leave none"):
-        lora.apply_loras(model, [LoraSpec(path, include_patterns=["no_such_module"])])
+        lora.apply_loras(model, [LoraSpec(path, include=["no_such_module"])])
     assert changed(model, base_sd) == set()
 
 
 def test_invalid_pattern_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="include_patterns.*regular expression"):
-        LoraSpec(tmp_path / "x.safetensors", include_patterns="blocks[")
+        LoraSpec(tmp_path / "x.safetensors", include="blocks[")
 
 
 def test_two_loras_add(tmp_path, base_sd, base_model, model, inputs):
@@ -340,8 +340,9 @@ def test_merge_into_state_dict(layout, tmp_path, base_sd):
     path = write_lora(tmp_path / "l.safetensors", delta)
     sd = dit_state_dict_to(layout, base_sd)
     untouched = {k: v.clone() for k, v in sd.items()}
-    reports = lora.merge_loras_into_state_dict(sd, [LoraSpec(path, 0.5)], layout)
-    assert sorted(reports[0].merged) == sorted(TARGETS)
+    merge = LoraMerge([LoraSpec(path, 0.5)])  # on official names: a file of any layout is renamed around it
+    sd = dit_state_dict_to(layout, merge(dit_state_dict_from(layout, sd)))
+    assert sorted(merge.reports[0].merged) == sorted(TARGETS)
     expected = dit_state_dict_to(layout, hand_merged(base_sd, (delta, 0.5)))
     changed_keys = {k for k in sd if not torch.equal(sd[k], untouched[k])}
     assert changed_keys == {k for k in expected if not torch.equal(expected[k], untouched[k])}
@@ -396,7 +397,7 @@ def test_merge_into_scaled_fp8_state_dict(layout, tmp_path, base_sd):
     for name in [*targets, "blocks.0.ffn.0"]:  # blocks.0.ffn.0: fp8 the LoRA does not touch
         stored[name] = fp8_with_scales(base_sd[name + ".weight"], layout)
         sd.update({f"{name}.{k}": v for k, v in stored[name].items()})
-    lora.merge_loras_into_state_dict(sd, [LoraSpec(path, 0.5)])
+    LoraMerge([LoraSpec(path, 0.5)])(sd)
     for name in targets:
         assert not any(k.startswith(name + ".scale") for k in sd), name
         assert sd[name + ".weight"].dtype == torch.bfloat16
@@ -418,7 +419,7 @@ def test_fp8_scale_that_does_not_fit_is_refused_before_any_change(tmp_path, base
     sd["blocks.1.ffn.0.scale_weight"] = torch.ones(128, 3, 1)  # 64 inputs are no 3 equal blocks
     before = dict(sd)
     with pytest.raises(WeightsError, match=r"ffn\.0\.weight: its scale_weight of shape \[128, 3, 1\]"):
-        lora.merge_loras_into_state_dict(sd, [path])
+        LoraMerge([path])(sd)
     assert sd.keys() == before.keys() and all(sd[k] is before[k] for k in sd)
 
 
@@ -444,7 +445,8 @@ def test_load_time_merge_happens_before_quantization(tmp_path, base_sd, base_mod
     quantizer = RecordingQuantizer()
     lines = []
     spec = LoraSpec(path, 0.8)
-    model = lora.load_dit_with_loras(T2V, [spec], quant=quantizer, dtype=torch.float32, log=lines.append)
+    merge = LoraMerge([spec], log=lines.append)
+    model = load_dit(T2V, quant=quantizer, dtype=torch.float32, state_dict_transform=merge)
     expected = hand_merged(base_sd, ({k: (d, u, None) for k, (d, u, _) in delta.items()}, 0.8))
     seen = quantizer.seen["blocks.1.ffn.0.weight"]
     torch.testing.assert_close(seen, expected["blocks.1.ffn.0.weight"], atol=1e-6, rtol=1e-6)
@@ -452,5 +454,5 @@ def test_load_time_merge_happens_before_quantization(tmp_path, base_sd, base_mod
     torch.testing.assert_close(forward(model, inputs), reference, atol=ATOL, rtol=ATOL)
     assert "merged into 22 module" in lines[0]
 
-    plain = lora.load_dit_with_loras(T2V, [spec], dtype=torch.float32)  # no quantizer: merged after loading
+    plain = load_dit(T2V, dtype=torch.float32, state_dict_transform=LoraMerge([spec]))  # no quantizer
     torch.testing.assert_close(forward(plain, inputs), forward(model, inputs), atol=ATOL, rtol=ATOL)

@@ -108,7 +108,7 @@ def _lora_nonfinite(path: str) -> list[str]:
     from wan_kernel.models.weights import load_state_dict
 
     try:
-        return nonfinite_tensors(load_state_dict(path, what="LoRA"))
+        return nonfinite_tensors(load_state_dict(path, what="LoRA file"))  # not "LoRA": that raises
     except Exception:  # noqa: BLE001 - diagnosis only: an unreadable LoRA failed earlier already
         return []
 

@@ -117,8 +117,10 @@ class DemoModels(ModelSource):
             head_dim=DEMO_DIT.head_dim,
         )
 
-    def load_dit(self, *, device, dtype, attention, quant):
+    def load_dit(self, *, device, dtype, attention, quant, state_dict_transform=None):
         dit = build_demo_dit(attention, device=device)
+        if state_dict_transform is not None:  # e.g. LoRAs merged into the float32 weights
+            dit.load_state_dict(state_dict_transform(dict(dit.state_dict())))
         if dtype is not None and dtype != torch.float32:
             for name, param in dit.named_parameters():  # the modulation tables stay float32
                 if not name.endswith("modulation"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from types import MappingProxyType
 from typing import TypeVar
 
 from wan_kernel.errors import InputError
@@ -71,6 +72,11 @@ _IN_BLOCK.update(
         "cross_attn.norm_k_img": "attn2.norm_added_k",
     }
 )
+
+TOP_LEVEL_MODULES: Mapping[str, str] = MappingProxyType(_TOP_LEVEL)
+"""Official module path (outside the blocks) -> its diffusers path."""
+IN_BLOCK_MODULES: Mapping[str, str] = MappingProxyType(_IN_BLOCK)
+"""Official module path inside ``blocks.N.`` -> its diffusers path (same block index)."""
 
 _TOP_LEVEL_BACK = {v: k for k, v in _TOP_LEVEL.items()}
 _IN_BLOCK_BACK = {v: k for k, v in _IN_BLOCK.items()}

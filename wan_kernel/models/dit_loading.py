@@ -13,7 +13,7 @@ adopt it with ``load_state_dict(assign=True)``. No second full copy of the weigh
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -164,42 +164,6 @@ def _check_keys(
             )
 
 
-def _coerce_loras(loras: Iterable[Any] | None) -> list:
-    """``LoraSpec`` objects (checked before any weight is read); ``[]`` for none."""
-    if loras is None:
-        return []
-    if isinstance(loras, (str, os.PathLike)):
-        loras = [loras]
-    from wan_kernel.lora import LoraSpec
-
-    return [LoraSpec.coerce(spec) for spec in loras]
-
-
-def _merge_loras(
-    path: Path,
-    sd: dict[str, torch.Tensor],
-    specs: list,
-    *,
-    device: torch.device,
-    log: Callable[[str], None] | None,
-) -> dict[str, torch.Tensor]:
-    """``sd`` (official keys) with the LoRAs merged in (in place; ``sd`` is returned).
-
-    fp8 weights a LoRA touches (any scaled-fp8 layout) are dequantized in float32, merged and kept
-    in bfloat16 without their scales, for the quantizer to quantize once; the others stay as stored.
-    """
-    from wan_kernel.lora import merge_loras_into_state_dict
-
-    try:
-        reports = merge_loras_into_state_dict(sd, specs, "official", device=device)
-    except WeightsError as exc:
-        raise WeightsError(f"merging LoRAs into {path}: {exc}") from None
-    if log is not None:
-        for report in reports:
-            log(report.summary())
-    return sd
-
-
 @attrs.frozen
 class DiTFile:
     """A DiT weight file, read: its tensors in official names (memory-mapped where the format
@@ -255,8 +219,7 @@ def load_dit(
     quant: Any = None,
     attention: Callable | None = None,
     task: str | None = None,
-    loras: Iterable[Any] | None = None,
-    log: Callable[[str], None] | None = None,
+    state_dict_transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> WanDiT:
     """Load a Wan2.1 DiT (t2v / i2v / flf2v, any size) from a file, a folder of shards or a ``.pth``.
 
@@ -275,23 +238,18 @@ def load_dit(
     :param attention: an attention implementation ``fn(q, k, v, k_lens)`` (e.g. a resolved attention
         plugin); ``None``: PyTorch's SDPA (:func:`wan_kernel.models.attention.sdpa_attention`).
     :param task: optional task name (``t2v-14B``, ``i2v-14B``, ``t2v-1.3B``, ``t2v``, ...) the file must fit.
-    :param loras: :class:`wan_kernel.lora.LoraSpec` objects (or paths, or mappings
-        ``LoraSpec.coerce`` takes) merged into the state dict after the key layout is converted and
-        BEFORE quantization, so fp8 weights are quantized once, with the LoRA in them (computed in
-        float32 on ``device``). With ``quant``, an fp8 weight of the file that a LoRA touches is
-        dequantized (any scale layout), merged and handed to the quantizer in bfloat16; fp8
-        weights no LoRA touches reach the quantizer as stored.
-    :param log: receives one summary line per LoRA file (what was merged, what had no target).
+    :param state_dict_transform: called with the official-layout state dict (tensors as stored,
+        scaled-fp8 weights folded unless ``quant``) before any quantizer sees it; returns the state
+        dict to load. This is how LoRAs are merged before quantization:
+        ``state_dict_transform=wan_kernel.lora.LoraMerge(specs)``.
     :returns: the model in eval mode with ``requires_grad`` off (training turns on what it trains).
     :raises WeightsError: the file is missing, unreadable, malformed, another kind of model,
         incomplete, or wrong for ``task``; a scaled-fp8 weight lacks its scale; a ``config.json``
-        beside it is malformed; a LoRA file is missing, unreadable or no LoRA.
+        beside it is malformed; the weights (after ``state_dict_transform``) hold NaN or Inf.
     :raises InputError: an argument of the wrong type or value (``path`` not a path, an unknown
-        ``dtype`` name, ``num_heads`` not a positive int, an unknown ``device``); a LoRA matches
-        nothing in the model or does not fit its shapes.
+        ``dtype`` name, ``num_heads`` not a positive int, an unknown ``device``).
     """
     num_heads = arguments.check_num_heads(num_heads, what="the DiT")
-    lora_specs = _coerce_loras(loras)
     dtype = resolve_dtype(dtype)
     device = arguments.check_device(device)
     attention_fn = _check_attention(attention)
@@ -318,8 +276,8 @@ def load_dit(
     else:
         # every tensor of the plain model must be there (perhaps already quantized) ...
         _check_keys(path, layout, sd, model.state_dict(), missing_only=True)
-    if lora_specs:
-        sd = _merge_loras(path, sd, lora_specs, device=device, log=log)
+    if state_dict_transform is not None:
+        sd = state_dict_transform(sd)
     if quantizer is not None:
         model = quantizer.convert_for_runtime(model, target="dit")
         sd = quantizer.quantize_state_dict(sd, target="dit", device=device)
@@ -329,7 +287,13 @@ def load_dit(
 
     for key, ref in expected.items():  # one tensor at a time: never two full copies
         sd[key] = sd[key].to(device=device, dtype=ref.dtype)
-    check_finite_weights(sd, str(path))
+    source = str(path)
+    if state_dict_transform is not None:
+        source += (
+            " with its state_dict_transform applied (the LoRAs merged in: a multiplier too large, "
+            "or a LoRA holding NaN?)"
+        )
+    check_finite_weights(sd, source)
     model.load_state_dict(sd, strict=True, assign=True)
     del sd
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

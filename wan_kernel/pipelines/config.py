@@ -87,11 +87,13 @@ class GenerateConfig:
     vae_cache_cpu: bool = False
     device: str | None = None
 
-    # LoRA at inference (applied by wan_kernel.lora.apply_loras when that module exists)
+    # LoRA at inference (merged while the DiT loads: wan_kernel.lora.LoraMerge)
     lora_weights: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
     lora_multipliers: tuple[float, ...] = attrs.field(default=(), converter=_tuple)
     include_patterns: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
     exclude_patterns: tuple[str, ...] = attrs.field(default=(), converter=_tuple)
+    lora_strict: bool = False
+    """A LoRA tensor that matches nothing in the DiT is an error (else: reported and skipped)."""
 
     def check(self) -> None:
         """Cheap checks of the options alone (files and sizes are checked against the task later)."""

@@ -30,18 +30,12 @@ def lora_specs(
     multipliers: Sequence[float] = (),
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
-) -> list[dict[str, Any]]:
-    """One ``{path, multiplier, include, exclude}`` per LoRA file (the options pair up by position)."""
-    multipliers = tuple(multipliers) or tuple(1.0 for _ in paths)
-    return [
-        {
-            "path": path,
-            "multiplier": multipliers[i],
-            "include": include[i] if i < len(include) else None,
-            "exclude": exclude[i] if i < len(exclude) else None,
-        }
-        for i, path in enumerate(paths)
-    ]
+) -> list:
+    """One :class:`wan_kernel.lora.LoraSpec` per LoRA file (the options pair up by position, as the
+    seed's ``--lora_weight``/``--lora_multiplier``/``--include_patterns``/``--exclude_patterns``)."""
+    if not paths:
+        return []
+    return lora_support().specs_from_options(paths, multipliers, include, exclude)
 
 
 def build_dit(
@@ -52,6 +46,7 @@ def build_dit(
     attention: Callable | None,
     quantizer: Any = None,
     loras: Sequence[Any] = (),
+    lora_strict: bool = False,
     offloader: Any = None,
     blocks_to_swap: int = 0,
     compile: bool = False,
@@ -64,9 +59,10 @@ def build_dit(
     :param dtype: the compute dtype (``None``: the file's).
     :param attention: a resolved attention implementation (``None``: the model's default, SDPA).
     :param quantizer: a resolved ``Quantizer`` for the DiT, applied while loading, or ``None``.
-    :param loras: LoRA specs (:func:`lora_specs` dicts or ``wan_kernel.lora.LoraSpec``): merged
-        into the high-precision weights before quantization when ``quantizer`` is given, else
-        into the loaded module.
+    :param loras: LoRA specs (``wan_kernel.lora.LoraSpec``, paths or mappings): merged while
+        loading, in float32 on ``device``, into the official-layout weights before any
+        quantization (``load_dit(..., state_dict_transform=LoraMerge(loras))``).
+    :param lora_strict: a LoRA tensor that matches nothing in the DiT is an error, not a warning.
     :param offloader: a resolved offload implementation (its ``attach(blocks, device=,
         blocks_to_swap=, training=)``): the model is loaded on the CPU and only the non-block
         parts move to ``device``; the runner swaps blocks in during the forward.
@@ -75,22 +71,24 @@ def build_dit(
     :param log: receives the LoRA merge summaries.
     """
     offload = offloader is not None
-    quant = quantizer
-    if loras and quant is not None:
-        # merge into the high-precision weights while loading, before they are quantized
-        quant = lora_support().merging_quantizer(quant, loras)
-    dit = models.load_dit(
-        device=torch.device("cpu") if offload else device, dtype=dtype, attention=attention, quant=quant
-    )
-    if loras and quantizer is None:
-        dit = lora_support().apply_loras(dit, loras, log=log)
-        # a huge multiplier or a merge that overflowed: refuse it before a single step runs
-        check_finite_weights(
-            dict(dit.named_parameters()), "the DiT with the LoRAs merged in (a multiplier too large?)"
+    extra = {}
+    if loras:
+        # the one LoRA route: merged into the weights as they are read, before any quantizer
+        extra["state_dict_transform"] = lora_support().LoraMerge(
+            loras, strict=lora_strict, log=log, device=device, dtype=dtype
         )
-    elif loras:
-        for report in quant.reports:
-            log(report.summary())
+    dit = models.load_dit(
+        device=torch.device("cpu") if offload else device,
+        dtype=dtype,
+        attention=attention,
+        quant=quantizer,
+        **extra,
+    )
+    if loras:  # whatever the model source: a merge that overflowed is refused before a single step
+        check_finite_weights(
+            dict(dit.named_parameters()),
+            "the DiT with the LoRAs merged in (a multiplier too large, or a LoRA holding NaN?)",
+        )
     if offload:
         for name, child in dit.named_children():
             if name != "blocks":

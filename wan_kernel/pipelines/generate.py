@@ -237,6 +237,7 @@ class GenerationPipeline:
             loras=lora_specs(
                 cfg.lora_weights, cfg.lora_multipliers, cfg.include_patterns, cfg.exclude_patterns
             ),
+            lora_strict=cfg.lora_strict,
             offloader=plugins.offloader,
             blocks_to_swap=cfg.blocks_to_swap,
             compile=cfg.compile,

@@ -50,8 +50,10 @@ class ModelSource(abc.ABC):
 
     @abc.abstractmethod
     def load_dit(
-        self, *, device: torch.device, dtype: torch.dtype | None, attention, quant
-    ) -> torch.nn.Module: ...
+        self, *, device: torch.device, dtype: torch.dtype | None, attention, quant, state_dict_transform=None
+    ) -> torch.nn.Module:
+        """The DiT. ``state_dict_transform`` (passed only when LoRAs are asked for) runs on its
+        official-layout state dict before quantization, as ``load_dit``'s."""
 
     @abc.abstractmethod
     def load_vae(self, *, device: torch.device, dtype: torch.dtype | None, cache_device: str | None): ...
@@ -122,7 +124,7 @@ class FileModels(ModelSource):
             )
         return self._info
 
-    def load_dit(self, *, device, dtype, attention, quant):
+    def load_dit(self, *, device, dtype, attention, quant, state_dict_transform=None):
         from wan_kernel.models.dit_loading import load_dit
 
         dit_file, self._dit_file = self._dit_file, None
@@ -132,6 +134,7 @@ class FileModels(ModelSource):
             dtype=dtype,
             quant=quant,
             attention=attention,
+            state_dict_transform=state_dict_transform,
         )
 
     def load_vae(self, *, device, dtype, cache_device):
@@ -197,9 +200,14 @@ class PrebuiltDiT(ModelSource):
             head_dim=config.head_dim,
         )
 
-    def load_dit(self, *, device, dtype, attention, quant):
+    def load_dit(self, *, device, dtype, attention, quant, state_dict_transform=None):
         if quant is not None:
             raise InputError(f"{self.description} is already built: it cannot be quantized while loading")
+        if state_dict_transform is not None:
+            raise InputError(
+                f"{self.description} is already built: LoRA files are merged while a DiT is loaded, "
+                "so pass them to whatever built it"
+            )
         return self.dit
 
     def load_vae(self, *, device, dtype, cache_device):

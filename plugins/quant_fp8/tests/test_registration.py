@@ -74,6 +74,6 @@ def test_entry_module_does_not_import_torch():
 def test_lazy_helpers_resolve():
     import wan_quant_fp8
 
-    assert callable(wan_quant_fp8.save_quantized) and callable(wan_quant_fp8.merge_before_quantize)
+    assert callable(wan_quant_fp8.save_quantized) and callable(wan_quant_fp8.quantize_model)
     with pytest.raises(AttributeError, match="not_a_helper"):
         wan_quant_fp8.__getattr__("not_a_helper")

@@ -2,17 +2,18 @@
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from wan_quant_fp8.scheme import FP8_MAX, SCALE_FLOOR, SCHEMES, is_quantized_layer
 from wan_quant_fp8.tensors import (
     FP8,
     adapt_prequantized,
     dequantize_weight,
-    merge_before_quantize,
     quantize_state_dict,
     quantize_weight,
 )
 
-from wan_kernel.errors import WeightsError
+from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.lora import LoraMerge, LoraSpec
 
 REL = 2.0**-4  # float8_e4m3fn: 3 mantissa bits, so a normal value rounds within 2^-4 of itself
 SUB = 2.0**-10  # half the subnormal spacing 2^-9, in units of the scale
@@ -238,14 +239,32 @@ def test_t5_rule_names_the_encoder_linears_only():
     assert is_quantized_layer("dit", "blocks.29.cross_attn.v_img")
 
 
-def test_merge_before_quantize_adds_deltas_in_high_precision():
+def _lora_file(path, name, up, down):
+    """A kohya-layout LoRA file changing ``name`` by ``up @ down`` (alpha = rank: scale 1)."""
+    stem = "lora_unet_" + name.replace(".", "_")
+    tensors = {
+        f"{stem}.lora_up.weight": up.contiguous(),
+        f"{stem}.lora_down.weight": down.contiguous(),
+        f"{stem}.alpha": torch.tensor(float(down.shape[0])),
+    }
+    save_file(tensors, str(path))
+    return path
+
+
+def test_lora_merge_before_quantize_adds_deltas_in_high_precision(tmp_path):
+    """LoRAs reach fp8 through the kernel's one route: load_dit(state_dict_transform=LoraMerge(...))."""
     sd = _dit_state()
-    delta = torch.randn(64, 128) * 0.01
-    merged = merge_before_quantize(sd, {"blocks.0.ffn.2.weight": delta}, scale=0.5)
-    assert torch.equal(merged["blocks.0.ffn.2.weight"], sd["blocks.0.ffn.2.weight"] + 0.5 * delta)
+    g = torch.Generator().manual_seed(3)
+    up, down = torch.randn(64, 4, generator=g) * 0.1, torch.randn(4, 128, generator=g) * 0.1
+    delta = up @ down
+    lora = _lora_file(tmp_path / "l.safetensors", "blocks.0.ffn.2", up, down)
+    merged = LoraMerge([LoraSpec(lora, 0.5)])(dict(sd))
+    torch.testing.assert_close(
+        merged["blocks.0.ffn.2.weight"], sd["blocks.0.ffn.2.weight"] + 0.5 * delta, rtol=1e-6, atol=1e-7
+    )
     # on a pre-quantized state dict the weight is dequantized first and its scale dropped
     stored = quantize_state_dict(sd, SCHEMES["fp8_scaled"], target="dit")
-    merged = merge_before_quantize(stored, {"blocks.0.ffn.2.weight": delta})
+    merged = LoraMerge([lora])(dict(stored))
     assert "blocks.0.ffn.2.scale_weight" not in merged
     assert merged["blocks.0.ffn.2.weight"].dtype == torch.bfloat16
     expected = (
@@ -254,7 +273,9 @@ def test_merge_before_quantize_adds_deltas_in_high_precision():
     assert torch.allclose(merged["blocks.0.ffn.2.weight"].float(), expected, rtol=2**-8, atol=1e-6)
     requantized = quantize_state_dict(merged, SCHEMES["fp8_scaled"], target="dit")
     assert requantized["blocks.0.ffn.2.weight"].dtype == FP8
-    with pytest.raises(WeightsError, match="no such weight"):
-        merge_before_quantize(sd, {"blocks.9.ffn.2.weight": delta})
-    with pytest.raises(WeightsError, match="shape"):
-        merge_before_quantize(sd, {"blocks.0.ffn.2.weight": delta.t()})
+    elsewhere = _lora_file(tmp_path / "e.safetensors", "blocks.9.ffn.2", up, down)
+    with pytest.raises(InputError, match="another model"):
+        LoraMerge([elsewhere])(dict(sd))
+    transposed = _lora_file(tmp_path / "t.safetensors", "blocks.0.ffn.2", down.t(), up.t())
+    with pytest.raises(InputError, match="does not fit"):
+        LoraMerge([transposed])(dict(sd))

@@ -18,8 +18,8 @@ Kept in high precision in the DiT: ``patch_embedding``, ``text_embedding``, ``ti
 ``time_projection``, ``head``, ``img_emb``, norms, ``modulation`` and every bias. Stored layout:
 :mod:`wan_quant_fp8.scheme`.
 
-LoRA: merge the deltas into the high-precision weights first, then quantize
-(:func:`wan_quant_fp8.tensors.merge_before_quantize`, then ``quantize_state_dict``); merging into
+LoRA: the kernel merges LoRAs into the high-precision weights before this plugin quantizes them
+(``load_dit(..., quant=..., state_dict_transform=wan_kernel.lora.LoraMerge(specs))``); merging into
 fp8 weights would add a second rounding to every merged layer.
 
 This module does not import torch; the work lives in submodules imported on first use.
@@ -44,7 +44,6 @@ __all__ = [
     "Fp8Quantizer",
     "Fp8ScaledQuantizer",
     "Fp8T5Quantizer",
-    "merge_before_quantize",
     "quantize_model",
     "read_quantization_tag",
     "save_quantized",
@@ -54,7 +53,6 @@ _LAZY = {
     "save_quantized": "wan_quant_fp8.checkpoint",
     "quantize_model": "wan_quant_fp8.checkpoint",
     "read_quantization_tag": "wan_quant_fp8.checkpoint",
-    "merge_before_quantize": "wan_quant_fp8.tensors",
     "Fp8Linear": "wan_quant_fp8.linear",
 }
 

@@ -148,35 +148,3 @@ def quantize_state_dict(
     rest = {key: value for key, value in state_dict.items() if key not in consumed}
     out.update(fold_fp8_scales(rest, {}, torch.float32))
     return out
-
-
-def merge_before_quantize(
-    state_dict: Mapping[str, torch.Tensor], deltas: Mapping[str, torch.Tensor], *, scale: float = 1.0
-) -> dict[str, torch.Tensor]:
-    """Add LoRA deltas to the HIGH-PRECISION weights, so that quantizing comes after merging.
-
-    The order that keeps fp8 error from compounding: ``merge_before_quantize(sd, deltas)`` then
-    ``quantizer.quantize_state_dict(...)`` (then ``load_state_dict(assign=True)``). A weight
-    already stored as fp8 (a pre-quantized file) is dequantized with its scale first and its
-    scale keys dropped, so the quantizer quantizes the merged float32 weight afresh.
-
-    :param deltas: ``{"blocks.0.self_attn.q.weight": dW [out, in], ...}`` (``dW = B @ A * alpha/rank``).
-    :param scale: multiplier of every delta (the LoRA strength).
-    :raises WeightsError: a delta names a weight the state dict lacks, or has another shape.
-    """
-    merged = dict(state_dict)
-    for key, delta in deltas.items():
-        if key not in merged:
-            raise WeightsError(f"LoRA delta for {key!r}, but the model has no such weight")
-        weight = merged[key]
-        if tuple(weight.shape) != tuple(delta.shape):
-            raise WeightsError(
-                f"LoRA delta for {key!r} has shape {list(delta.shape)}, the weight has {list(weight.shape)}"
-            )
-        prefix = key.removesuffix(".weight")
-        base = dequantize_weight(weight, fp8_weight_scale(merged, prefix), name=key)  # float32
-        merged.pop(f"{prefix}.{SCALE_KEY}", None)
-        merged.pop(f"{prefix}.{SCALE_TENSOR_KEY}", None)
-        keep = torch.bfloat16 if _is_fp8(weight) else weight.dtype  # quantized again right after
-        merged[key] = (base + scale * delta.to(device=base.device, dtype=torch.float32)).to(keep)
-    return merged
