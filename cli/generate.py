@@ -157,7 +157,10 @@ class GenerateCommand(click.Command):
     help="Noise-schedule shift.  [default: 5.0; i2v 480p 3.0; flf2v 16]",
 )
 @_option(
-    "--guidance_scale", type=FINITE_FLOAT, default=None, help="Classifier-free guidance scale.  [default: 5.0]"
+    "--guidance_scale",
+    type=FINITE_FLOAT,
+    default=None,
+    help="Classifier-free guidance scale.  [default: 5.0]",
 )
 @_option(
     "--sample_solver",
@@ -360,9 +363,9 @@ def run_generate(ctx: click.Context, options: dict) -> None:
     if options["save_merged_model"]:
         _save_merged_model(config, options["save_merged_model"])
         return
-    modes = [
-        name for name in ("prompt", "from_file", "interactive", "latent_path") if options[name] not in (None, False)
-    ]  # --prompt '' is a mode too: the config check then says the prompt is empty
+    given = ("prompt", "from_file", "interactive", "latent_path")
+    # --prompt '' is a mode too: the config check then says the prompt is empty
+    modes = [name for name in given if options[name] not in (None, False)]
     if len(modes) > 1:
         raise InputError(
             "give only one of --prompt, --from_file, --interactive, --latent_path "
