@@ -232,6 +232,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from wan_kernel.lora import LoraMerge, LoraSpec
+        from wan_kernel.files import check_output_folder
         from wan_kernel.models import load_dit
         from wan_kernel.models.dit_loading import read_dit
         from wan_kernel.pipelines.plugin_setup import resolve_quantizer
@@ -245,7 +246,9 @@ class Trainer:
             self.seed = broadcast_object_list([random.SystemRandom().randrange(1 << 31)])[0]
         set_seed(self.seed)
 
-        # data first: a bad cache folder should fail before a 14B model is loaded
+        # the output folder and the data first: both fail before a 14B model is loaded
+        if self.is_main:
+            check_output_folder(cfg.output_dir, what="--output_dir")
         self.data = TrainingData.scan(data_sources(cfg), warn=self.log)
         self.batches_per_epoch = self.data.batches_per_process(acc.num_processes)
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.gradient_accumulation_steps)
