@@ -440,6 +440,26 @@ def test_kill_and_resume_equals_a_clean_run(tmp_path, weights):
     assert not list(folder.glob(".*"))  # no temporary left behind
 
 
+def test_a_full_disk_stops_the_cache_with_a_clean_error(tmp_path, weights, monkeypatch):
+    """ENOSPC while writing a cache: a clean error naming the file, no temporary, no half cache."""
+    import errno
+
+    import safetensors.torch
+
+    make_dataset(tmp_path, images=("a.png", "b.png"), videos=())
+
+    def full_disk(tensors, name, metadata=None):
+        Path(name).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    result = _cli("cache-latents", *_latent_args(tmp_path, weights), "--num_workers", "0")
+    assert result.exit_code != 0 and "disk is full" in result.output, result.output
+    assert "_wan.safetensors" in result.output and "Traceback" not in result.output
+    folder = tmp_path / "cache/img"
+    assert not leftover_temporaries(folder) and not list(folder.glob("*.safetensors"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
