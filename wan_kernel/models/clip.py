@@ -33,6 +33,7 @@ from torch import nn
 
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models.weights import (
+    assign_state_dict,
     config_beside,
     describe_keys,
     guess_model_kind,
@@ -413,12 +414,7 @@ def load_clip_vision(
     if mismatch:
         raise WeightsError(f"{source}: CLIP vision tensors do not fit the architecture: {mismatch}")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise WeightsError(
-            f"{source}: tensor shapes do not fit a CLIP vision tower ({str(exc).splitlines()[-1].strip()})"
-        ) from None
+    assign_state_dict(model, state, source=source, what="a CLIP vision tower")
     # non-persistent buffers were built on meta: make them real
     model.mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
     model.std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
