@@ -1,9 +1,10 @@
 """The Wan2.1 models and their weight loaders (see ``CONTRACT.md``).
 
 - :func:`load_dit` -> the diffusion transformer (t2v / i2v / flf2v, any size), from
-  ``wan_kernel.models.dit_loading``;
+  ``wan_kernel.models.dit_loading`` through ``wan_kernel.loading`` (``quant`` may be a plugin name);
 - :func:`load_vae` -> the 3-D causal VAE, from ``wan_kernel.models.vae_loading``;
-- :func:`load_t5` -> the umt5-xxl text encoder, from ``wan_kernel.models.t5``;
+- :func:`load_t5` -> the umt5-xxl text encoder, from ``wan_kernel.models.t5`` through
+  ``wan_kernel.loading`` (``quant`` may be a plugin name);
 - :func:`load_clip_vision` -> the CLIP ViT-H/14 image tower, from ``wan_kernel.models.clip``.
 
 Each loader takes a ``.safetensors`` file, a folder of shards or a ``.pth``/``.pt`` file,
