@@ -23,7 +23,7 @@ from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_s
 from wan_kernel.models.dit_loading import load_dit
 from wan_kernel.plugins import PluginManager
 from wan_kernel.pipelines.plugin_setup import resolve_plugin, resolve_quantizer
-from wan_kernel.testing import REFERENCE_FIXTURES, plugin_or_skip
+from wan_kernel.testing import REFERENCE_FIXTURES, plugin_or_skip, read_reference_case
 
 FIXTURES = REFERENCE_FIXTURES
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
@@ -34,7 +34,7 @@ BF16_RMS_REL = 0.012  # the bound documented in tests/test_dit.py
 
 
 def case(folder: Path) -> tuple[dict, dict]:
-    return json.loads((folder / "case.json").read_text()), load_file(folder / "case.safetensors")
+    return read_reference_case(folder)
 
 
 def run(model: WanDiT, tensors: dict) -> torch.Tensor:

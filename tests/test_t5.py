@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -15,7 +14,7 @@ from wan_kernel.models.t5 import encode_prompts, load_t5
 from wan_kernel.models.tokenizer import ByteTokenizer, clean_prompt, load_tokenizer
 from wan_kernel.pipelines.plugin_setup import resolve_quantizer
 from wan_kernel.plugins import get_plugin_manager
-from wan_kernel.testing import REFERENCE_FIXTURES
+from wan_kernel.testing import REFERENCE_FIXTURES, read_reference_case
 
 FIXTURES = REFERENCE_FIXTURES
 CASE = FIXTURES / "t5"
@@ -28,8 +27,7 @@ BF16_REL_RMS = 0.05
 
 @pytest.fixture(scope="module")
 def case():
-    meta = json.loads((CASE / "case.json").read_text())
-    return meta, load_file(CASE / "case.safetensors")
+    return read_reference_case(CASE)
 
 
 @pytest.fixture(scope="module")
