@@ -14,8 +14,7 @@ Names are imported on first use so that ``import wan_kernel.models`` stays cheap
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wan_kernel.lazy import lazy_exports
 
 _EXPORTS = {
     # the contract's loaders accept plugin names: wan_kernel.loading resolves them, then calls
@@ -35,14 +34,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'wan_kernel.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
