@@ -44,6 +44,12 @@ class LazyCommand:
 
 
 RUN_COMMANDS: dict[str, LazyCommand] = {
+    "cache": LazyCommand(
+        "wan_cli.cache:cache",
+        "Cache VAE latents and T5 outputs of a dataset for training (one model at a time).",
+    ),
+    "cache-latents": LazyCommand("wan_cli.cache:cache_latents", "Cache VAE latents of a dataset for training."),
+    "cache-text": LazyCommand("wan_cli.cache:cache_text", "Cache T5 outputs of a dataset's captions for training."),
     "generate": LazyCommand(
         "wan_cli.generate:generate",
         "Generate videos with a Wan2.1 model (text-, image- and first-last-frame-to-video).",
