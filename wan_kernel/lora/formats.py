@@ -44,6 +44,7 @@ import attrs
 import torch
 
 from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.files import save_safetensors
 from wan_kernel.lora.adapters import LoraModule
 from wan_kernel.lora.keys import NETWORK_KEYS, kohya_name, official_path, split_key
 from wan_kernel.models.dit_keys import official_to_diffusers_key
@@ -390,25 +391,21 @@ def save_safetensors_atomic(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Write tensors as safetensors under a temporary name and rename it into place.
+    """Write tensors as safetensors through :func:`wan_kernel.files.save_safetensors` (a hidden
+    temporary renamed when complete); ``--overwrite`` semantics: an existing ``path`` is refused
+    unless ``overwrite``, then replaced.
 
-    :raises InputError: ``path`` exists and ``overwrite`` is false.
+    :raises InputError: ``path`` exists and ``overwrite`` is false, or it is a folder.
+    :raises OutputError: the folder cannot be written, or the disk filled up; no temporary is left.
     """
-    from safetensors.torch import save_file
-
     path = Path(path).expanduser()
     if path.exists() and not overwrite:
         raise InputError(f"{path} exists; pass --overwrite to replace it")
     if path.is_dir():
         raise InputError(f"{path} is a folder; give a .safetensors file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    # without --overwrite the name is published exclusively: a file another run made meanwhile is
+    # never replaced (ours then gets a free ``_N`` name, which is returned)
+    return save_safetensors(path, tensors, metadata, exclusive=not overwrite)
 
 
 def save_lora_file(
