@@ -236,6 +236,66 @@ def test_i2v_conditioning_equals_the_generation_formula(tmp_path, vae):
         assert sorted(h.keys()) == ["clip_float32", "latents_2x2x4_float32", "latents_image_2x2x4_float32"]
 
 
+@skip_without_fixtures()
+def test_i2v_cache_job_holds_one_model_at_a_time_and_writes_the_same_values(tmp_path, vae, monkeypatch):
+    import gc
+    import weakref
+
+    import wan_kernel.models.clip as clip_module
+    import wan_kernel.models.vae_loading as vae_module
+    from wan_kernel.pipelines.cache import CacheJob, run_cache
+
+    clip_path = reference_case("clip_visual") / "weights.safetensors"
+    real_clip, real_vae = clip_module.load_clip_vision, vae_module.load_vae
+    clips: list = []
+    loads: list[str] = []
+
+    def load_clip(path, **kwargs):
+        model = real_clip(path, num_heads=4, **kwargs)
+        clips.append(weakref.ref(model))
+        loads.append("clip")
+        return model
+
+    def load_vae(path, **kwargs):
+        gc.collect()
+        assert all(ref() is None for ref in clips), "CLIP is still in memory while the VAE loads"
+        loads.append("vae")
+        return real_vae(path, **kwargs)
+
+    monkeypatch.setattr(clip_module, "load_clip_vision", load_clip)
+    monkeypatch.setattr(vae_module, "load_vae", load_vae)
+    vae_path = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.model.state_dict().items()}, vae_path)
+
+    def job(root: Path, **settings) -> CacheJob:
+        return CacheJob(
+            dataset_config=str(make_dataset(root, images=("a.png", "b.jpg"), videos=())),
+            vae=str(vae_path),
+            vae_dtype="float32",
+            clip=str(clip_path),
+            device="cpu",
+            settings=CacheSettings(num_workers=0, progress=False, **settings),
+        )
+
+    (report,) = run_cache(job(tmp_path / "two"), log=lambda m: None)
+    assert report.ok and report.cached == 2 and loads == ["clip", "vae"]
+    # the values are those of one pass with both models loaded (generation's own conditioning path)
+    one = cache_latents(
+        load_dataset_config(make_dataset(tmp_path / "one", images=("a.png", "b.jpg"), videos=())),
+        LatentEncoder(vae, clip=real_clip(clip_path, num_heads=4)),
+        SETTINGS,
+    )
+    assert one.ok
+    _assert_same(_cache_files(tmp_path / "two"), _cache_files(tmp_path / "one"))
+    # --skip_existing: only the missing cache is computed (CLIP included), to the same values
+    first = _cache_files(tmp_path / "two")
+    gone = tmp_path / "two/cache/img/b_0064x0064_wan.safetensors"
+    gone.unlink()
+    (again,) = run_cache(job(tmp_path / "two", skip_existing=True), log=lambda m: None)
+    assert (again.cached, again.skipped) == (1, 1) and gone.exists()
+    _assert_same(_cache_files(tmp_path / "two"), first)
+
+
 def test_non_finite_output_is_an_error_naming_the_item(tmp_path, vae):
     class NaNVAE:
         dtype = torch.float32
