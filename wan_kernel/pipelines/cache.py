@@ -316,7 +316,8 @@ def compute_clip_features(
             for item, pixels in zip(planned.items, planned.pixels):
                 if pixels is not None:
                     # one image per call, as generation: batching could change the last bits
-                    features[item.cache_path] = clip_features(clip, first_frame(pixels)[None])[0].to(store_dtype)
+                    image = first_frame(pixels)[None]  # [1, 3, H, W]
+                    features[item.cache_path] = clip_features(clip, image)[0].to(store_dtype)
     return features
 
 
@@ -709,9 +710,7 @@ def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
         features = None
         if job.clip:
             clip = load_clip_vision(job.clip, device=device)
-            features = compute_clip_features(
-                group, clip, job.settings, store_dtype=vae_dtype, ranks=ranks
-            )
+            features = compute_clip_features(group, clip, job.settings, store_dtype=vae_dtype, ranks=ranks)
             del clip
             free_memory(device)
         vae = load_vae(
