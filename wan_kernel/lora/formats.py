@@ -53,6 +53,7 @@ from wan_kernel.models.weights import (
     load_state_dict,
     read_safetensors_metadata,
 )
+from wan_kernel.writable import write_failure
 
 __all__ = [
     "LAYOUTS",
@@ -222,13 +223,30 @@ def parse_lora(
     )
 
 
+def check_finite_lora(sd: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse a LoRA holding NaN or Inf (a diverged training run): every tool that reads one
+    (merge, convert, resize, EMA, generation) would otherwise write or generate garbage.
+
+    :raises WeightsError: naming the file and the first such tensor.
+    """
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise WeightsError(
+            f"{path}: this LoRA holds NaN/Inf values in {bad[0]}{more}; it is unusable (a training run "
+            "that diverged?): take an earlier checkpoint"
+        )
+
+
 def read_lora(path: str | os.PathLike) -> LoraFile:
     """Parse a LoRA file of any supported layout (see the module docstring).
 
-    :raises WeightsError: the file is missing, unreadable, not a LoRA, or has an incomplete module.
+    :raises WeightsError: the file is missing, unreadable, not a LoRA, has an incomplete module, or
+        holds NaN/Inf values (merged or applied, they would turn every output black).
     """
     path = Path(path).expanduser()
     sd = load_state_dict(path, what="LoRA")
+    check_finite_lora(sd, path)
     metadata = read_safetensors_metadata(path) if path.suffix == ".safetensors" and path.is_file() else {}
     return parse_lora(sd, path=path, metadata=metadata)
 
@@ -396,18 +414,33 @@ def save_safetensors_atomic(
     """
     from safetensors.torch import save_file
 
-    path = Path(path).expanduser()
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} exists; pass --overwrite to replace it")
-    if path.is_dir():
-        raise InputError(f"{path} is a folder; give a .safetensors file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output_file(path, overwrite=overwrite)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_failure(path, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """``path`` when a file can be written there (call it before the work, too).
+
+    :raises InputError: it exists and ``overwrite`` is false, it is a folder, or its folder cannot
+        take files (a part of the path is a file, read-only, immutable).
+    """
+    from wan_kernel.writable import check_writable_folder
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a .safetensors file name")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists; pass --overwrite to replace it")
+    check_writable_folder(path.parent, what=f"folder of {path.name}")
     return path
 
 
