@@ -146,6 +146,11 @@ def save_atomic(
         )
         os.chmod(name, 0o666 & ~_umask())
         os.replace(name, path)
+    except OSError as exc:  # a full disk, a folder made read-only under us: a message, not a traceback
+        Path(name).unlink(missing_ok=True)
+        from wan_kernel.writable import write_failure
+
+        raise write_failure(path, exc) from None
     except BaseException:
         Path(name).unlink(missing_ok=True)
         raise

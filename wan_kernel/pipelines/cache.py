@@ -682,6 +682,38 @@ def _device(name: str | None, ranks: Ranks) -> torch.device:
     return device
 
 
+def _check_model_file(path: str, what: str) -> None:
+    """Before any model is loaded: the file exists, is a regular file (a FIFO would block) and, for
+    safetensors, has a readable header, so a bad T5 is not found after the whole latent pass."""
+    import stat
+
+    from wan_kernel.models.weights import read_safetensors_header, resolve_weight_files
+
+    for file in resolve_weight_files(path, what=what):
+        try:
+            mode = file.stat().st_mode
+        except OSError as exc:
+            raise InputError(f"cannot read the {what} file {file}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(mode):
+            kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise InputError(f"the {what} file {file} is {kind}; give the weights file itself")
+        if not os.access(file, os.R_OK):
+            raise InputError(f"cannot read the {what} file {file}: permission denied")
+        if file.suffix == ".safetensors":
+            read_safetensors_header(file)
+
+
+def _check_set_up(job: CacheJob, group: DatasetGroupConfig) -> None:
+    """Everything that can fail before a model is loaded: the model files and the cache folders."""
+    from wan_kernel.writable import check_writable_folder
+
+    for path, what in ((job.clip, "CLIP"), (job.vae, "VAE"), (job.t5, "T5")):
+        if path:
+            _check_model_file(path, what)
+    for directory in _cache_directories(group):
+        check_writable_folder(directory, what="cache_directory")
+
+
 def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
     """Load the dataset config, then each model in turn, cache, free it. One report per pass.
 
@@ -694,6 +726,7 @@ def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
     if job.clip and not job.vae:
         raise InputError("--clip is used with the latent caches: give --vae too")
     group = load_dataset_config(job.dataset_config)
+    _check_set_up(job, group)
     for dataset in group.datasets:
         if dataset.unused:
             log(
