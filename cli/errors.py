@@ -32,9 +32,17 @@ DEBUG_ENV = "WAN_DEBUG"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+VERBOSE_META_KEY = "wan.verbose"
+"""``ctx.meta`` key a command sets (``--verbose``) to ask for tracebacks, like ``WAN_DEBUG=1``."""
+
+
 def debug_enabled() -> bool:
-    """Whether ``WAN_DEBUG`` asks for tracebacks (any value but empty, ``0``, ``false``, ``no``)."""
-    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    """Whether ``WAN_DEBUG`` asks for tracebacks (any value but empty, ``0``, ``false``, ``no``), or
+    the running command was given ``--verbose``."""
+    if os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off"):
+        return True
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.meta.get(VERBOSE_META_KEY))
 
 
 class WanCliError(click.ClickException):
@@ -58,7 +66,7 @@ def to_cli_error(exc: WanError) -> WanCliError:
     """The CLI form of a kernel error (the message is the error's own ``str``)."""
     message = str(exc) or type(exc).__name__
     if getattr(exc, "plugin_traceback", None):
-        message += f"\n(set {DEBUG_ENV}=1 to see the plugin's traceback)"
+        message += f"\n(pass --verbose or set {DEBUG_ENV}=1 to see the plugin's traceback)"
     return WanCliError(message)
 
 

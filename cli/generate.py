@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 
 import click
-from wan_cli.errors import handle_wan_errors
+from wan_cli.errors import VERBOSE_META_KEY, handle_wan_errors
+from wan_cli.types import FINITE_FLOAT, SEED
 
 from wan_kernel.errors import InputError, WanError
 from wan_kernel.pipelines.config import OUTPUT_TYPES
@@ -151,18 +152,23 @@ class GenerateCommand(click.Command):
 )
 @_option(
     "--flow_shift",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Noise-schedule shift.  [default: 5.0; i2v 480p 3.0; flf2v 16]",
 )
-@_option("--guidance_scale", type=float, default=None, help="Classifier-free guidance scale.  [default: 5.0]")
+@_option(
+    "--guidance_scale",
+    type=FINITE_FLOAT,
+    default=None,
+    help="Classifier-free guidance scale.  [default: 5.0]",
+)
 @_option(
     "--sample_solver",
     type=click.Choice(SOLVER_CHOICES),
     default="unipc",
     help="Sampler ('vanilla' = euler).",
 )
-@_option("--seed", type=int, default=None, help="Seed; random when left out (always printed and saved).")
+@_option("--seed", type=SEED, default=None, help="Seed; random when left out (always printed and saved).")
 @_option(
     "--cpu_noise",
     is_flag=True,
@@ -192,7 +198,7 @@ class GenerateCommand(click.Command):
 )
 @_option(
     "--cfg_apply_ratio",
-    type=float,
+    type=FINITE_FLOAT,
     default=None,
     help="Share of steps that apply CFG (0..1); skip modes act only when this is given.",
 )
@@ -277,7 +283,7 @@ class GenerateCommand(click.Command):
 @_option(
     "--lora_multiplier",
     "lora_multiplier",
-    type=float,
+    type=FINITE_FLOAT,
     multiple=True,
     help="Strength per LoRA.  [default: 1.0 each]",
 )
@@ -290,6 +296,7 @@ class GenerateCommand(click.Command):
     default=None,
     help="Write the DiT with the LoRAs merged to this file (as `wan lora merge`) and exit.",
 )
+@_option("--verbose", is_flag=True, help="Show tracebacks of errors (same as WAN_DEBUG=1).")
 @click.pass_context
 @handle_wan_errors
 def generate(ctx: click.Context, **options) -> None:
@@ -297,6 +304,7 @@ def generate(ctx: click.Context, **options) -> None:
 
     Try it with no downloads: wan run generate --preset demo --prompt "a red fox running through snow"
     """
+    ctx.meta[VERBOSE_META_KEY] = options.pop("verbose")
     run_generate(ctx, options)
 
 
@@ -355,7 +363,9 @@ def run_generate(ctx: click.Context, options: dict) -> None:
     if options["save_merged_model"]:
         _save_merged_model(config, options["save_merged_model"])
         return
-    modes = [name for name in ("prompt", "from_file", "interactive", "latent_path") if options[name]]
+    given = ("prompt", "from_file", "interactive", "latent_path")
+    # --prompt '' is a mode too: the config check then says the prompt is empty
+    modes = [name for name in given if options[name] not in (None, False)]
     if len(modes) > 1:
         raise InputError(
             "give only one of --prompt, --from_file, --interactive, --latent_path "
@@ -410,16 +420,23 @@ def _interactive(pipeline) -> None:
     """Prompt lines from stdin until EOF; a bad line is reported and skipped, models stay loaded."""
     from wan_kernel.pipelines.prompts import parse_prompt_line
 
+    from wan_kernel.pipelines.prompts import open_stdin_lines
+
+    stdin = open_stdin_lines()  # checked before the models load: a closed stdin is an error now
     pipeline.setup()
-    tty = sys.stdin.isatty()
-    number = failed = 0
+    tty = stdin.isatty()
+    failed = 0
     while True:
         if tty:
             click.echo("prompt> ", nl=False, err=True)
-        line = sys.stdin.readline()
-        if not line:
+        try:
+            number, line = stdin.next_line()
+        except EOFError:
             break
-        number += 1
+        except WanError as exc:  # a line that is not UTF-8: reported and skipped
+            failed += 1
+            click.echo(f"error: {exc}", err=True)
+            continue
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -16,6 +16,7 @@ import click
 
 from wan_cli.errors import WanCliError, WanGroup, debug_enabled
 from wan_cli.plugins_cmd import plugins
+from wan_cli.signals import terminate_as_interrupt
 
 
 @attrs.frozen
@@ -148,8 +149,13 @@ cli.add_command(plugins)
 
 
 def main(argv: Sequence[str] | None = None) -> Any:
-    """Console-script entry point (``wan = wan_cli.main:main``); exits the process."""
-    return cli.main(args=list(argv) if argv is not None else sys.argv[1:], prog_name="wan")
+    """Console-script entry point (``wan = wan_cli.main:main``); exits the process.
+
+    ``SIGTERM`` is handled like Ctrl-C (:func:`wan_cli.signals.terminate_as_interrupt`): temporary
+    files are removed, nothing half-written stays, and the exit is clean.
+    """
+    with terminate_as_interrupt():
+        return cli.main(args=list(argv) if argv is not None else sys.argv[1:], prog_name="wan")
 
 
 if __name__ == "__main__":  # pragma: no cover - python -m wan_cli.main

@@ -229,7 +229,7 @@ def test_a_third_party_attention_plugin_selected_by_name_is_the_one_called(make)
     pipeline, _, _ = make(attn="counting_attention", plugin_manager=manager, output_type="latent")
     pipeline.run()
     layers = 2 * 2  # 2 blocks x (self + cross attention)
-    assert backend.calls == layers * 2 * 2  # x 2 steps x (cond + uncond)
+    assert backend.calls == 1 + layers * 2 * 2  # the set-up probe, then x 2 steps x (cond + uncond)
     with pytest.raises(UnknownPluginError, match="counting_attention"):
         make(attn="counting_attention", output_type="latent")[0].setup()  # not in the default manager
 

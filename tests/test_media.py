@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from wan_kernel.errors import InputError
+from wan_kernel.errors import InputError, OutputError
 from wan_kernel.pipelines import media
 
 
@@ -109,8 +109,12 @@ def test_png_frames_folder_and_single_image(tmp_path):
     assert media.read_png_settings(single)["prompt"] == "x"
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
-    with pytest.raises(InputError, match="not empty"):
-        media.write_frames(tmp_path / "busy", frames)
+    beside = media.write_frames(tmp_path / "busy", frames)  # a taken folder is never written into
+    assert beside == tmp_path / "busy_1" and len(list(beside.iterdir())) == 5
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep.txt"]
+    with pytest.raises(OutputError, match="not empty"):
+        with media.atomic_path(tmp_path / "busy", directory=True) as tmp:
+            (tmp / "x.png").write_bytes(b"x")
 
 
 def test_latent_round_trip_with_metadata(tmp_path):

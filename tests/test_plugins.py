@@ -233,6 +233,29 @@ def test_broken_plugin_in_the_cli(tmp_path):
     assert [b["distribution"] for b in info["broken"]] == ["wan-attention-crashy"]
 
 
+def test_plugin_calling_sys_exit_at_import_does_not_end_the_command(tmp_path):
+    """`sys.exit()` in a plugin module used to end every `wan` command silently (exit 0)."""
+    make_dist(tmp_path, "wan-attention-quitter", "import sys\nsys.exit(0)\n")
+    make_dist(tmp_path, "wan-attention-fine", backend_source("fine"))
+    listed = run_wan(["plugins"], pythonpath=tmp_path, env=only("wan-attention-quitter", "wan-attention-fine"))
+    assert listed.returncode == 1, listed.stdout + listed.stderr
+    assert "wan-attention-quitter" in listed.stdout and "sys.exit(0)" in listed.stdout
+    assert any(line.strip().startswith("fine") for line in listed.stdout.splitlines())
+    assert "Traceback" not in listed.stdout + listed.stderr
+
+
+def test_a_plugin_squatting_a_built_in_name_is_the_one_to_remove(site):
+    make_dist(site, "wan-attention-squatter", backend_source("sdpa"))
+    manager = PluginManager(environ=only("wan-attention-squatter", "wan-attention-sdpa"))
+    with pytest.raises(DuplicatePluginNameError) as caught:
+        manager.get("attention", "sdpa")
+    message = str(caught.value)
+    assert "built into wan (wan-attention-sdpa)" in message
+    assert "pip uninstall wan-attention-squatter" in message
+    assert "WAN_DISABLE_PLUGINS=wan-attention-squatter" in message
+    assert "uninstall wan-attention-sdpa" not in message and "WAN_DISABLE_PLUGINS=wan-attention-sdpa" not in message
+
+
 @pytest.mark.parametrize(
     "source, expected",
     [

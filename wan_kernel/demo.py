@@ -108,7 +108,14 @@ class DemoModels(ModelSource):
     name = "demo"
 
     def dit_info(self) -> ModelInfo:
-        return ModelInfo(DEMO_DIT.model_type, DEMO_DIT.dim, DEMO_DIT.num_layers, "the built-in tiny demo DiT")
+        return ModelInfo(
+            DEMO_DIT.model_type,
+            DEMO_DIT.dim,
+            DEMO_DIT.num_layers,
+            "the built-in tiny demo DiT",
+            text_dim=DEMO_DIT.text_dim,
+            head_dim=DEMO_DIT.head_dim,
+        )
 
     def load_dit(self, *, device, dtype, attention, quant, state_dict_transform=None):
         dit = build_demo_dit(attention, device=device)

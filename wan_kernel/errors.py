@@ -43,16 +43,29 @@ class PluginUnavailableError(PluginError):
 
 
 class DuplicatePluginNameError(PluginError):
-    """Two plugins register the same name for the same concern."""
+    """Two plugins register the same name for the same concern.
 
-    def __init__(self, concern: str, name: str, first: str, second: str):
+    When one of them is a first-party distribution (``builtin``), the advice names the other one,
+    the newcomer, as the one to uninstall or disable.
+    """
+
+    def __init__(self, concern: str, name: str, first: str, second: str, *, builtin: str | None = None):
         self.concern = concern
         self.name = name
         self.distributions = (first, second)
-        super().__init__(
-            f"{concern} name {name!r} is registered twice: by {first} and by {second}. "
-            f"Uninstall one of them, or disable one with WAN_DISABLE_PLUGINS={second}."
-        )
+        message = f"{concern} name {name!r} is registered twice: by {first} and by {second}. "
+        if builtin in (first, second) and first != second:
+            newcomer = second if builtin == first else first
+            self.newcomer = newcomer
+            message += (
+                f"{name!r} is built into wan ({builtin}); {newcomer} registers it again. Uninstall "
+                f"{newcomer} (pip uninstall {newcomer}), or disable it with WAN_DISABLE_PLUGINS={newcomer}, "
+                f"or ask its authors to pick another name."
+            )
+        else:
+            self.newcomer = second
+            message += f"Uninstall one of them, or disable one with WAN_DISABLE_PLUGINS={second}."
+        super().__init__(message)
 
 
 class BrokenPluginError(PluginError):
@@ -65,3 +78,11 @@ class WeightsError(WanError):
 
 class InputError(WanError):
     """Bad user input other than weights: sizes, images, prompt files, options."""
+
+
+class NonFiniteError(WanError):
+    """A computation produced NaN or Inf values (NaN weights, a bad LoRA, a dtype overflow)."""
+
+
+class OutputError(WanError):
+    """An output cannot be written where the user asked: not writable, not free, disk full."""

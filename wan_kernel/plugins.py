@@ -62,6 +62,19 @@ CONCERN_DISTRIBUTIONS: dict[str, str] = {
 """First-party distributions that provide every implementation of a concern."""
 
 
+def is_first_party(distribution: str) -> bool:
+    """Whether ``distribution`` is one of wan's own (the kernel or a plugin it ships)."""
+    ours = {PROJECT_NAME, "wan", *FIRST_PARTY_PROVIDERS.values(), *CONCERN_DISTRIBUTIONS.values()}
+    return _normalise(distribution) in {_normalise(d) for d in ours}
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """``Type: message``; ``sys.exit`` gets its own words (it would otherwise end every command)."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r}) (a plugin must raise an exception instead of exiting)"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _normalise(name: str) -> str:
     return name.strip().lower().replace("_", "-")
 
@@ -136,8 +149,10 @@ class Registered:
     def availability(self) -> Availability:
         try:
             result = self.impl.availability()
-        except Exception as exc:  # an availability probe must never crash discovery
-            return Availability.no(f"availability check failed: {type(exc).__name__}: {exc}")
+        except BaseException as exc:  # noqa: BLE001 - an availability probe must never crash discovery
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            return Availability.no(f"availability check failed: {_describe_failure(exc)}")
         if isinstance(result, Availability):
             return result
         ok, reason = result if isinstance(result, tuple) else (bool(result), "")
@@ -211,9 +226,9 @@ class PluginManager:
             try:
                 module = ep.load()
             except BaseException as exc:  # noqa: BLE001 - a broken plugin must not stop discovery
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                if isinstance(exc, KeyboardInterrupt):
                     raise
-                self._mark_broken(record, f"failed to import {ep.value}: {type(exc).__name__}: {exc}")
+                self._mark_broken(record, f"failed to import {ep.value}: {_describe_failure(exc)}")
                 self.records.append(record)
                 continue
             self._register_module(module, record)
@@ -282,8 +297,10 @@ class PluginManager:
                     register = self._make_register(concern, staged)
                     try:
                         hookimpl.function(*[register for _ in hookimpl.argnames])
-                    except Exception as exc:
-                        self._mark_broken(record, f"{hook_name} failed: {type(exc).__name__}: {exc}")
+                    except BaseException as exc:  # noqa: BLE001 - sys.exit in a hook is a broken plugin too
+                        if isinstance(exc, KeyboardInterrupt):
+                            raise
+                        self._mark_broken(record, f"{hook_name} failed: {_describe_failure(exc)}")
                         break
                 if record.broken:
                     break
@@ -319,8 +336,13 @@ class PluginManager:
         for key in dict.fromkeys((entry.name, *entry.aliases)):
             existing = self._owner(concern, key)
             if existing is not None:
+                builtin = next(
+                    (d for d in (existing.distribution, record.distribution) if is_first_party(d)), None
+                )
                 self.duplicates.append(
-                    DuplicatePluginNameError(concern, key, existing.distribution, record.distribution)
+                    DuplicatePluginNameError(
+                        concern, key, existing.distribution, record.distribution, builtin=builtin
+                    )
                 )
             elif key == entry.name:
                 self.tables[concern][key] = entry
@@ -526,3 +548,122 @@ def get_plugin_manager(*, reload: bool = False) -> PluginManager:
 def resolve(concern: str, name: str, *, manager: PluginManager | None = None) -> Any:
     """Shorthand for ``get_plugin_manager().get(concern, name)``."""
     return (manager or get_plugin_manager()).get(concern, name)
+
+
+# -- checking what an attention plugin does -------------------------------------------------------
+
+ATTENTION_FALLBACK_HINT = "Use --attn sdpa (PyTorch's built-in attention) to run without it"
+
+
+def _provider_label(concern: str, name: str, manager: PluginManager | None) -> str:
+    try:
+        entry = (manager or get_plugin_manager()).lookup(concern, name)
+    except Exception:  # noqa: BLE001 - only for the message
+        return repr(name)
+    return f"{entry.name!r} (from {entry.distribution})" if entry.distribution else repr(entry.name)
+
+
+def _failure_error(message: str, exc: BaseException | None) -> BrokenPluginError:
+    error = BrokenPluginError(message)
+    if exc is not None:
+        error.plugin_traceback = "".join(  # type: ignore[attr-defined]
+            traceback.format_exception(type(exc), exc, exc.__traceback__)
+        )
+    return error
+
+
+def check_attention_backend(
+    impl: Callable,
+    *,
+    name: str,
+    device: Any,
+    dtype: Any,
+    head_dim: int = 64,
+    heads: int = 2,
+    manager: PluginManager | None = None,
+) -> None:
+    """Call an attention implementation once on a tiny input and check what it returns against
+    the interface: a tensor of ``q``'s shape ``[B, Lq, H, D]`` and dtype, finite where the input is.
+
+    Run once at set-up (never in the hot path); the probe uses the model's head size, the run's
+    device and dtype, and ``k_lens``.
+
+    :raises BrokenPluginError: the implementation raised, or returned the wrong shape, dtype or
+        NaN; the message names the plugin and its distribution and suggests ``--attn sdpa``; the
+        plugin's traceback is kept on the error (shown with ``WAN_DEBUG=1`` / ``--verbose``).
+    """
+    import torch
+
+    label = _provider_label("attention", name, manager)
+    generator = torch.Generator("cpu").manual_seed(0)
+    q = torch.randn(2, 8, heads, head_dim, generator=generator).to(device=device, dtype=dtype)
+    k = torch.randn(2, 6, heads, head_dim, generator=generator).to(device=device, dtype=dtype)
+    v = torch.randn(2, 6, heads, head_dim, generator=generator).to(device=device, dtype=dtype)
+    k_lens = torch.tensor([6, 3], dtype=torch.int32, device=device)
+    try:
+        with torch.no_grad():
+            out = impl(q, k, v, k_lens=k_lens)
+    except Exception as exc:  # noqa: BLE001 - a plugin may raise anything
+        raise _failure_error(
+            f"attention plugin {label} failed on a small test input (q {list(q.shape)} {dtype}, "
+            f"device {device}): {type(exc).__name__}: {exc}. {ATTENTION_FALLBACK_HINT}, or report this "
+            "to the plugin's authors.",
+            exc,
+        ) from exc
+    if not isinstance(out, torch.Tensor):
+        problem = f"returned {type(out).__name__}, not a tensor"
+    elif tuple(out.shape) != tuple(q.shape):
+        problem = (
+            f"returned shape {list(out.shape)} for q of shape {list(q.shape)} (it must return q's shape)"
+        )
+    elif out.dtype != q.dtype:
+        problem = f"returned dtype {out.dtype} for q in {q.dtype} (it must return q's dtype)"
+    elif not bool(torch.isfinite(out).all()):
+        problem = "returned NaN or Inf for finite inputs"
+    else:
+        return
+    raise _failure_error(
+        f"attention plugin {label} breaks the attention interface: it {problem}. "
+        f"{ATTENTION_FALLBACK_HINT}, or report this to the plugin's authors.",
+        None,
+    )
+
+
+def plugin_failure(
+    exc: BaseException, impl: object, *, concern: str, name: str, manager: PluginManager | None = None
+) -> BrokenPluginError | None:
+    """A :class:`BrokenPluginError` naming the plugin when ``exc`` was raised inside ``impl``'s
+    module (a third-party kernel failing in the middle of a run), else ``None``.
+
+    The error carries the original traceback as ``plugin_traceback`` (shown with ``WAN_DEBUG=1``).
+    """
+    import sys as _sys
+
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)) or impl is None:
+        return None
+    module = _sys.modules.get(getattr(type(impl), "__module__", "") or "")
+    filename = getattr(module, "__file__", None)
+    if not filename:
+        return None
+    files = {os.path.abspath(filename)}
+    if os.path.basename(filename) == "__init__.py":  # a package: any file in it
+        folder = os.path.dirname(os.path.abspath(filename)) + os.sep
+    else:
+        folder = None
+    tb = exc.__traceback__
+    inside = False
+    while tb is not None:
+        current = os.path.abspath(tb.tb_frame.f_code.co_filename)
+        if current in files or (folder and current.startswith(folder)):
+            inside = True
+            break
+        tb = tb.tb_next
+    if not inside:
+        return None
+    label = _provider_label(concern, name, manager)
+    hint = ATTENTION_FALLBACK_HINT if concern == "attention" else f"Choose another {concern} implementation"
+    return _failure_error(
+        f"{concern} plugin {label} failed during the run: {type(exc).__name__}: {exc}. {hint}, or report "
+        "this to the plugin's authors.",
+        exc,
+    )

@@ -32,7 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.models import arguments
 from wan_kernel.models.weights import (
+    check_finite_weights,
+    as_path,
     config_beside,
     describe_keys,
     guess_model_kind,
@@ -45,6 +48,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: Head size of the real ViT-H/14 (1280 wide, 16 heads), used when nothing else says.
 REAL_HEAD_DIM = 80
+CLIP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes ``load_clip_vision(dtype=)`` computes in."""
 
 AttentionFn = Callable[..., torch.Tensor]
 
@@ -395,7 +400,14 @@ def load_clip_vision(
     :param num_heads: attention heads; else a CLIP ``config.json`` beside the file, else ``width // 80``.
     :param attention: ``fn(q, k, v)`` on ``[B, L, H, D]`` (an attention plugin); default SDPA.
     :returns: :class:`ClipVisionTower` in eval mode, with ``features``, ``preprocess``, ``encode_images``.
+    :raises WeightsError: the file is missing, unreadable, malformed or not a CLIP vision tower.
+    :raises InputError: ``path`` is not a path; ``dtype``, ``device`` or ``num_heads`` of the wrong
+        type or value.
     """
+    path = as_path(path, what="CLIP vision").expanduser()
+    dtype = arguments.resolve_dtype(dtype, allowed=CLIP_DTYPES, what="the CLIP vision tower")
+    device = arguments.check_device(device)
+    num_heads = arguments.check_num_heads(num_heads, what="the CLIP vision tower")
     source = str(path)
     raw = load_state_dict(path, what="CLIP vision")
     state = clip_state_to_official(raw, source=source)
@@ -413,6 +425,7 @@ def load_clip_vision(
     if mismatch:
         raise WeightsError(f"{source}: CLIP vision tensors do not fit the architecture: {mismatch}")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    check_finite_weights(state, source)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:

@@ -22,12 +22,15 @@ import torch
 from torch import nn
 
 from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.models import arguments
 from wan_kernel.models.attention import sdpa_attention
 from wan_kernel.models.dit import COMPUTE_DTYPES, WanDiT
 from wan_kernel.models.dit_config import MODEL_TYPE_WORDS, MODEL_TYPES, PRESETS, DiTConfig, infer_dit_config
 from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_state_dict_to
 from wan_kernel.models.quantization import check_quantizer
 from wan_kernel.models.weights import (
+    check_finite_weights,
+    as_path,
     config_beside,
     describe_keys,
     float_elements_by_dtype,
@@ -53,33 +56,17 @@ TASKS: dict[str, tuple[str, DiTConfig | None]] = {
 }
 """Task names ``load_dit(task=...)`` checks the weights against: model type and (if sized) preset."""
 
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
 KEEP_FP32 = ("modulation",)
 """Parameters (by last name) kept in float32 whatever ``dtype`` is: the modulation tables are
 added to the float32 time embedding, as in the official code."""
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``torch.float32``/``bfloat16``/``float16`` from a dtype or its name (``"bf16"``); ``None`` stays."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str):
-        key = dtype.lower().removeprefix("torch.")
-        if key not in DTYPE_NAMES:
-            raise InputError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
-        dtype = DTYPE_NAMES[key]
-    if dtype not in COMPUTE_DTYPES:
-        raise InputError(f"the DiT runs in float32, bfloat16 or float16, not {dtype} (use quant= for fp8)")
-    return dtype
+    """``torch.float32``/``bfloat16``/``float16`` from a dtype or its name (``"bf16"``); ``None`` stays.
+
+    :raises InputError: another dtype, an unknown name, or not a dtype at all.
+    """
+    return arguments.resolve_dtype(dtype, allowed=COMPUTE_DTYPES, what="the DiT", hint="use quant= for fp8")
 
 
 def _file_dtype(sd: Mapping[str, torch.Tensor]) -> torch.dtype:
@@ -193,9 +180,12 @@ def read_dit(path: str | os.PathLike, *, num_heads: int | None = None) -> DiTFil
     config (heads as in :func:`load_dit`) and layout. :func:`load_dit` takes the result as its ``path``
     (once: it consumes the tensors).
 
-    :raises WeightsError: the file is missing, unreadable, or not a Wan2.1 DiT (saying what it is).
+    :raises WeightsError: the file is missing, unreadable, malformed, or not a Wan2.1 DiT (saying
+        what it is); a ``config.json`` beside it is malformed.
+    :raises InputError: ``path`` is not a path, ``num_heads`` not a positive int.
     """
-    path = Path(path).expanduser()
+    path = as_path(path, what="DiT").expanduser()
+    num_heads = arguments.check_num_heads(num_heads, what="the DiT")
     raw = load_state_dict(path, what="DiT")
     layout = _check_kind(path, list(raw))
     sd = dit_state_dict_from(layout, raw)  # renames only (fused projections are split into views)
@@ -253,11 +243,15 @@ def load_dit(
         dict to load. This is how LoRAs are merged before quantization:
         ``state_dict_transform=wan_kernel.lora.LoraMerge(specs)``.
     :returns: the model in eval mode with ``requires_grad`` off (training turns on what it trains).
-    :raises WeightsError: the file is missing, unreadable, another kind of model, incomplete,
-        or wrong for ``task``.
+    :raises WeightsError: the file is missing, unreadable, malformed, another kind of model,
+        incomplete, or wrong for ``task``; a scaled-fp8 weight lacks its scale; a ``config.json``
+        beside it is malformed; the weights (after ``state_dict_transform``) hold NaN or Inf.
+    :raises InputError: an argument of the wrong type or value (``path`` not a path, an unknown
+        ``dtype`` name, ``num_heads`` not a positive int, an unknown ``device``).
     """
+    num_heads = arguments.check_num_heads(num_heads, what="the DiT")
     dtype = resolve_dtype(dtype)
-    device = torch.device(device)
+    device = arguments.check_device(device)
     attention_fn = _check_attention(attention)
     quantizer = check_quantizer(quant, target="dit")
 
@@ -293,6 +287,13 @@ def load_dit(
 
     for key, ref in expected.items():  # one tensor at a time: never two full copies
         sd[key] = sd[key].to(device=device, dtype=ref.dtype)
+    source = str(path)
+    if state_dict_transform is not None:
+        source += (
+            " with its state_dict_transform applied (the LoRAs merged in: a multiplier too large, "
+            "or a LoRA holding NaN?)"
+        )
+    check_finite_weights(sd, source)
     model.load_state_dict(sd, strict=True, assign=True)
     del sd
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

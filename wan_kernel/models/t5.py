@@ -28,8 +28,11 @@ import attrs
 import torch
 
 from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.models import arguments
 from wan_kernel.models.quantization import check_quantizer
 from wan_kernel.models.weights import (
+    check_finite_weights,
+    as_path,
     describe_keys,
     float_elements_by_dtype,
     fold_fp8_scales,
@@ -57,6 +60,8 @@ _OFFICIAL_BLOCK_KEYS = {
 _OFFICIAL_ANCHOR = "blocks.0.attn.q.weight"
 _HF_ANCHOR = "block.0.layer.0.SelfAttention.q.weight"
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+T5_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes ``load_t5(dtype=)`` computes in (fp8 comes from ``quant=``)."""
 
 
 @attrs.frozen
@@ -300,6 +305,7 @@ def build_t5(
             moved[id(value)] = value.to(device=device if device is not None else value.device, dtype=want)
         state[key] = moved[id(value)]
     del moved
+    check_finite_weights(state, source)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -331,10 +337,14 @@ def load_t5(
         held in full next to the quantized one.
     :returns: a transformers ``UMT5EncoderModel`` in eval mode; ``t5(input_ids, attention_mask)``
         returns an output whose ``last_hidden_state`` is ``[B, L, dim]``.
-    :raises InputError: ``quant`` is not a quantizer.
+    :raises WeightsError: the file is missing, unreadable, malformed or not a umt5 encoder.
+    :raises InputError: ``quant`` is not a quantizer, or does not handle the text encoder; ``path``
+        is not a path; ``dtype`` / ``device`` unknown or unsupported.
     """
+    path = as_path(path, what="T5 text encoder").expanduser()
+    dtype = arguments.resolve_dtype(dtype, allowed=T5_DTYPES, what="the T5 text encoder")
+    device = arguments.check_device(device)
     quantizer = check_quantizer(quant, target="t5")
-    device = torch.device(device)
     raw = load_state_dict(path, what="T5 text encoder")
     state = t5_state_to_hf(raw, source=str(path))
     del raw

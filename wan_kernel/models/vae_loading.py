@@ -28,7 +28,15 @@ import torch
 
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models.vae import VAEConfig, WanVAE, WanVAEModel
-from wan_kernel.models.weights import describe_keys, guess_model_kind, load_state_dict, strip_prefix
+from wan_kernel.models import arguments
+from wan_kernel.models.weights import (
+    as_path,
+    check_finite_weights,
+    describe_keys,
+    guess_model_kind,
+    load_state_dict,
+    strip_prefix,
+)
 
 VAE_LAYOUTS = ("official", "comfyui", "diffusers")
 VAE_PREFIXES = ("first_stage_model.", "vae.", "model.")
@@ -259,17 +267,19 @@ def load_vae(
         results are float32 whatever it is.
     :param cache_device: where the causal feature cache lives between chunks (``"cpu"`` saves
         accelerator memory on long videos); ``None`` keeps it beside the activations.
+    :raises WeightsError: the file is missing, unreadable, malformed or not a Wan2.1 VAE.
+    :raises InputError: ``path`` is not a path, ``dtype`` / ``device`` unknown or unsupported.
     """
-    dtype = torch.float32 if dtype is None else dtype
-    if dtype not in VAE_DTYPES:
-        raise InputError(f"VAE dtype must be one of float32, bfloat16, float16, float64; got {dtype}")
-    path = _weights_path(Path(path).expanduser())
+    dtype = arguments.resolve_dtype(dtype, allowed=VAE_DTYPES, what="the VAE") or torch.float32
+    device = arguments.check_device(device)
+    path = _weights_path(as_path(path, what="VAE").expanduser())
     state = _official_state(path)
     config = _infer_config(state, path)
     with torch.device("meta"):
         model = WanVAEModel(config)
     _check_keys(model, state, path)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    check_finite_weights(state, str(path))
     model.load_state_dict(state, assign=True)
     model.eval().requires_grad_(False)
     return WanVAE(model, cache_device=cache_device)

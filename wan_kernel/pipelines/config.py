@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 
+from wan_kernel.checks import check_finite_number, check_seed
 from wan_kernel.errors import InputError
 from wan_kernel.models.vae_config import SPATIAL_STRIDE, TEMPORAL_STRIDE
+from wan_kernel.pipelines.prompts import check_text
 from wan_kernel.sampling.solvers import SOLVER_CHOICES
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -125,6 +127,22 @@ class GenerateConfig:
                 "--latent_path decodes a saved latent: use --output_type video or images, "
                 f"not {self.output_type}"
             )
+        for option, value in (
+            ("--flow_shift", self.flow_shift),
+            ("--guidance_scale", self.guidance_scale),
+            ("--cfg_apply_ratio", self.cfg_apply_ratio),
+            *(("--lora_multiplier", m) for m in self.lora_multipliers),
+        ):
+            check_finite_number(value, option)
+        if self.flow_shift is not None and self.flow_shift <= 0:
+            raise InputError(f"--flow_shift must be positive, got {self.flow_shift}")
+        if self.seed is not None:
+            check_seed(self.seed)
+        if self.prompt is not None and not self.prompt.strip():
+            raise InputError("the prompt is empty: pass --prompt with some text")
+        for option, text in (("--prompt", self.prompt), ("--negative_prompt", self.negative_prompt)):
+            if text is not None:
+                check_text(text, option)
         if self.lora_multipliers and len(self.lora_multipliers) != len(self.lora_weights):
             raise InputError(
                 f"{len(self.lora_multipliers)} --lora_multiplier values for "

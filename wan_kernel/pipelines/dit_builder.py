@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from wan_kernel.errors import InputError
+from wan_kernel.models.weights import check_finite_weights
 from wan_kernel.pipelines.model_sources import ModelSource
 
 
@@ -83,6 +84,11 @@ def build_dit(
         quant=quantizer,
         **extra,
     )
+    if loras:  # whatever the model source: a merge that overflowed is refused before a single step
+        check_finite_weights(
+            dict(dit.named_parameters()),
+            "the DiT with the LoRAs merged in (a multiplier too large, or a LoRA holding NaN?)",
+        )
     if offload:
         for name, child in dit.named_children():
             if name != "blocks":

@@ -30,7 +30,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from wan_kernel.checks import check_finite, decode_causes, denoise_causes
 from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.files import check_save_path
+from wan_kernel.models.compat import check_compatible
 from wan_kernel.models.vae import LATENT_CHANNELS
 from wan_kernel.pipelines import media
 from wan_kernel.pipelines.conditioning import (
@@ -73,6 +76,7 @@ from wan_kernel.pipelines.prompts import PromptSpec
 from wan_kernel.pipelines.requests import resolve_request
 from wan_kernel.pipelines.tasks import DEFAULT_FPS, TaskSpec, select_task
 from wan_kernel.pipelines.text_encoding import encode_texts
+from wan_kernel.plugins import check_attention_backend, plugin_failure
 
 
 def _stderr(message: str) -> None:
@@ -123,6 +127,8 @@ class GenerationPipeline:
             return self
         cfg = self.config
         cfg.check()
+        # the output location: writable and free, before any model loads
+        check_save_path(cfg.save_path, file_suffixes=tuple(FILE_SUFFIXES))
         self.device = resolve_device(cfg.device)
         self.dit_dtype = resolve_compute_dtype(cfg.dit_dtype, self.device, "dit_dtype")
         self.vae_dtype = resolve_compute_dtype(cfg.vae_dtype, self.device, "vae_dtype")
@@ -159,6 +165,16 @@ class GenerationPipeline:
             needs_t5=True,
             needs_vae=cfg.output_type != "latent" or self.task.needs_image,
             needs_clip=self.task.needs_image,
+        )
+        self.dit_info = info
+        # what the attention plugin returns is checked once, here, against the interface
+        check_attention_backend(
+            self.plugins.attention,
+            name=cfg.attn,
+            device=self.device,
+            dtype=self.dit_dtype,
+            head_dim=info.head_dim or 64,
+            manager=self.plugin_manager,
         )
         self.log(f"task: {self.task.name} ({info.description}); device {self.device}, attention {cfg.attn}")
         self._ready = True
@@ -257,6 +273,8 @@ class GenerationPipeline:
             )
             texts = [t for r in requests for t in (r.prompt, r.negative_prompt)]
             embeddings = encode_texts(t5, tokenizer, texts, device=self.device)
+            for embedding in embeddings.values():
+                check_compatible(dit_text_dim=self.dit_info.text_dim, text_width=embedding.shape[-1])
             del t5, tokenizer
             self._release("t5")
         return embeddings
@@ -283,6 +301,8 @@ class GenerationPipeline:
                 index: request_clip_features(clip, start, end, mode=task.mode, device=self.device)
                 for index, (start, end) in images.items()
             }
+            for feature in features.values():
+                check_compatible(image_width=feature.shape[-1])
             del clip
             self._release("clip")
             vae = self._vae()
@@ -315,23 +335,53 @@ class GenerationPipeline:
         with self.stage("denoise"):
             dit = self._model("dit", self.build_dit)
             for r in requests:
-                out[r.index] = denoise_request(
-                    dit,
-                    r,
-                    context=text[r.prompt],
-                    negative_context=text[r.negative_prompt],
-                    conditioning=images.get(r.index),
-                    solver=cfg.sample_solver,
-                    cfg_schedule=self.plugins.cfg_schedule,
-                    cfg_apply_ratio=cfg.cfg_apply_ratio,
-                    device=self.device,
-                    cpu_noise=cfg.cpu_noise,
-                    progress=self.progress,
-                    log=self.log,
-                )
+                try:
+                    out[r.index] = denoise_request(
+                        dit,
+                        r,
+                        context=text[r.prompt],
+                        negative_context=text[r.negative_prompt],
+                        conditioning=images.get(r.index),
+                        solver=cfg.sample_solver,
+                        cfg_schedule=self.plugins.cfg_schedule,
+                        cfg_apply_ratio=cfg.cfg_apply_ratio,
+                        device=self.device,
+                        cpu_noise=cfg.cpu_noise,
+                        progress=self.progress,
+                        log=self.log,
+                    )
+                except Exception as exc:  # a third-party kernel failing mid-run is named, not a traceback
+                    failure = plugin_failure(
+                        exc,
+                        self.plugins.attention,
+                        concern="attention",
+                        name=cfg.attn,
+                        manager=self.plugin_manager,
+                    )
+                    if failure is not None:
+                        raise failure from exc
+                    raise
+                self._check_latent(out[r.index].latent, r, dit, images.get(r.index))
             del dit
             self._release("dit")
         return out
+
+    def _check_latent(self, latent: torch.Tensor, r: Request, dit, cond: ImageConditioning | None) -> None:
+        """No NaN/Inf in a denoised latent, else an error naming the likely cause (nothing is decoded)."""
+        cfg = self.config
+        check_finite(
+            latent,
+            what=f"the latents of prompt {r.index + 1} (seed {r.seed})",
+            causes=lambda: denoise_causes(
+                dit=dit,
+                dit_source=str(cfg.dit or self.models.name),
+                loras=list(zip(cfg.lora_weights, cfg.lora_multipliers or [1.0] * len(cfg.lora_weights))),
+                dtype=self.dit_dtype,
+                attention=cfg.attn,
+                conditioning={"y": cond.y, "clip_fea": cond.clip_fea} if cond is not None else None,
+            ),
+            written="nothing was decoded or written",
+        )
 
     # -- 5. decode ----------------------------------------------------------------------------
 
@@ -342,6 +392,14 @@ class GenerationPipeline:
             videos = decode_latents(
                 vae, latents, device=self.device, trim_tail_frames=self.config.trim_tail_frames
             )
+            for video in videos:  # frames checked before anything is written
+                check_finite(
+                    video,
+                    what="the decoded frames",
+                    causes=lambda: decode_causes(
+                        vae=vae, vae_source=str(self.config.vae or self.models.name), dtype=self.vae_dtype
+                    ),
+                )
             del vae
             self._release("vae")
         return videos
@@ -401,6 +459,9 @@ class GenerationPipeline:
     def decode_latent_file(self, path: str) -> GenerationResult:
         """``--latent_path``: decode a saved latent (T5 and DiT are never loaded)."""
         latent, metadata = media.load_latent(path)
+        check_finite(
+            latent, what=f"the latent file {path}", causes=[f"{path} holds a failed run's result; regenerate it"]
+        )
         if latent.shape[0] != LATENT_CHANNELS:
             raise InputError(
                 f"{path}: a Wan latent has {LATENT_CHANNELS} channels, this one has {latent.shape[0]}"

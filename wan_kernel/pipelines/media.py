@@ -8,9 +8,10 @@
 - Images out: one PNG per frame, the settings JSON in a PNG text chunk.
 - Latents out: safetensors ``{"latent": [16, F, H/8, W/8]}`` with the settings as string metadata.
 
-Every write is atomic: the file (or folder of frames) is written under a temporary name in the
-destination folder and moved into place with :func:`os.replace`, so an error or an interrupt
-never leaves a half-written output at the requested path.
+Every write is atomic and exclusive (:class:`wan_kernel.files.AtomicOutput`): the file (or folder
+of frames) is written under a hidden temporary name in the destination folder and published
+under a name nobody holds, so an error or an interrupt never leaves a half-written output, and
+two runs never overwrite each other's results.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
+import stat
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from wan_kernel.errors import InputError
+from wan_kernel.files import AtomicOutput
 
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 METADATA_KEY = "wan_settings"
@@ -40,21 +41,31 @@ def read_image(path: str | os.PathLike, *, background: str = "white"):
     """Open an image as an RGB ``PIL.Image``, upright (EXIF orientation) and without alpha.
 
     Transparent and semi-transparent pixels are composited onto ``background`` (``white`` or
-    ``black``). Raises :class:`InputError` for a missing or unreadable file.
+    ``black``). High bit-depth grayscale (16-bit and 32-bit integer, float) is scaled by its
+    value range to 8 bits, not truncated.
+
+    :raises InputError: a missing file, a folder, a pipe or device, an unreadable or corrupt image,
+        or one larger than PIL's decompression-bomb limit.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     if background not in BACKGROUNDS:
         raise InputError(f"unknown image background {background!r}; use one of {', '.join(BACKGROUNDS)}")
-    if not path.is_file():
-        raise InputError(f"image not found: {path}")
+    _check_input_file(path, "image")
     try:
         with Image.open(path) as opened:
             opened.load()
             image = ImageOps.exif_transpose(opened)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise InputError(
+            f"image {path} is too large to open safely ({exc}); shrink it (it only needs to be about the "
+            "video size) or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
+        ) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from None
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        image = _gray_to_8bit(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -63,6 +74,42 @@ def read_image(path: str | os.PathLike, *, background: str = "white"):
         canvas.alpha_composite(rgba)
         image = canvas
     return image.convert("RGB")
+
+
+def _check_input_file(path: Path, what: str) -> None:
+    """A regular, readable file (never opened here: a FIFO would block), else an InputError."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise InputError(f"{what} {path} is a folder, not a file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode) else "not a regular file"
+        raise InputError(f"{what} {path} is {kind}; pass a regular file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"cannot read {what} {path}: permission denied")
+
+
+def _gray_to_8bit(image):
+    """A grayscale image of more than 8 bits (``I;16*``, ``I``, ``F``) as mode ``L``, scaled by the
+    range of its type: 16-bit 0..65535, 32-bit integers 0..65535 (PNG's 16-bit read as ``I``) or
+    0..255 when no value exceeds 255, floats 0..1 (or 0..255 when a value exceeds 1)."""
+    from PIL import Image
+
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    elif image.mode == "I":
+        top = 65535.0 if values.size and values.max() > 255 else 255.0
+    else:
+        finite = values[np.isfinite(values)]
+        top = 1.0 if finite.size == 0 or finite.max() <= 1.0 else 255.0
+        values = np.nan_to_num(values, nan=0.0, posinf=top, neginf=0.0)
+    scaled = np.clip(values / top, 0.0, 1.0) * 255.0
+    return Image.fromarray(np.round(scaled).astype(np.uint8))
 
 
 def image_to_tensor(image):
@@ -92,37 +139,11 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
     """Yield a temporary path beside ``path``; on success move it onto ``path``, else delete it.
 
     For ``directory=True`` the temporary is a folder; it replaces ``path`` if that does not exist
-    or is an empty folder (a non-empty one is an :class:`InputError`).
+    or is an empty folder (a non-empty one is an :class:`OutputError`). The writers below use
+    :class:`wan_kernel.files.AtomicOutput` with ``exclusive=True`` instead, which never replaces.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise InputError(f"output folder {path} already exists and is not empty")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        yield tmp
-        # mkstemp/mkdtemp create owner-only entries; give the result the usual umask-based mode
-        os.chmod(tmp, (0o777 if directory else 0o666) & ~_current_umask())
-        if directory and path.is_dir():
-            path.rmdir()
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-        raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with AtomicOutput(path, directory=directory, exclusive=False) as out:
+        yield out.tmp
 
 
 def _metadata_text(metadata: Mapping[str, Any]) -> str:
@@ -141,11 +162,15 @@ def write_video(
     fps: int = 16,
     metadata: Mapping[str, Any] | None = None,
     crf: int = 17,
+    exclusive: bool = True,
 ) -> Path:
-    """Write ``uint8`` frames ``[F, H, W, 3]`` as an H.264 yuv420p mp4 (atomically).
+    """Write ``uint8`` frames ``[F, H, W, 3]`` as an H.264 yuv420p mp4 (atomically); return its path.
 
     ``metadata`` is stored as JSON in the container's ``comment`` and ``wan_settings`` tags; its
-    ``prompt`` (if any) also as ``title``. Height and width must be even (yuv420p).
+    ``prompt`` (if any) also as ``title``. Height and width must be even (yuv420p). With
+    ``exclusive`` (the default) an existing file is never replaced: a taken name gets ``_1``, ...
+
+    :raises OutputError: the file cannot be written (names the path and the reason: disk full, ...).
     """
     import av
 
@@ -155,9 +180,8 @@ def write_video(
     count, height, width, _ = frames.shape
     if height % 2 or width % 2:
         raise InputError(f"mp4 (yuv420p) needs even sizes, got {width}x{height}")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        container = av.open(str(tmp), mode="w", format="mp4", options={"movflags": "use_metadata_tags"})
+    with AtomicOutput(path, exclusive=exclusive) as out:
+        container = av.open(str(out.tmp), mode="w", format="mp4", options={"movflags": "use_metadata_tags"})
         try:
             if metadata:
                 text = _metadata_text(metadata)
@@ -176,7 +200,7 @@ def write_video(
                 container.mux(packet)
         finally:
             container.close()
-    return path
+    return out.final
 
 
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float, dict[str, Any]]:
@@ -212,31 +236,39 @@ def _png_info(metadata: Mapping[str, Any] | None):
 
 
 def write_image(
-    path: str | os.PathLike, frame: np.ndarray, *, metadata: Mapping[str, Any] | None = None
+    path: str | os.PathLike,
+    frame: np.ndarray,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    exclusive: bool = True,
 ) -> Path:
-    """Write one ``uint8`` frame ``[H, W, 3]`` as PNG (atomically), settings in a text chunk."""
+    """Write one ``uint8`` frame ``[H, W, 3]`` as PNG (atomically), settings in a text chunk; return
+    its path (``exclusive``: a taken name gets ``_1``, ...)."""
     from PIL import Image
 
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(frame)).save(tmp, format="PNG", pnginfo=_png_info(metadata))
-    return path
+    with AtomicOutput(path, exclusive=exclusive) as out:
+        Image.fromarray(np.ascontiguousarray(frame)).save(out.tmp, format="PNG", pnginfo=_png_info(metadata))
+    return out.final
 
 
 def write_frames(
-    folder: str | os.PathLike, frames: np.ndarray, *, metadata: Mapping[str, Any] | None = None
+    folder: str | os.PathLike,
+    frames: np.ndarray,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    exclusive: bool = True,
 ) -> Path:
-    """Write frames ``[F, H, W, 3]`` as ``folder/frame_00000.png``... (the folder appears whole)."""
+    """Write frames ``[F, H, W, 3]`` as ``folder/frame_00000.png``... (the folder appears whole);
+    return the folder (``exclusive``: a taken, non-empty folder name gets ``_1``, ...)."""
     from PIL import Image
 
-    folder = Path(folder)
     info = _png_info(metadata)
-    with atomic_path(folder, directory=True) as tmp:
+    with AtomicOutput(folder, directory=True, exclusive=exclusive) as out:
         for index, frame in enumerate(frames):
             Image.fromarray(np.ascontiguousarray(frame)).save(
-                tmp / f"frame_{index:05d}.png", format="PNG", pnginfo=info
+                out.tmp / f"frame_{index:05d}.png", format="PNG", pnginfo=info
             )
-    return folder
+    return out.final
 
 
 def read_png_settings(path: str | os.PathLike) -> dict[str, Any]:
@@ -253,18 +285,24 @@ def read_png_settings(path: str | os.PathLike) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def save_latent(path: str | os.PathLike, latent, *, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Save a latent ``[16, F, H/8, W/8]`` as safetensors with string metadata (atomically).
+def save_latent(
+    path: str | os.PathLike,
+    latent,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    exclusive: bool = True,
+) -> Path:
+    """Save a latent ``[16, F, H/8, W/8]`` as safetensors with string metadata (atomically); return
+    its path (``exclusive``: a taken name gets ``_1``, ...).
 
     Each metadata value is stored as JSON text under its key.
     """
     from safetensors.torch import save_file
 
-    path = Path(path)
     meta = {str(k): json.dumps(v, ensure_ascii=False, default=str) for k, v in (metadata or {}).items()}
-    with atomic_path(path) as tmp:
-        save_file({"latent": latent.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
-    return path
+    with AtomicOutput(path, exclusive=exclusive) as out:
+        save_file({"latent": latent.detach().float().cpu().contiguous()}, str(out.tmp), metadata=meta)
+    return out.final
 
 
 def load_latent(path: str | os.PathLike):
@@ -275,8 +313,7 @@ def load_latent(path: str | os.PathLike):
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"latent file not found: {path}")
+    _check_input_file(path, "latent file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())

@@ -28,6 +28,10 @@ class ModelInfo:
     dim: int
     num_layers: int
     description: str
+    text_dim: int | None = None
+    """Width of the text context the DiT takes (checked against the T5's output)."""
+    head_dim: int | None = None
+    """Attention head size (the attention plugin is probed with it at set-up)."""
 
 
 class ModelSource(abc.ABC):
@@ -110,7 +114,14 @@ class FileModels(ModelSource):
         if self._info is None:
             self._dit_file = self._read_dit()
             config = self._dit_file.config
-            self._info = ModelInfo(config.model_type, config.dim, config.num_layers, config.describe())
+            self._info = ModelInfo(
+                config.model_type,
+                config.dim,
+                config.num_layers,
+                config.describe(),
+                text_dim=config.text_dim,
+                head_dim=config.head_dim,
+            )
         return self._info
 
     def load_dit(self, *, device, dtype, attention, quant, state_dict_transform=None):
@@ -181,7 +192,12 @@ class PrebuiltDiT(ModelSource):
     def dit_info(self) -> ModelInfo:
         config = self.dit.config
         return ModelInfo(
-            config.model_type, config.dim, config.num_layers, f"{self.description}: {config.describe()}"
+            config.model_type,
+            config.dim,
+            config.num_layers,
+            f"{self.description}: {config.describe()}",
+            text_dim=config.text_dim,
+            head_dim=config.head_dim,
         )
 
     def load_dit(self, *, device, dtype, attention, quant, state_dict_transform=None):
