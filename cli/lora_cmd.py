@@ -9,11 +9,11 @@ Outputs are written atomically and never over an existing file without ``--overw
 from __future__ import annotations
 
 import json
-import math
 
 import click
 from wan_cli.errors import handle_wan_errors
 from wan_cli.generate import expand_multi_value_options
+from wan_cli.types import FINITE_FLOAT
 
 from wan_kernel.errors import InputError
 
@@ -26,15 +26,11 @@ TARGET_HELP = (
 
 
 class _FiniteFloat(click.FloatRange):
-    """A float that is finite (click's ``float`` takes ``nan`` and ``inf``) and in range; checked
-    when the command line is parsed (exit 2). Harden's ``wan_cli.types.FINITE_FLOAT`` is the same
-    check without a range."""
+    """:data:`wan_cli.types.FINITE_FLOAT` (no NaN, no Inf) with a range; checked when the command line
+    is parsed (exit 2)."""
 
     def convert(self, value, param, ctx):
-        number = click.FLOAT.convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return super().convert(number, param, ctx)
+        return super().convert(FINITE_FLOAT.convert(value, param, ctx), param, ctx)
 
 
 FINITE = _FiniteFloat()

@@ -1,15 +1,12 @@
 """``wan run cache|cache-latents|cache-text`` and ``wan lora convert|merge|info|resize|ema`` against
 hostile input, one table, rows grouped by the classes of issue 11.
 
-Every row runs the real command line in-process and asserts three things: the exit code (1 for a
-user error, 2 for a usage error, 0 for an input that must work), that the message names the
-problem (each fragment appears, and no ``Traceback``), and the output folder's state afterwards:
-no temporary left and, for a failing case, no output at all (nothing partial, nothing stale), or
-for an existing output, its bytes untouched.
-
-The helpers below have the shape of ``wan_kernel.testing.bad_input`` (the hardening branch's
-shared table helper: ``Case``, ``Outcome.verdict``, ``count_matrix``); when that lands, the helper
-section is replaced by an import. Run this file as a script to print the count matrix::
+Each row is a :class:`wan_kernel.testing.bad_input.Case` run in-process with the real command
+line; it asserts the exit code (1 for a user error, 2 for a usage error, 0 for an input that must
+work), that the message names the problem (each fragment appears, and no ``Traceback``), and the
+output folder's state afterwards: no temporary left, no output from a failing run (nothing
+partial, nothing stale) and an existing output's bytes untouched. Run this file as a script to
+print the count matrix (cases tried / clean / tracebacks / silent wrong)::
 
     .venv/bin/python tests/test_bad_input_cache_lora.py
 """
@@ -17,7 +14,6 @@ section is replaced by an import. Run this file as a script to print the count m
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import os
 import shutil
@@ -25,214 +21,40 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
-import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import attrs
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from wan_kernel.testing import REFERENCE_FIXTURES
+from wan_kernel.testing.bad_input import Case, Outcome, count_matrix, format_matrix, make_fifo, run_cli_case
 
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 AS_ROOT = "root reads whatever the permissions say"
 T2V = REFERENCE_FIXTURES / "dit_t2v" / "weights.safetensors"
-HARDEN = (
-    "a loader-level problem (wan_kernel/models/weights.py: header records, FIFOs) fixed at its root by the "
-    "hardening branch; this case passes once it is merged"
-)
 pytestmark = pytest.mark.skipif(not T2V.is_file(), reason=f"reference fixtures not found at {T2V}")
 
-# --------------------------------------------------------------------------------------------
-# Table helpers (the shape of wan_kernel.testing.bad_input)
-# --------------------------------------------------------------------------------------------
 
-CLASSES = ("files", "config", "options", "media", "nonfinite", "outputs")
-TEMPORARY_MARKERS = (".partial", ".tmp", ".wan-")
-
-
-@attrs.frozen
-class Case:
-    """One hostile input: ``args(tmp) -> command line`` (it writes the files it needs; the output
-    folder is ``tmp / "out"``), the exit code, message fragments, and what the output folder must
-    hold afterwards (``outputs``: file names; ``None``: nothing for a failing case)."""
-
-    klass: str = attrs.field(validator=attrs.validators.in_(CLASSES))
-    name: str
-    args: Callable[[Path], Sequence[str]]
-    exit_code: int = 1
-    message: tuple[str, ...] = attrs.field(
-        default=(), converter=lambda m: (m,) if isinstance(m, str) else tuple(m)
-    )
-    outputs: tuple[str, ...] | None = None
-    skip: str | None = None
-    xfail: str | None = None
-
-    @property
-    def id(self) -> str:
-        return f"{self.klass}-{self.name}"
-
-
-@attrs.define
-class Outcome:
-    case: Case
-    exit_code: int
-    stderr: str
-    out: Path
-    traceback: bool = False
-    before: dict[str, bytes] = attrs.Factory(dict)
-    hung: bool = False
-
-    @property
-    def files(self) -> list[str]:
-        if not self.out.is_dir():
-            return []
-        return sorted(
-            str(p.relative_to(self.out))
-            for p in self.out.rglob("*")
-            if p.is_file() and not any(m in p.name for m in TEMPORARY_MARKERS)
-        )
-
-    @property
-    def temporaries(self) -> list[str]:
-        if not self.out.is_dir():
-            return []
-        return sorted(p.name for p in self.out.rglob("*") if any(m in p.name for m in TEMPORARY_MARKERS))
-
-    @property
-    def changed(self) -> list[str]:
-        """Files that were in the output folder before the run and differ (or are gone) after it."""
-        return [
-            n
-            for n, data in self.before.items()
-            if not (self.out / n).is_file() or (self.out / n).read_bytes() != data
-        ]
-
-    @property
-    def silent_wrong(self) -> bool:
-        if self.exit_code != 0:
-            return False
-        return self.case.exit_code != 0 or (
-            self.case.outputs is not None and self.files != sorted(self.case.outputs)
-        )
-
-    @property
-    def problems(self) -> list[str]:
-        found = []
-        if self.hung:
-            found.append("blocked (a FIFO was read?) until the watchdog released it")
-        if self.traceback:
-            found.append("a traceback was printed")
-        if self.silent_wrong:
-            found.append(f"silent wrong result: exit 0 with {self.files}")
-        elif self.exit_code != self.case.exit_code:
-            found.append(f"exit code {self.exit_code}, expected {self.case.exit_code}")
-        missing = [m for m in self.case.message if m not in self.stderr]
-        if missing:
-            found.append(f"message lacks {missing!r}")
-        if self.temporaries:
-            found.append(f"temporaries left: {self.temporaries}")
-        expected = sorted(self.case.outputs) if self.case.outputs is not None else sorted(self.before)
-        if self.files != expected and not self.silent_wrong:
-            found.append(f"output folder holds {self.files}, expected {expected}")
-        if self.changed:
-            found.append(f"existing outputs changed: {self.changed}")
-        return found
-
-    @property
-    def verdict(self) -> str:
-        if self.traceback:
-            return "traceback"
-        if self.silent_wrong:
-            return "silent_wrong"
-        return "unclean" if self.problems else "clean"
-
-    def check(self) -> None:
-        assert not self.problems, f"{self.case.id}: {'; '.join(self.problems)}\n--- output ---\n{self.stderr}"
-
-
-_FIFOS: list[Path] = []
-
-
-def make_fifo(path: Path) -> Path:
-    os.mkfifo(path)
-    _FIFOS.append(path)
-    return path
-
-
-@contextlib.contextmanager
-def fifo_watchdog(seconds: float):
-    """After ``seconds``, open every FIFO this module made for writing and close it: a reader stuck
-    in ``open()`` (even one that retries on EINTR, out of Python's reach) gets end-of-file, so a
-    case that blocks ends and is reported as blocked instead of hanging the test run."""
-    fired = threading.Event()  # set only when a reader was found blocked on one of our FIFOs
-    stop = threading.Event()
-
-    def release() -> None:
-        if stop.wait(seconds):
-            return
-        while not stop.is_set():
-            for path in _FIFOS:
-                try:  # succeeds only while a reader has the FIFO open (else ENXIO)
-                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-                    fired.set()
-                except OSError:
-                    pass
-            stop.wait(0.2)
-
-    thread = threading.Thread(target=release, daemon=True)
-    thread.start()
-    try:
-        yield fired
-    finally:
-        stop.set()
-        thread.join()
-
-
-def run_cli_case(case: Case, tmp_path: Path, *, watchdog: float = 3.0) -> Outcome:
-    """Run ``wan <args>`` in-process (click's runner) and describe what happened."""
-    from click.testing import CliRunner
-    from wan_cli.main import cli
-
-    if case.skip:
-        pytest.skip(case.skip)
+def run_case(case: Case, tmp_path: Path) -> Outcome:
+    """:func:`run_cli_case` (the case's args are the whole command line), plus: files already in
+    the output folder before the run must be byte for byte the same after it."""
     out = tmp_path / "out"
     out.mkdir(parents=True, exist_ok=True)
-    args = [str(a) for a in case.args(tmp_path)]
-    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    args = case.args(tmp_path) if callable(case.args) else case.args
+    case = Case(case.klass, case.name, list(args), case.exit_code, case.message, case.outputs, skip=case.skip)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     try:
-        with fifo_watchdog(watchdog) as fired:
-            result = CliRunner().invoke(cli, args)
+        outcome = run_cli_case(case, tmp_path, command=[], out_option=None, timeout=60)
     finally:
-        for path in tmp_path.rglob("*"):  # undo chattr +i of the read-only-folder cases
-            if path.is_dir() and path.name.startswith("immutable"):
-                subprocess.run(["chattr", "-i", str(path)], check=False)
-    exc = result.exception
-    stderr = result.output
-    traceback = "Traceback" in stderr or (exc is not None and not isinstance(exc, SystemExit))
-    if traceback and exc is not None and not isinstance(exc, SystemExit):
-        import traceback as tb
-
-        stderr += "\n[uncaught]\n" + "".join(tb.format_exception(exc))
-    return Outcome(case, result.exit_code, stderr, out, traceback, before, fired.is_set())
-
-
-def count_matrix(outcomes: Sequence[Outcome]) -> dict[str, dict[str, int]]:
-    """Per class and in total: cases ``tried``, ``clean``, ``traceback``, ``silent_wrong``, ``unclean``."""
-    table: dict[str, dict[str, int]] = {}
-    for outcome in outcomes:
-        for key in (outcome.case.klass, "total"):
-            row = table.setdefault(
-                key, dict.fromkeys(("tried", "clean", "traceback", "silent_wrong", "unclean"), 0)
-            )
-            row["tried"] += 1
-            row[outcome.verdict] += 1
-    table["total"] = table.pop("total")
-    return table
+        for path in tmp_path.rglob("immutable"):  # undo chattr +i of the read-only-folder cases
+            subprocess.run(["chattr", "-i", str(path)], check=False)
+    changed = [p.name for p, data in before.items() if not p.is_file() or p.read_bytes() != data]
+    if changed:
+        outcome.wrong = f"existing outputs changed: {changed}"
+    return outcome
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +199,7 @@ def text(tmp: Path, t5: object = None) -> list[str]:
     return args + ["--t5", t5 or files()["t5"]]
 
 
-CACHED = ("a_0040x0024_wan.safetensors", "a_wan_te.safetensors")
+CACHED = ["a_0040x0024_wan.safetensors", "a_wan_te.safetensors"]
 
 CACHE_CASES = [
     # files: missing, garbage, malformed, of the wrong kind, unreadable
@@ -410,7 +232,6 @@ CACHE_CASES = [
         "latents-vae-header-entry-not-a-record",
         lambda t: latents(t, raw_safetensors(t / "v.safetensors", {"w": 3})),
         message="v.safetensors",
-        xfail=HARDEN,
     ),
     Case(
         "files",
@@ -512,27 +333,27 @@ CACHE_CASES = [
         "cache-truncated-image",
         lambda t: cache(t, toml=_with_bad_image(t)),
         message=("b.png", "1 item(s) failed"),
-        outputs=(*CACHED, "b_wan_te.safetensors"),  # its caption is fine: the text cache is written
+        outputs=3,  # a's two caches, and b's text cache (its caption is fine)
     ),
-    # non-finite numbers: the item fails, nothing is written for it
+    # non-finite numbers in the weights: refused when loaded, nothing written
     Case(
         "nonfinite",
         "latents-nan-vae",
         lambda t: latents(t, with_nan(t / "v.safetensors", files()["vae"], key_part="encoder.conv1.weight")),
-        message=("a.png", "non-finite"),
+        message=("v.safetensors", "NaN or Inf"),
     ),
     Case(
         "nonfinite",
         "text-nan-t5",
         lambda t: text(t, with_nan(t / "t5.safetensors", files()["t5"], key_part="shared")),
-        message=("a.png", "non-finite"),
+        message=("t5.safetensors", "NaN or Inf"),
     ),
     # outputs: the cache directory cannot be written
     Case(
         "outputs",
         "cache-directory-read-only",
         lambda t: cache(t, toml=dataset(t, cache=immutable(t))),
-        message=("immutable", "not writable"),
+        message=("immutable", "cannot write", "not permitted"),
     ),
     Case(
         "outputs",
@@ -634,7 +455,6 @@ LORA_CASES = [
             raw_safetensors(t / "g.safetensors", {"w": {"dtype": "F32", "shape": [1]}}),
         ],
         message="g.safetensors",
-        xfail=HARDEN,
     ),
     Case("files", "info-directory", lambda t: ["lora", "info", t], exit_code=2, message="is a directory"),
     Case(
@@ -642,14 +462,12 @@ LORA_CASES = [
         "info-fifo",
         lambda t: ["lora", "info", make_fifo(t / "f.safetensors")],
         message="f.safetensors",
-        xfail=HARDEN,
     ),
     Case(
         "files",
         "convert-fifo",
         lambda t: convert(t, make_fifo(t / "f.safetensors")),
         message="f.safetensors",
-        xfail=HARDEN,
     ),
     Case(
         "files",
@@ -685,7 +503,6 @@ LORA_CASES = [
         "merge-dit-fifo",
         lambda t: merge(t, "--dit", make_fifo(t / "d.safetensors")),
         message="d.safetensors",
-        xfail=HARDEN,
     ),
     Case(
         "files",
@@ -752,21 +569,33 @@ LORA_CASES = [
         message=("nan.safetensors", "NaN"),
     ),
     # outputs
-    Case("outputs", "convert-output-exists", lambda t: convert(t, None, existing(t)), message="--overwrite"),
     Case(
-        "outputs", "merge-output-exists", lambda t: merge(t, "--output", existing(t)), message="--overwrite"
+        "outputs",
+        "convert-output-exists",
+        lambda t: convert(t, None, existing(t)),
+        message="--overwrite",
+        outputs=1,
+    ),
+    Case(
+        "outputs",
+        "merge-output-exists",
+        lambda t: merge(t, "--output", existing(t)),
+        message="--overwrite",
+        outputs=1,
     ),
     Case(
         "outputs",
         "resize-output-exists",
         lambda t: ["lora", "resize", "--input", files()["lora"], "--output", existing(t), "--rank", "2"],
         message="--overwrite",
+        outputs=1,
     ),
     Case(
         "outputs",
         "ema-output-exists",
         lambda t: ["lora", "ema", files()["lora"], files()["lora2"], "--output_file", existing(t)],
         message="--overwrite",
+        outputs=1,
     ),
     Case(
         "outputs",
@@ -787,7 +616,7 @@ LORA_CASES = [
         "convert-output-under-a-file",
         lambda t: convert(t, None, a_file(t / "out") / "o.safetensors"),
         message="file",
-        outputs=("file",),
+        outputs=1,  # the file in the way, untouched
     ),
     Case(
         "outputs",
@@ -802,13 +631,13 @@ LORA_CASES = [
             "--rank",
             "2",
         ],
-        message=("immutable", "not writable"),
+        message=("immutable", "cannot write", "not permitted"),
     ),
     Case(
         "outputs",
         "merge-dit-output-read-only",
         lambda t: merge(t, "--dit", files()["dit"], "--output", immutable(t) / "o.safetensors"),
-        message=("immutable", "not writable"),
+        message=("immutable", "cannot write", "not permitted"),
     ),
 ]
 
@@ -836,37 +665,34 @@ def test_case_ids_are_unique():
     assert len(ids) == len(set(ids))
 
 
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, marks=pytest.mark.xfail(reason=c.xfail, strict=True)) if c.xfail else c for c in CASES],
-    ids=lambda c: c.id,
-)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bad_input(case, tmp_path):
-    run_cli_case(case, tmp_path).check()
+    run_case(case, tmp_path).check()
 
 
 def test_good_inputs_still_work(tmp_path):
     """The tables' good side: the same helpers with valid inputs cache and convert (exit 0)."""
-    run_cli_case(Case("outputs", "cache-ok", cache, exit_code=0, outputs=CACHED), tmp_path / "c").check()
-    run_cli_case(
-        Case("outputs", "convert-ok", convert, exit_code=0, outputs=("o.safetensors",)), tmp_path / "l"
-    ).check()
+    done = run_case(Case("outputs", "cache-ok", cache, exit_code=0, outputs=2), tmp_path / "c")
+    done.check()
+    assert [p.name for p in done.files] == CACHED
+    done = run_case(Case("outputs", "convert-ok", convert, exit_code=0, outputs=1), tmp_path / "l")
+    done.check()
+    assert [p.name for p in done.files] == ["o.safetensors"]
 
 
 if __name__ == "__main__":  # the count matrix of issue 11
+    import types
+
     outcomes = []
     for case in CASES:
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                outcome = run_cli_case(case, Path(tmp))
+                outcome = run_case(case, Path(tmp))
             except pytest.skip.Exception as skipped:
                 print(f"skip         {case.id}: {skipped}")
                 continue
             seen = types.SimpleNamespace(case=case, verdict=outcome.verdict, problems=outcome.problems)
         outcomes.append(seen)
         print(f"{seen.verdict:<12} {case.id}" + (f": {'; '.join(seen.problems)}" if seen.problems else ""))
-    columns = ("tried", "clean", "traceback", "silent_wrong", "unclean")
-    print(f"{'class':<10}" + "".join(f"{c:>14}" for c in columns))
-    for klass, row in count_matrix(outcomes).items():
-        print(f"{klass:<10}" + "".join(f"{row[c]:>14}" for c in columns))
+    print(format_matrix(count_matrix(outcomes)))
     sys.exit(0)

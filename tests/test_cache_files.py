@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from wan_kernel.dataset import cache_files as cf
-from wan_kernel.errors import InputError
+from wan_kernel.errors import OutputError
 
 
 def test_names_round_trip():
@@ -103,7 +103,7 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(InputError, match="cannot write .*x_0016x0016_wan.safetensors: disk full"):
+    with pytest.raises(OutputError, match="cannot write .*x_0016x0016_wan.safetensors"):
         cf.write_latent_cache(
             tmp_path / "x_0016x0016_wan.safetensors", torch.zeros(16, 1, 2, 2), width=16, height=16
         )

@@ -129,32 +129,20 @@ def strip_key(key: str) -> str:
 def save_atomic(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> Path:
-    """Write a safetensors file under a temporary name beside ``path`` and rename it into place."""
-    import tempfile
-
+    """Write a safetensors file under a temporary name beside ``path`` and rename it into place
+    (:class:`wan_kernel.files.AtomicOutput`: its temporary ends in ``.partial.safetensors``, which
+    :func:`remove_partials` clears; a write failure is an ``OutputError`` naming the path)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
+    from wan_kernel.files import AtomicOutput
+
+    with AtomicOutput(path, exclusive=False) as out:  # a cache is rewritten on purpose
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-            name,
+            str(out.tmp),
             metadata={str(k): str(v) for k, v in metadata.items()},
         )
-        os.chmod(name, 0o666 & ~_umask())
-        os.replace(name, path)
-    except OSError as exc:  # a full disk, a folder made read-only under us: a message, not a traceback
-        Path(name).unlink(missing_ok=True)
-        from wan_kernel.writable import write_failure
-
-        raise write_failure(path, exc) from None
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def _umask() -> int:

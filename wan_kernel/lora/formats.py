@@ -53,7 +53,6 @@ from wan_kernel.models.weights import (
     load_state_dict,
     read_safetensors_metadata,
 )
-from wan_kernel.writable import write_failure
 
 __all__ = [
     "LAYOUTS",
@@ -414,33 +413,31 @@ def save_safetensors_atomic(
     """
     from safetensors.torch import save_file
 
+    from wan_kernel.files import AtomicOutput
+
     path = check_output_file(path, overwrite=overwrite)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise write_failure(path, exc) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    with AtomicOutput(path, exclusive=False) as out:  # an existing file is only here with --overwrite
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(out.tmp), metadata=dict(metadata or {})
+        )
     return path
 
 
 def check_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """``path`` when a file can be written there (call it before the work, too).
 
-    :raises InputError: it exists and ``overwrite`` is false, it is a folder, or its folder cannot
-        take files (a part of the path is a file, read-only, immutable).
+    :raises InputError: it exists and ``overwrite`` is false, or it is a folder.
+    :raises OutputError: its folder cannot take files (a part of the path is a file, read-only,
+        immutable, a full disk).
     """
-    from wan_kernel.writable import check_writable_folder
+    from wan_kernel.files import check_output_folder
 
     path = Path(path).expanduser()
     if path.is_dir():
         raise InputError(f"{path} is a folder; give a .safetensors file name")
     if path.exists() and not overwrite:
         raise InputError(f"{path} exists; pass --overwrite to replace it")
-    check_writable_folder(path.parent, what=f"folder of {path.name}")
+    check_output_folder(path.parent, what=f"folder for {path.name}")
     return path
 
 

@@ -682,36 +682,21 @@ def _device(name: str | None, ranks: Ranks) -> torch.device:
     return device
 
 
-def _check_model_file(path: str, what: str) -> None:
-    """Before any model is loaded: the file exists, is a regular file (a FIFO would block) and, for
-    safetensors, has a readable header, so a bad T5 is not found after the whole latent pass."""
-    import stat
-
-    from wan_kernel.models.weights import read_safetensors_header, resolve_weight_files
-
-    for file in resolve_weight_files(path, what=what):
-        try:
-            mode = file.stat().st_mode
-        except OSError as exc:
-            raise InputError(f"cannot read the {what} file {file}: {exc.strerror or exc}") from None
-        if not stat.S_ISREG(mode):
-            kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "not a regular file"
-            raise InputError(f"the {what} file {file} is {kind}; give the weights file itself")
-        if not os.access(file, os.R_OK):
-            raise InputError(f"cannot read the {what} file {file}: permission denied")
-        if file.suffix == ".safetensors":
-            read_safetensors_header(file)
-
-
 def _check_set_up(job: CacheJob, group: DatasetGroupConfig) -> None:
-    """Everything that can fail before a model is loaded: the model files and the cache folders."""
-    from wan_kernel.writable import check_writable_folder
+    """Everything that can fail before a model is loaded: the model files (present, regular files,
+    a readable safetensors header: a bad T5 is not found after the whole latent pass) and the
+    cache folders (writable)."""
+    from wan_kernel.files import check_output_folder
+    from wan_kernel.models.weights import check_readable_file, read_safetensors_header, resolve_weight_files
 
     for path, what in ((job.clip, "CLIP"), (job.vae, "VAE"), (job.t5, "T5")):
         if path:
-            _check_model_file(path, what)
+            for file in resolve_weight_files(path, what=what):
+                check_readable_file(file, what=what)
+                if file.suffix == ".safetensors":
+                    read_safetensors_header(file)
     for directory in _cache_directories(group):
-        check_writable_folder(directory, what="cache_directory")
+        check_output_folder(directory, what="cache_directory")
 
 
 def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
