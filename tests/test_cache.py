@@ -7,6 +7,7 @@ The VAE and T5 are the demo's tiny models saved to files and read back with ``lo
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -581,6 +582,17 @@ def test_debug_mode_writes_the_bucketed_inputs(tmp_path):
     ]
     assert np.asarray(Image.open(debug / "img/.wan_debug/a_0040x0024_wan.png")).shape == (16, 32, 3)
     assert not list(debug.rglob("*.safetensors"))
+    # the seed's console options: --console_num_images limits the items, the other two are announced
+    shutil.rmtree(debug)
+    result = _cli(
+        "cache-latents", "--dataset_config", str(toml), "--debug_mode", "image", "--num_workers", "0",
+        "--console_num_images", "2", "--console_width", "120", "--console_back", "black",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(list(debug.rglob(".wan_debug/*"))) == 2
+    assert (
+        "--console_width has no effect" in result.output and "--console_back has no effect" in result.output
+    )
 
 
 @pytest.mark.parametrize("command", ["cache", "cache-latents", "cache-text"])
@@ -612,6 +624,9 @@ def test_help_documents_every_option(command):
             "--i2v",
             "--debug_mode",
             "--disable_cudnn_backend",
+            "--console_width",
+            "--console_back",
+            "--console_num_images",
         }
         if command != "cache-text"
         else set()

@@ -766,11 +766,14 @@ def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
     return reports
 
 
-def write_debug_media(group: DatasetGroupConfig, *, mode: str, workers: int = 0) -> list[Path]:
+def write_debug_media(
+    group: DatasetGroupConfig, *, mode: str, workers: int = 0, limit: int | None = None
+) -> list[Path]:
     """``--debug_mode image|video``: write what the encoder would get, instead of caching.
 
     Each item's bucketed pixels go to ``<cache_directory>/.wan_debug/<cache name>.png`` (first frame)
-    or ``.mp4`` (the clip at 16 fps). No model is loaded.
+    or ``.mp4`` (the clip at 16 fps), at most ``limit`` items (``--console_num_images``). No model
+    is loaded.
     """
     from wan_kernel.pipelines.media import write_image, write_video
 
@@ -782,6 +785,8 @@ def write_debug_media(group: DatasetGroupConfig, *, mode: str, workers: int = 0)
         if isinstance(planned, _Failure):
             continue
         for item, pixels in zip(planned.items, planned.pixels):
+            if limit is not None and len(written) >= limit:
+                return written
             stem = item.cache_path.name.removesuffix(".safetensors")
             folder = item.source.dataset.cache_directory / ".wan_debug"  # hidden: never read back as data
             if mode == "video" and pixels.shape[0] > 1:
