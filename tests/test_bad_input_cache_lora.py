@@ -52,7 +52,7 @@ def run_case(case: Case, tmp_path: Path) -> Outcome:
         for path in tmp_path.rglob("immutable"):  # undo chattr +i of the read-only-folder cases
             subprocess.run(["chattr", "-i", str(path)], check=False)
     changed = [p.name for p, data in before.items() if not p.is_file() or p.read_bytes() != data]
-    if changed:
+    if changed and case.exit_code != 0:  # a failing run must leave what was there alone
         outcome.wrong = f"existing outputs changed: {changed}"
     return outcome
 
@@ -286,6 +286,13 @@ CACHE_CASES = [
         "files", "cache-config-directory", lambda t: cache(t, toml=t), exit_code=2, message="is a directory"
     ),
     Case("files", "cache-config-missing", lambda t: cache(t, toml=t / "nope.toml"), message="nope.toml"),
+    Case(
+        "files",
+        "skip-existing-over-garbage-caches",
+        lambda t: [*cache(t, toml=_with_garbage_caches(t)), "--skip_existing"],
+        exit_code=0,
+        outputs=2,  # both recomputed: a cache that does not read back is not "existing"
+    ),
     # config: the dataset TOML
     Case(
         "config",
@@ -362,6 +369,14 @@ CACHE_CASES = [
         message="cache",
     ),
 ]
+
+
+def _with_garbage_caches(tmp: Path) -> Path:
+    toml = dataset(tmp)
+    (tmp / "out").mkdir(exist_ok=True)
+    for name in CACHED:
+        garbage(tmp / "out" / name)
+    return toml
 
 
 def _with_bad_image(tmp: Path) -> Path:
