@@ -228,7 +228,7 @@ def _run(options: dict, *, latents: bool, text: bool) -> None:
 def cache(**options) -> None:
     """Write every cache training needs: latents (with --vae) and text (with --t5), in one run.
 
-    The VAE (and CLIP) is freed before the T5 is loaded.
+    One model at a time, each freed before the next: CLIP (image-to-video), the VAE, the T5.
     """
     if not options["vae"] and not options["t5"] and not options["dry_run"] and not options["debug_mode"]:
         raise InputError("nothing to cache: give --vae (latents) and/or --t5 (text), or --dry-run")
