@@ -33,6 +33,7 @@ from wan_kernel.dataset.cache_files import (
 from wan_kernel.dataset.config import load_dataset_config
 from wan_kernel.dataset.media import read_image_array, read_video
 from wan_kernel.errors import InputError
+from wan_kernel.testing.bad_input import killed_run_temporary, leftover_temporaries
 from wan_kernel.pipelines.cache import (
     CacheSettings,
     LatentEncoder,
@@ -347,12 +348,12 @@ def test_skip_existing_and_stale_caches(tmp_path, vae):
     group = load_dataset_config(toml)
     cache_latents(group, LatentEncoder(vae), SETTINGS)
     first = (tmp_path / "cache/img/a_0040x0024_wan.safetensors").stat().st_mtime_ns
-    (tmp_path / "cache/img/.x_wan.safetensors.abc.partial.safetensors").write_bytes(b"half")  # a killed run's
+    killed_run_temporary(tmp_path / "cache/img/x_0040x0024_wan.safetensors")  # a killed run's
     skip = CacheSettings(num_workers=0, progress=False, skip_existing=True)
     report = cache_latents(group, LatentEncoder(vae), skip)
     assert (report.cached, report.skipped) == (0, 2)
     assert (tmp_path / "cache/img/a_0040x0024_wan.safetensors").stat().st_mtime_ns == first
-    assert not list((tmp_path / "cache/img").glob(".*partial*"))
+    assert not leftover_temporaries(tmp_path / "cache/img")
     # asking for more than the cache holds (i2v) recomputes it
     assert cache_latents(group, LatentEncoder(vae, image_conditioning=True), skip).cached == 2
     # without --skip_existing everything is rewritten
@@ -498,6 +499,26 @@ def test_kill_and_resume_equals_a_clean_run(tmp_path, weights):
     assert _cli("cache-latents", *args(clean_root)).exit_code == 0
     _assert_same(_cache_files(killed_root), _cache_files(clean_root))
     assert not list(folder.glob(".*"))  # no temporary left behind
+
+
+def test_a_full_disk_stops_the_cache_with_a_clean_error(tmp_path, weights, monkeypatch):
+    """ENOSPC while writing a cache: a clean error naming the file, no temporary, no half cache."""
+    import errno
+
+    import safetensors.torch
+
+    make_dataset(tmp_path, images=("a.png", "b.png"), videos=())
+
+    def full_disk(tensors, name, metadata=None):
+        Path(name).write_bytes(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    result = _cli("cache-latents", *_latent_args(tmp_path, weights), "--num_workers", "0")
+    assert result.exit_code != 0 and "disk is full" in result.output, result.output
+    assert "_wan.safetensors" in result.output and "Traceback" not in result.output
+    folder = tmp_path / "cache/img"
+    assert not leftover_temporaries(folder) and not list(folder.glob("*.safetensors"))
 
 
 def _free_port() -> int:

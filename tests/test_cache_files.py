@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from safetensors.torch import save_file
 
 from wan_kernel.dataset import cache_files as cf
 from wan_kernel.errors import OutputError
+from wan_kernel.testing.bad_input import DEAD_PID, killed_run_temporary, leftover_temporaries
 
 
 def test_names_round_trip():
@@ -95,23 +98,47 @@ def test_non_finite_is_refused_and_nothing_written(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+def _full_disk(tensors, name, metadata=None):
+    Path(name).write_bytes(b"half a file")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("kind", ["latent", "text"])
+def test_a_full_disk_is_an_output_error_and_leaves_nothing(tmp_path, monkeypatch, kind):
     import safetensors.torch
 
-    def broken(tensors, name, metadata=None):
-        Path(name).write_bytes(b"half a file")
-        raise OSError("disk full")
+    target = tmp_path / ("x_0016x0016_wan.safetensors" if kind == "latent" else "x_wan_te.safetensors")
+    if kind == "text":
+        cf.write_text_cache(target, torch.zeros(2, 4), caption="old")  # an older cache stays whole
+    monkeypatch.setattr(safetensors.torch, "save_file", _full_disk)
+    with pytest.raises(OutputError, match="disk is full") as info:
+        if kind == "latent":
+            cf.write_latent_cache(target, torch.zeros(16, 1, 2, 2), width=16, height=16)
+        else:
+            cf.write_text_cache(target, torch.ones(2, 4), caption="new")
+    assert str(target) in str(info.value)
+    assert not leftover_temporaries(tmp_path)
+    if kind == "latent":
+        assert not list(tmp_path.iterdir())
+    else:
+        monkeypatch.undo()
+        assert cf.text_cache_complete(target, caption="old")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    with pytest.raises(OutputError, match="cannot write .*x_0016x0016_wan.safetensors"):
-        cf.write_latent_cache(
-            tmp_path / "x_0016x0016_wan.safetensors", torch.zeros(16, 1, 2, 2), width=16, height=16
-        )
-    assert not list(tmp_path.iterdir())
+
+def test_a_killed_runs_temporary_is_removed_by_the_next_write(tmp_path):
+    stale = killed_run_temporary(tmp_path / "a_0016x0016_wan.safetensors")
+    cf.write_latent_cache(
+        tmp_path / "b_0016x0016_wan.safetensors", torch.zeros(16, 1, 2, 2), width=16, height=16
+    )
+    assert not stale.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["b_0016x0016_wan.safetensors"]
 
 
 def test_partials_are_never_taken_for_caches(tmp_path):
-    (tmp_path / ".a_0016x0016_wan.safetensors.x1y2.partial.safetensors").write_bytes(b"half")
+    killed_run_temporary(tmp_path / "a_0016x0016_wan.safetensors")
+    with_live_writer = killed_run_temporary(tmp_path / "z_0016x0016_wan.safetensors")
+    alive = with_live_writer.with_name(with_live_writer.name.replace(f"-{DEAD_PID}-", f"-{os.getpid()}-"))
+    with_live_writer.rename(alive)  # a concurrent run still writing this one
     cf.write_latent_cache(
         tmp_path / "b_0016x0016_wan.safetensors", torch.zeros(16, 1, 2, 2), width=16, height=16
     )
@@ -123,7 +150,9 @@ def test_partials_are_never_taken_for_caches(tmp_path):
     assert [i.latent_path.name for i in found] == ["b_0016x0016_wan.safetensors"]
     assert found[0].text_path.name == "b_wan_te.safetensors" and found[0].name.base == "b"
     assert [p.name for p in orphans] == ["c_0016x0016_wan.safetensors"]
+    killed_run_temporary(tmp_path / "d_0016x0016_wan.safetensors")
     assert cf.remove_partials(tmp_path) == 1
+    assert alive.exists() and leftover_temporaries(tmp_path) == [alive]
     assert not cf.latent_cache_complete(tmp_path / "missing_0016x0016_wan.safetensors")
     (tmp_path / "junk_0016x0016_wan.safetensors").write_bytes(b"not safetensors")
     assert not cf.latent_cache_complete(tmp_path / "junk_0016x0016_wan.safetensors")

@@ -7,6 +7,7 @@ generating must equal generating with the LoRA applied at load time.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from wan_kernel.errors import InputError
+from wan_kernel.errors import InputError, OutputError
 from wan_kernel.lora import LoraMerge, LoraSpec, kohya_hashes, read_lora
 from wan_kernel.lora import convert as lora_convert
 from wan_kernel.lora import ema as lora_ema
@@ -26,7 +27,9 @@ from wan_kernel.lora import info as lora_info
 from wan_kernel.lora import merge as lora_merge
 from wan_kernel.lora import resize as lora_resize
 from wan_kernel.models.dit_keys import dit_state_dict_to
+from wan_kernel.lora import save_lora_file
 from wan_kernel.testing import REFERENCE_FIXTURES
+from wan_kernel.testing.bad_input import killed_run_temporary, leftover_temporaries
 
 FIXTURES = REFERENCE_FIXTURES
 T2V = FIXTURES / "dit_t2v" / "weights.safetensors"
@@ -137,7 +140,51 @@ def test_outputs_are_never_overwritten_without_asking(tmp_path, base_sd):
     with pytest.raises(InputError, match="exists; pass --overwrite"):
         lora_convert.convert_lora(src, out, "other")
     assert out.read_bytes() == b"keep"
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not leftover_temporaries(tmp_path)
+
+
+def test_overwrite_replaces_in_one_step(tmp_path, base_sd):
+    src = kohya_file(tmp_path / "src.safetensors", base_sd)
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"old")
+    assert lora_convert.convert_lora(src, out, "other", overwrite=True).path == out
+    assert_same_deltas(src, out)
+    assert not leftover_temporaries(tmp_path)
+
+
+def _full_disk(tensors, name, metadata=None):
+    from pathlib import Path
+
+    Path(name).write_bytes(b"half a file")
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_is_a_clean_error_and_leaves_no_temporary(tmp_path, base_sd, monkeypatch):
+    import safetensors.torch
+
+    src = kohya_file(tmp_path / "src.safetensors", base_sd)
+    out = tmp_path / "out" / "c.safetensors"
+    monkeypatch.setattr(safetensors.torch, "save_file", _full_disk)
+    with pytest.raises(OutputError, match="disk is full") as info:
+        save_lora_file(out, load_file(src))
+    assert str(out) in str(info.value)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    # the command: a clean message, an existing output kept whole under --overwrite
+    out.parent.mkdir(exist_ok=True)
+    out.write_bytes(b"keep")
+    r = wan("lora", "convert", "--input", src, "--output", out, "--target", "other", "--overwrite")
+    assert r.exit_code != 0 and "disk is full" in r.output and str(out) in r.output, r.output
+    assert "Traceback" not in r.output
+    assert out.read_bytes() == b"keep"
+    assert not leftover_temporaries(tmp_path)
+
+
+def test_a_killed_runs_temporary_is_removed_by_the_next_lora_write(tmp_path, base_sd):
+    src = kohya_file(tmp_path / "src.safetensors", base_sd)
+    stale = killed_run_temporary(tmp_path / "out" / "a.safetensors")
+    path = save_lora_file(tmp_path / "out" / "b.safetensors", load_file(src))
+    assert not stale.exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [path.name] == ["b.safetensors"]
 
 
 def comfyui_key_map(official_sd) -> set[str]:

@@ -15,6 +15,10 @@ here:
   Ctrl-C, ``SIGTERM`` handled as Ctrl-C) removes the temporary. A ``kill -9`` leaves it, named
   ``.<name>.wan-<host>-<pid>-<random>.partial<suffix>``, and the next run in that folder deletes
   it once process ``<pid>`` of this machine is gone (another machine's temporaries are left alone).
+- The first write into a folder in a process removes what killed runs left there, so even a
+  command without a set-up check (a library call, ``wan lora``) cleans up after a ``kill -9``.
+- :func:`save_safetensors` is the one safetensors writer (caches, LoRAs, merged and quantized
+  models, latents).
 - A full disk, a quota, a read-only filesystem or a permission problem met while writing is an
   :class:`~wan_kernel.errors.OutputError` naming the path and the reason.
 """
@@ -28,6 +32,7 @@ import secrets
 import shutil
 import socket
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from wan_kernel.errors import OutputError
@@ -219,6 +224,19 @@ def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+_CLEANED: set[tuple[int, str]] = set()
+
+
+def _clean_once(folder: Path) -> None:
+    """:func:`clean_stale_temporaries` on the first write into ``folder`` by this process (a cache
+    folder gets thousands of writes: scanning it each time would cost more than the writes)."""
+    key = (os.getpid(), os.path.abspath(folder))
+    if key in _CLEANED:
+        return
+    _CLEANED.add(key)
+    clean_stale_temporaries(folder)
+
+
 # --------------------------------------------------------------------------------------------
 # Atomic, exclusive writes
 # --------------------------------------------------------------------------------------------
@@ -271,6 +289,7 @@ class AtomicOutput:
             parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create the output folder {parent}: {_reason(exc)}") from None
+        _clean_once(parent)
         tmp = self._temporary_name()
         try:
             if self.directory:
@@ -342,6 +361,31 @@ class AtomicOutput:
             os.unlink(self.tmp)
             return candidate
         raise OutputError(f"no free name for {self.path} (tried {self.path} and 99999 numbered ones)")
+
+
+def save_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, Any],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    exclusive: bool = True,
+) -> Path:
+    """Write ``tensors`` (name -> torch tensor) as a safetensors file through :class:`AtomicOutput`;
+    return where it went (``path``, or ``path_N`` when ``exclusive`` and ``path`` was taken).
+
+    Tensors are moved to the CPU and made contiguous; metadata values are stored as strings.
+
+    :param exclusive: see :class:`AtomicOutput` (``False``: replace ``path``).
+    :raises OutputError: the folder cannot be written, or the disk filled up; no temporary is left.
+    """
+    from safetensors.torch import save_file
+
+    data = {str(k): v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    with AtomicOutput(path, exclusive=exclusive) as out:
+        save_file(data, str(out.tmp), metadata=meta)
+    assert out.final is not None
+    return out.final
 
 
 def check_save_path(

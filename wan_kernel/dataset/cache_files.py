@@ -15,9 +15,9 @@ Text caches (one per source file, shared by its clips): ``<base>_wan_te.safetens
 ``varlen_t5_<dtype>`` ``[L, 4096]`` (the real tokens only) and metadata ``architecture``,
 ``caption1``, ``format_version``.
 
-``<dtype>`` is torch's name (``bfloat16``, ``float32``...). Every file is written under a
-temporary name (``.<name>.<random>.partial.safetensors``) and renamed when complete, so a file
-with the final name is always whole; :func:`remove_partials` clears what a killed run left.
+``<dtype>`` is torch's name (``bfloat16``, ``float32``...). Every file is written under a hidden
+temporary name and renamed when complete (:mod:`wan_kernel.files`), so a file with the final name
+is always whole; :func:`remove_partials` clears what a killed run left.
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ import attrs
 import torch
 
 from wan_kernel.errors import InputError
+from wan_kernel.files import clean_stale_temporaries, save_safetensors
 
 ARCHITECTURE = "wan"
 FORMAT_VERSION = "1.0.1"
 LATENT_SUFFIX = f"_{ARCHITECTURE}.safetensors"
 TEXT_SUFFIX = f"_{ARCHITECTURE}_te.safetensors"
-PARTIAL_SUFFIX = ".partial.safetensors"
 
 _LATENT_NAME = re.compile(
     r"^(?P<base>.+?)(?:_(?P<start>\d{5})-(?P<frames>\d{3,}))?_(?P<width>\d{4,})x(?P<height>\d{4,})"
@@ -129,26 +129,13 @@ def strip_key(key: str) -> str:
 def save_atomic(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> Path:
-    """Write a safetensors file under a temporary name beside ``path`` and rename it into place
-    (:class:`wan_kernel.files.AtomicOutput`: its temporary ends in ``.partial.safetensors``, which
-    :func:`remove_partials` clears; a write failure is an ``OutputError`` naming the path)."""
-    from safetensors.torch import save_file
+    """Write a cache file through :func:`wan_kernel.files.save_safetensors`, replacing an older one
+    (a cache is rewritten on purpose); a killed write leaves only a hidden temporary, never a file
+    with a cache's name.
 
-    from wan_kernel.files import AtomicOutput
-
-    with AtomicOutput(path, exclusive=False) as out:  # a cache is rewritten on purpose
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-            str(out.tmp),
-            metadata={str(k): str(v) for k, v in metadata.items()},
-        )
-    return Path(path)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    :raises OutputError: the folder cannot be written, or the disk filled up.
+    """
+    return save_safetensors(path, tensors, metadata, exclusive=False)
 
 
 def _check_finite(tensor: torch.Tensor, what: str, item: str) -> None:
@@ -229,15 +216,9 @@ def write_text_cache(
 
 
 def remove_partials(directory: str | os.PathLike) -> int:
-    """Delete the temporary files a killed run left in ``directory``; returns how many."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return 0
-    count = 0
-    for path in directory.glob(f".*{PARTIAL_SUFFIX}"):
-        path.unlink(missing_ok=True)
-        count += 1
-    return count
+    """Delete the temporaries killed runs left in ``directory`` (those of a concurrent run, whose
+    process is alive, are kept: :func:`wan_kernel.files.clean_stale_temporaries`); how many."""
+    return len(clean_stale_temporaries(directory))
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import attrs
 import torch
 
 from wan_kernel.errors import InputError, WeightsError
+from wan_kernel.files import save_safetensors
 from wan_kernel.lora.adapters import LoraModule
 from wan_kernel.lora.keys import NETWORK_KEYS, kohya_name, official_path, split_key
 from wan_kernel.models.dit_keys import official_to_diffusers_key
@@ -407,20 +408,17 @@ def save_safetensors_atomic(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Write tensors as safetensors under a temporary name and rename it into place.
+    """Write tensors as safetensors through :func:`wan_kernel.files.save_safetensors` (a hidden
+    temporary renamed when complete); ``--overwrite`` semantics: an existing ``path`` is refused
+    unless ``overwrite``, then replaced.
 
-    :raises InputError: ``path`` exists and ``overwrite`` is false.
+    :raises InputError: ``path`` exists and ``overwrite`` is false, or it is a folder.
+    :raises OutputError: the folder cannot be written, or the disk filled up; no temporary is left.
     """
-    from safetensors.torch import save_file
-
-    from wan_kernel.files import AtomicOutput
-
     path = check_output_file(path, overwrite=overwrite)
-    with AtomicOutput(path, exclusive=False) as out:  # an existing file is only here with --overwrite
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()}, str(out.tmp), metadata=dict(metadata or {})
-        )
-    return path
+    # without --overwrite the name is published exclusively: a file another run made meanwhile is
+    # never replaced (ours then gets a free ``_N`` name, which is returned)
+    return save_safetensors(path, tensors, metadata, exclusive=not overwrite)
 
 
 def check_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:

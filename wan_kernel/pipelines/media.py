@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from wan_kernel.errors import InputError
-from wan_kernel.files import AtomicOutput
+from wan_kernel.files import AtomicOutput, save_safetensors
 
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 METADATA_KEY = "wan_settings"
@@ -297,12 +297,8 @@ def save_latent(
 
     Each metadata value is stored as JSON text under its key.
     """
-    from safetensors.torch import save_file
-
     meta = {str(k): json.dumps(v, ensure_ascii=False, default=str) for k, v in (metadata or {}).items()}
-    with AtomicOutput(path, exclusive=exclusive) as out:
-        save_file({"latent": latent.detach().float().cpu().contiguous()}, str(out.tmp), metadata=meta)
-    return out.final
+    return save_safetensors(path, {"latent": latent.detach().float()}, meta, exclusive=exclusive)
 
 
 def load_latent(path: str | os.PathLike):

@@ -153,6 +153,22 @@ def leftover_temporaries(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if any(m in p.name for m in TEMPORARY_MARKERS))
 
 
+DEAD_PID = 999_999_999
+"""A process id no live process has (above Linux's largest ``pid_max``)."""
+
+
+def killed_run_temporary(target: Path, content: bytes = b"half a file") -> Path:
+    """Create, beside ``target``, the temporary a run of this machine killed (``kill -9``) while
+    writing ``target`` would have left (:func:`wan_kernel.files.temporary_name`, a dead pid)."""
+    from wan_kernel.files import temporary_name
+
+    name = temporary_name(target.stem, target.suffix).replace(f"-{os.getpid()}-", f"-{DEAD_PID}-", 1)
+    path = target.parent / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
 def output_files(folder: Path) -> list[Path]:
     """The outputs in ``folder`` (files and frame folders at its top level, temporaries excluded)."""
     if not folder.is_dir():

@@ -98,3 +98,33 @@ def test_targets_are_checked():
         Fp8ScaledQuantizer().quantize_state_dict({}, target="t5")
     with pytest.raises(InputError, match="unknown quantization target"):
         Fp8ScaledQuantizer().quantize_state_dict({}, target="vae")
+
+
+def test_save_quantized_replaces_atomically_and_a_full_disk_is_an_output_error(tmp_path, monkeypatch):
+    """Written through wan_kernel.files: replaces the file in one step; a full disk keeps the old one."""
+    import errno
+
+    import safetensors.torch
+
+    from wan_kernel.errors import OutputError
+    from wan_kernel.testing.bad_input import killed_run_temporary, leftover_temporaries
+
+    model = quantize_model(_tiny_umt5(), "fp8_t5", target="t5")
+    path = tmp_path / "umt5_fp8_t5.safetensors"
+    path.write_bytes(b"old")
+    stale = killed_run_temporary(path)
+    assert save_quantized(model, path, mode="fp8_t5") == path
+    assert torch.equal(load_file(str(path))["shared.weight"], model.shared.weight)
+    assert not stale.exists()
+    kept = path.read_bytes()
+
+    def full_disk(tensors, name, metadata=None):
+        open(name, "wb").write(b"half a file")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OutputError, match="disk is full") as info:
+        save_quantized(model, path, mode="fp8_t5")
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == kept
+    assert not leftover_temporaries(tmp_path)

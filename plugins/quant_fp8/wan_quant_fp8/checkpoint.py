@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from wan_kernel.errors import InputError
+from wan_kernel.files import save_safetensors
 from wan_quant_fp8.linear import Fp8Linear, convert_linears
 from wan_quant_fp8.scheme import METADATA_FORMAT, METADATA_VERSION, SCHEMES, Fp8Scheme
 from wan_quant_fp8.tensors import quantize_state_dict
@@ -66,11 +67,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, mode: str | Non
     order; the kernel's T5 loader ties it again. safetensors refuses to write shared tensors.
 
     :param mode: the tag to record (default: read off the model's layers; pass ``fp8_t5`` for a T5).
-    :returns: the path written. The write is atomic (a temporary file renamed into place).
+    :returns: the path written. The write is atomic and replaces ``path``
+        (:func:`wan_kernel.files.save_safetensors`: a hidden temporary renamed into place).
     :raises InputError: the model has no fp8 layers (quantize it or load it with ``quant=`` first).
+    :raises OutputError: the folder cannot be written, or the disk filled up.
     """
-    from safetensors.torch import save_file
-
     found = quantized_mode_of(model)
     if found is None:
         raise InputError(
@@ -81,12 +82,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, mode: str | Non
     if mode not in SCHEMES:
         raise InputError(f"unknown fp8 mode {mode!r}; known: {', '.join(SCHEMES)}")
     tensors = _tensors_to_save(model)
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={METADATA_FORMAT: mode, METADATA_VERSION: FORMAT_VERSION})
-    os.replace(tmp, path)
-    return path
+    metadata = {METADATA_FORMAT: mode, METADATA_VERSION: FORMAT_VERSION}
+    return save_safetensors(Path(path).expanduser(), tensors, metadata, exclusive=False)
 
 
 def _tensors_to_save(model: nn.Module) -> dict[str, torch.Tensor]:
