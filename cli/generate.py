@@ -22,6 +22,8 @@ from wan_kernel.sampling.solvers import SOLVER_CHOICES
 
 TASK_NAMES = tuple(TASKS)
 PRESETS = ("demo",)
+COMPUTE_DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
+"""--dit_dtype / --vae_dtype (auto: bfloat16 on CUDA, float32 on CPU)."""
 FP8_FLAGS = ("fp8", "fp8_scaled", "fp8_fast")  # in increasing precedence: --fp8 --fp8_scaled -> fp8_scaled
 
 EPILOG = """\b
@@ -246,13 +248,13 @@ class GenerateCommand(click.Command):
 )
 @_option(
     "--dit_dtype",
-    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    type=click.Choice(COMPUTE_DTYPE_CHOICES),
     default="auto",
     help="DiT compute dtype (auto: bfloat16 on CUDA, float32 on CPU).",
 )
 @_option(
     "--vae_dtype",
-    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    type=click.Choice(COMPUTE_DTYPE_CHOICES),
     default="auto",
     help="VAE dtype (auto: bfloat16 on CUDA, float32 on CPU).",
 )

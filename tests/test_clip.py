@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models.clip import load_clip_vision
-from wan_kernel.testing import REFERENCE_FIXTURES
+from wan_kernel.testing import REFERENCE_FIXTURES, read_reference_case
 
 FIXTURES = REFERENCE_FIXTURES
 CASE = FIXTURES / "clip_visual"
@@ -24,8 +24,7 @@ BF16_REL_RMS = 0.03
 
 @pytest.fixture(scope="module")
 def case():
-    meta = json.loads((CASE / "case.json").read_text())
-    return meta, load_file(CASE / "case.safetensors")
+    return read_reference_case(CASE)
 
 
 @pytest.fixture(scope="module")

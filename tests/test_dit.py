@@ -20,7 +20,7 @@ from wan_kernel.models.dit import WanDiT, rope_tables, sinusoidal_embedding
 from wan_kernel.models.dit_config import PRESETS, DiTConfig, infer_dit_config
 from wan_kernel.testing.attention import reference_attention
 from wan_kernel.models.attention import sdpa_attention
-from wan_kernel.testing import REFERENCE_FIXTURES, randomize_weights
+from wan_kernel.testing import REFERENCE_FIXTURES, randomize_weights, read_reference_case
 
 FIXTURES = REFERENCE_FIXTURES
 needs_fixtures = pytest.mark.skipif(
@@ -48,8 +48,7 @@ def tiny_config(model_type: str = "t2v", **overrides) -> DiTConfig:
 
 
 def load_case(name: str):
-    case = json.loads((FIXTURES / name / "case.json").read_text())
-    tensors = load_file(FIXTURES / name / "case.safetensors")
+    case, tensors = read_reference_case(name)
     weights = load_file(FIXTURES / name / "weights.safetensors")
     config = infer_dit_config(weights, config_json=json.loads((FIXTURES / name / "config.json").read_text()))
     return case, tensors, weights, config

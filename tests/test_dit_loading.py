@@ -23,7 +23,7 @@ from wan_kernel.models.dit_keys import detect_layout, dit_state_dict_from, dit_s
 from wan_kernel.models.dit_loading import load_dit
 from wan_kernel.plugins import PluginManager
 from wan_kernel.pipelines.plugin_setup import resolve_plugin, resolve_quantizer
-from wan_kernel.testing import REFERENCE_FIXTURES
+from wan_kernel.testing import REFERENCE_FIXTURES, plugin_or_skip, read_reference_case
 
 FIXTURES = REFERENCE_FIXTURES
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
@@ -34,7 +34,7 @@ BF16_RMS_REL = 0.012  # the bound documented in tests/test_dit.py
 
 
 def case(folder: Path) -> tuple[dict, dict]:
-    return json.loads((folder / "case.json").read_text()), load_file(folder / "case.safetensors")
+    return read_reference_case(folder)
 
 
 def run(model: WanDiT, tensors: dict) -> torch.Tensor:
@@ -435,11 +435,10 @@ def test_loras_are_merged_before_the_quantizer_sees_the_weights(tmp_path):
 
 
 def test_loras_with_fp8_scaled_equal_merging_then_quantizing(tmp_path):
-    pytest.importorskip("wan_quant_fp8")
     from wan_kernel.lora import LoraMerge, LoraSpec
 
     specs = [LoraSpec(lora_file(tmp_path))]
-    fp8_scaled = resolve_quantizer("fp8_scaled", target="dit")
+    fp8_scaled = plugin_or_skip("quantization", "fp8_scaled")
     model = load_dit(T2V / "weights.safetensors", state_dict_transform=LoraMerge(specs), quant=fp8_scaled)
     merged = LoraMerge(specs)(weights(T2V))
     by_hand = load_dit(_save(tmp_path, merged), num_heads=2, quant=fp8_scaled).state_dict()
@@ -456,13 +455,13 @@ def test_loras_with_fp8_scaled_equal_merging_then_quantizing(tmp_path):
 
 
 def block_scaled_file(tmp_path: Path, layout: str) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A pre-quantized DiT file: the quant plugin's ``fp8_scaled`` (ffn.2: [64, 2, 1]) or a hand-made one."""
+    """A pre-quantized DiT file: the ``fp8_scaled`` quantizer's stored tensors (ffn.2: [64, 2, 1]) or a
+    hand-made one."""
     if layout != "fp8_scaled":
         return scaled_fp8_file(tmp_path, layout)
-    from wan_quant_fp8 import checkpoint
-
-    quantized = checkpoint.quantize_model(load_dit(T2V / "weights.safetensors"), "fp8_scaled", target="dit")
-    path = checkpoint.save_quantized(quantized, tmp_path / "dit_fp8_scaled.safetensors")
+    fp8_scaled = plugin_or_skip("quantization", "fp8_scaled")
+    path = tmp_path / "dit_fp8_scaled.safetensors"
+    save_file(fp8_scaled.quantize_state_dict(weights(T2V), target="dit"), path)
     return path, load_file(path)
 
 
@@ -475,10 +474,7 @@ def test_loras_into_a_block_scaled_fp8_file(tmp_path, layout):
     layer is what loading the file with the quantizer and no LoRA gives (for the plugin's own
     files: the stored fp8 values and scales, untouched).
     """
-    pytest.importorskip("wan_quant_fp8")
-    from wan_quant_fp8.scheme import SCHEMES
-    from wan_quant_fp8.tensors import quantize_weight
-
+    fp8_scaled = plugin_or_skip("quantization", "fp8_scaled")
     from wan_kernel.lora import LoraMerge, LoraSpec, apply_loras, read_lora
 
     path, stored = block_scaled_file(tmp_path, layout)
@@ -504,7 +500,8 @@ def test_loras_into_a_block_scaled_fp8_file(tmp_path, layout):
     for name, shape in LORA_TARGETS.items():
         delta = lora.modules["lora_unet_" + name.replace(".", "_")].weight_delta(shape)
         w = torch.add(expected_weight(stored, name), delta, alpha=0.8).to(torch.bfloat16)
-        q, scale = quantize_weight(w, SCHEMES["fp8_scaled"])
+        quantized = fp8_scaled.quantize_state_dict({name + ".weight": w}, target="dit")
+        q, scale = quantized[name + ".weight"], quantized[name + ".scale_weight"]
         assert torch.equal(loaded[name + ".weight"].float(), q.float()), name
         assert torch.equal(loaded[name + ".scale_weight"], scale), name
     # ... every other tensor as loading the file with the quantizer and no LoRA gives it ...

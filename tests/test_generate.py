@@ -12,7 +12,7 @@ from wan_kernel.errors import InputError, UnknownPluginError
 from wan_kernel.interfaces import AttentionBackend
 from wan_kernel.pipelines.generate import GenerateConfig, GenerationPipeline, ModelInfo, ModelSource
 from wan_kernel.pipelines.media import load_latent, read_png_settings, read_video
-from wan_kernel.testing import reference_case
+from wan_kernel.testing import plugin_or_skip, reference_case
 
 SMALL = dict(video_size=(32, 32), video_length=5, infer_steps=2, seed=11, device="cpu")
 
@@ -259,7 +259,7 @@ def test_lora_weights_reach_the_dit_as_load_dit_merges_them(tmp_path, quant):
     """--lora_weight with the file models: the DiT the pipeline builds is load_dit(state_dict_transform=LoraMerge)
     (merged before the quantizer with --quant), and one summary line per LoRA is logged."""
     if quant is not None:
-        pytest.importorskip("wan_quant_fp8")
+        plugin_or_skip("quantization", quant)
     from safetensors.torch import save_file
 
     from wan_kernel.lora import LoraMerge

@@ -15,17 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from wan_kernel.testing import REFERENCE_FIXTURES
+from wan_kernel.testing import REFERENCE_FIXTURES, read_reference_case
 
 FIXTURES = REFERENCE_FIXTURES
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"reference fixtures not found at {FIXTURES}")
 
 
 def _case(name: str):
-    from safetensors.torch import load_file
-
-    meta = json.loads((FIXTURES / name / "case.json").read_text())
-    return meta, load_file(str(FIXTURES / name / "case.safetensors"))
+    return read_reference_case(FIXTURES / name)
 
 
 def _close(meta, name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:

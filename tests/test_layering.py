@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,82 @@ def test_an_unlisted_kernel_module_is_refused_for_plugins():
     assert allowed_for_plugins("wan_kernel.testing.attention", public)
     assert not allowed_for_plugins("wan_kernel.pipelines.generate", public)
     assert not allowed_for_plugins("wan_kernel.plugins", public)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel tests reach plugins only through wan_kernel.plugins
+# --------------------------------------------------------------------------------------------
+
+DYNAMIC_IMPORTS = ("importorskip", "import_module", "find_spec", "__import__")
+
+
+def plugin_packages() -> set[str]:
+    """The top-level modules the plugins ship: ``py-modules`` and ``packages`` of each
+    ``plugins/*/pyproject.toml`` ([tool.setuptools])."""
+    found: set[str] = set()
+    for pyproject in sorted((REPO / "plugins").glob("*/pyproject.toml")):
+        setuptools = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["setuptools"]
+        found.update(setuptools.get("py-modules", []), setuptools.get("packages", []))
+    return {name.split(".")[0] for name in found}
+
+
+def imported_by_test(source: str) -> set[str]:
+    """The modules a test file imports: import statements plus a literal name handed to
+    ``pytest.importorskip``, ``importlib.import_module``, ``importlib.util.find_spec`` or ``__import__``."""
+    found = imported_modules(source, package="tests")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if called in DYNAMIC_IMPORTS and isinstance(node.args[0].value, str):
+                found.add(node.args[0].value)
+    return found
+
+
+def plugin_imports_in_tests(files, packages: set[str], root: Path = REPO) -> list[str]:
+    return [
+        f"{path.relative_to(root)} imports {module}"
+        for path in files
+        for module in sorted(imported_by_test(path.read_text(encoding="utf-8")))
+        if _within(module, tuple(packages))
+    ]
+
+
+def test_kernel_tests_import_no_plugin_package():
+    """A kernel test that needs an implementation resolves it (``wan_kernel.testing.plugin_or_skip``,
+    ``wan_kernel.plugins.resolve``); a test about a plugin lives in ``plugins/<name>/tests/``."""
+    packages = plugin_packages()
+    assert {"wan_quant_fp8", "wan_attention_sdpa", "wan_offload_blockswap"} <= packages
+    files = sorted((REPO / "tests").rglob("*.py"))
+    assert len(files) > 10
+    assert plugin_imports_in_tests(files, packages) == []
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from wan_quant_fp8.scheme import SCHEMES\n",
+        "def test():\n    import wan_attention_sdpa\n",
+        "import pytest\npytest.importorskip('wan_quant_fp8')\n",
+        "import importlib.util\nimportlib.util.find_spec('wan_cfg_schedules')\n",
+    ],
+)
+def test_the_test_check_catches_a_plugin_import(tmp_path, source):
+    """The check itself: statements, function-level imports and the dynamic forms; a resolve is fine."""
+    (tmp_path / "test_bad.py").write_text(source, encoding="utf-8")
+    (tmp_path / "test_good.py").write_text(
+        "from wan_kernel.testing import plugin_or_skip\nplugin_or_skip('quantization', 'fp8_scaled')\n",
+        encoding="utf-8",
+    )
+    files = sorted(tmp_path.glob("*.py"))
+    found = plugin_imports_in_tests(files, plugin_packages(), root=tmp_path)
+    assert len(found) == 1 and found[0].startswith("test_bad.py imports wan_"), found
+
+
+def test_plugin_or_skip_resolves_or_skips():
+    from wan_kernel.plugins import resolve
+    from wan_kernel.testing import plugin_or_skip
+
+    assert plugin_or_skip("attention", "sdpa") is resolve("attention", "sdpa")
+    with pytest.raises(pytest.skip.Exception, match="not usable here"):
+        plugin_or_skip("attention", "no-such-backend")

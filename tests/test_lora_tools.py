@@ -28,7 +28,7 @@ from wan_kernel.lora import merge as lora_merge
 from wan_kernel.lora import resize as lora_resize
 from wan_kernel.models.dit_keys import dit_state_dict_to
 from wan_kernel.lora import save_lora_file
-from wan_kernel.testing import REFERENCE_FIXTURES
+from wan_kernel.testing import REFERENCE_FIXTURES, plugin_or_skip
 from wan_kernel.testing.bad_input import killed_run_temporary, leftover_temporaries
 
 FIXTURES = REFERENCE_FIXTURES
@@ -338,12 +338,10 @@ def test_merge_into_dit_keeps_layout_and_dtype(layout, tmp_path, base_sd):
 
 
 def test_merge_into_dit_quantized(tmp_path, base_sd):
-    pytest.importorskip("wan_quant_fp8")
     from wan_kernel.models.dit_loading import load_dit
-    from wan_kernel.plugins import resolve
 
+    quantizer = plugin_or_skip("quantization", "fp8_scaled")
     lora = kohya_file(tmp_path / "l.safetensors", base_sd)
-    quantizer = resolve("quantization", "fp8_scaled")
     out, _ = lora_merge.merge_into_dit(T2V, [lora], tmp_path / "q.safetensors", quantizer=quantizer)
     written = load_file(out)
     assert written["blocks.0.ffn.0.weight"].dtype == torch.float8_e4m3fn

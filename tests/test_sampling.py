@@ -3,7 +3,6 @@ schedule properties, exactness on straight paths, convergence, diffusers agreeme
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -23,7 +22,7 @@ from wan_kernel.sampling import (
     make_schedule,
     make_solver,
 )
-from wan_kernel.testing import REFERENCE_FIXTURES
+from wan_kernel.testing import REFERENCE_FIXTURES, read_reference_case
 
 FIXTURES = REFERENCE_FIXTURES
 
@@ -32,10 +31,7 @@ def _load_case(name: str):
     folder = FIXTURES / name
     if not folder.is_dir():
         pytest.skip(f"reference fixtures not found at {folder}")
-    from safetensors.torch import load_file
-
-    case = json.loads((folder / "case.json").read_text())
-    return case, load_file(str(folder / "case.safetensors"))
+    return read_reference_case(folder)
 
 
 def _assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, case: dict) -> None:

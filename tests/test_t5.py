@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
 
 import pytest
@@ -15,7 +13,8 @@ from wan_kernel.interfaces import Quantizer
 from wan_kernel.models.t5 import encode_prompts, load_t5
 from wan_kernel.models.tokenizer import ByteTokenizer, clean_prompt, load_tokenizer
 from wan_kernel.pipelines.plugin_setup import resolve_quantizer
-from wan_kernel.testing import REFERENCE_FIXTURES
+from wan_kernel.plugins import get_plugin_manager
+from wan_kernel.testing import REFERENCE_FIXTURES, read_reference_case
 
 FIXTURES = REFERENCE_FIXTURES
 CASE = FIXTURES / "t5"
@@ -28,8 +27,7 @@ BF16_REL_RMS = 0.05
 
 @pytest.fixture(scope="module")
 def case():
-    meta = json.loads((CASE / "case.json").read_text())
-    return meta, load_file(CASE / "case.safetensors")
+    return read_reference_case(CASE)
 
 
 @pytest.fixture(scope="module")
@@ -274,7 +272,7 @@ def test_quantizer_for_the_dit_is_refused():
     assert dit_only.calls == []  # refused before anything was read or built
     with pytest.raises(InputError, match="quant must be"):
         load_t5(CASE / "weights.safetensors", quant=42)
-    if importlib.util.find_spec("wan_quant_fp8") is not None:
+    if "fp8_scaled" in get_plugin_manager().names("quantization"):
         with pytest.raises(InputError, match="use fp8_t5"):
             resolve_quantizer("fp8_scaled", target="t5")  # refused when resolved, before any load
 

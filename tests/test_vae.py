@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models.vae import FeatureCache, VAEConfig, WanVAEModel
 from wan_kernel.models.vae_loading import load_vae, vae_state_dict_from, vae_state_dict_to
-from wan_kernel.models.weights import load_safetensors, load_state_dict
-from wan_kernel.testing import REFERENCE_FIXTURES
+from wan_kernel.models.weights import load_state_dict
+from wan_kernel.testing import REFERENCE_FIXTURES, read_reference_case
 
 FIXTURES = REFERENCE_FIXTURES
 CASE_DIR = FIXTURES / "vae"
@@ -30,9 +30,7 @@ BF16_RECON_RMS = 0.05
 
 @pytest.fixture(scope="module")
 def case():
-    meta = json.loads((CASE_DIR / "case.json").read_text())
-    tensors = load_safetensors(CASE_DIR / "case.safetensors")
-    return meta, tensors
+    return read_reference_case(CASE_DIR)
 
 
 @pytest.fixture(scope="module")

@@ -30,20 +30,11 @@ class SdpaAttention(AttentionBackend):
         return Availability.yes()
 
     def __call__(self, q, k, v, k_lens=None):
-        import torch
-        import torch.nn.functional as F
+        # the models' own default (imported here: it needs torch), so the plugin and a model built
+        # without a plugin compute the same thing by the same code
+        from wan_kernel.models.attention import sdpa_attention
 
-        lk = k.shape[1]
-        mask = None
-        if k_lens is not None:
-            k_lens = k_lens.to(device=q.device)
-            keep = torch.arange(lk, device=q.device)[None, :] < k_lens[:, None]  # [B, Lk]
-            if not bool(keep.all()):
-                mask = keep[:, None, None, :]  # [B, 1, 1, Lk], broadcast over heads and queries
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
-        )  # [B, H, Lq, D]
-        return out.transpose(1, 2).to(q.dtype)  # [B, Lq, H, D]
+        return sdpa_attention(q, k, v, k_lens)
 
 
 @hookimpl

@@ -1,9 +1,10 @@
 """The Wan2.1 models and their weight loaders (see ``CONTRACT.md``).
 
 - :func:`load_dit` -> the diffusion transformer (t2v / i2v / flf2v, any size), from
-  ``wan_kernel.models.dit_loading``;
+  ``wan_kernel.models.dit_loading`` through ``wan_kernel.loading`` (``quant`` may be a plugin name);
 - :func:`load_vae` -> the 3-D causal VAE, from ``wan_kernel.models.vae_loading``;
-- :func:`load_t5` -> the umt5-xxl text encoder, from ``wan_kernel.models.t5``;
+- :func:`load_t5` -> the umt5-xxl text encoder, from ``wan_kernel.models.t5`` through
+  ``wan_kernel.loading`` (``quant`` may be a plugin name);
 - :func:`load_clip_vision` -> the CLIP ViT-H/14 image tower, from ``wan_kernel.models.clip``.
 
 Each loader takes a ``.safetensors`` file, a folder of shards or a ``.pth``/``.pt`` file,
@@ -13,8 +14,7 @@ Names are imported on first use so that ``import wan_kernel.models`` stays cheap
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wan_kernel.lazy import lazy_exports
 
 _EXPORTS = {
     # the contract's loaders accept plugin names: wan_kernel.loading resolves them, then calls
@@ -34,14 +34,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'wan_kernel.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

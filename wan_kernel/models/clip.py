@@ -34,8 +34,9 @@ from torch import nn
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models import arguments
 from wan_kernel.models.weights import (
-    check_finite_weights,
     as_path,
+    assign_state_dict,
+    check_finite_weights,
     config_beside,
     describe_keys,
     guess_model_kind,
@@ -426,12 +427,7 @@ def load_clip_vision(
         raise WeightsError(f"{source}: CLIP vision tensors do not fit the architecture: {mismatch}")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     check_finite_weights(state, source)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise WeightsError(
-            f"{source}: tensor shapes do not fit a CLIP vision tower ({str(exc).splitlines()[-1].strip()})"
-        ) from None
+    assign_state_dict(model, state, source=source, what="a CLIP vision tower")
     # non-persistent buffers were built on meta: make them real
     model.mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
     model.std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)

@@ -31,8 +31,9 @@ from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.models import arguments
 from wan_kernel.models.quantization import check_quantizer
 from wan_kernel.models.weights import (
-    check_finite_weights,
     as_path,
+    assign_state_dict,
+    check_finite_weights,
     describe_keys,
     float_elements_by_dtype,
     fold_fp8_scales,
@@ -306,12 +307,7 @@ def build_t5(
         state[key] = moved[id(value)]
     del moved
     check_finite_weights(state, source)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise WeightsError(
-            f"{source}: tensor shapes do not fit a umt5 encoder ({str(exc).splitlines()[-1].strip()})"
-        ) from None
+    assign_state_dict(model, state, source=source, what="a umt5 encoder")
     # assign=True gave the two names two Parameters over one tensor: make them one again, as
     # transformers ties them (a later .to(dtype) would otherwise copy the embedding twice)
     model.encoder.embed_tokens.weight = model.shared.weight

@@ -533,6 +533,17 @@ def key_mismatch(expected: Iterable[str], present: Iterable[str], *, missing_onl
     return "; ".join(parts)
 
 
+def assign_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, source: object, what: str) -> None:
+    """``model.load_state_dict(state, strict=True, assign=True)``, with a shape mismatch turned into a
+    :class:`WeightsError` that names the file and the model (``what``: "a umt5 encoder")."""
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise WeightsError(
+            f"{source}: tensor shapes do not fit {what} ({str(exc).splitlines()[-1].strip()})"
+        ) from None
+
+
 def float_elements_by_dtype(state: Mapping[str, torch.Tensor]) -> dict[torch.dtype, int]:
     """How many floating-point values ``state`` stores in each dtype (for a loader's default dtype)."""
     counts: dict[torch.dtype, int] = {}

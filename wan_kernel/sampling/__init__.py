@@ -16,8 +16,7 @@ torch) stays cheap to import.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wan_kernel.lazy import lazy_exports
 
 _EXPORTS = {
     "SOLVERS": "wan_kernel.sampling.solvers",
@@ -40,14 +39,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'wan_kernel.sampling' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

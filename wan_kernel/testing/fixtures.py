@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -21,6 +22,17 @@ REFERENCE_FIXTURES: Path = Path(
 def reference_case(name: str) -> Path:
     """The folder of one reference case (``REFERENCE_FIXTURES / name``)."""
     return REFERENCE_FIXTURES / name
+
+
+def read_reference_case(case: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A reference case's ``case.json`` (settings, tolerances) and ``case.safetensors`` (inputs and
+    expected outputs, as tensors); ``case`` is a name under :data:`REFERENCE_FIXTURES` or a folder."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = reference_case(case) if isinstance(case, str) else Path(case)
+    return json.loads((folder / "case.json").read_text()), load_file(str(folder / "case.safetensors"))
 
 
 def skip_without_fixtures():

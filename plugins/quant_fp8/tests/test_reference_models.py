@@ -4,8 +4,6 @@ golden tensors of ``wan_kernel.testing.REFERENCE_FIXTURES``): ``fp8_t5`` through
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,7 +14,7 @@ from wan_quant_fp8.tensors import dequantize_weight
 from wan_kernel.models.dit_loading import load_dit
 from wan_kernel.models.t5 import load_t5
 from wan_kernel.pipelines.plugin_setup import resolve_quantizer
-from wan_kernel.testing import reference_case, skip_without_fixtures
+from wan_kernel.testing import read_reference_case, reference_case, skip_without_fixtures
 
 pytestmark = skip_without_fixtures()
 
@@ -26,8 +24,7 @@ DIT_WEIGHTS = reference_case("dit_t2v") / "weights.safetensors"
 
 @pytest.fixture(scope="module")
 def case():
-    folder = reference_case("t5")
-    return json.loads((folder / "case.json").read_text()), load_file(folder / "case.safetensors")
+    return read_reference_case("t5")
 
 
 def _rel_err(hidden: torch.Tensor, tensors: dict) -> float:
