@@ -114,6 +114,24 @@ def _latent_options(func):
                 "item (PNG of its first frame / mp4) to <cache_directory>/.wan_debug/, console lists them "
                 "(as --dry-run).",
             ),
+            _option(
+                "--console_num_images",
+                type=click.IntRange(min=1),
+                default=None,
+                help="With --debug_mode image/video: write at most this many items [default: all].",
+            ),
+            _option(
+                "--console_width",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Accepted for seed command lines; the console listing here is text, so it has no "
+                "effect (a notice says so).",
+            ),
+            _option(
+                "--console_back",
+                default=None,
+                help="Accepted for seed command lines; no effect here (a notice says so).",
+            ),
         ]
     ):
         func = decorator(func)
@@ -151,6 +169,9 @@ def _run(options: dict, *, latents: bool, text: bool) -> None:
         progress=not options["no_progress"] and Ranks.from_env().is_main,
     )
     debug_mode = options.get("debug_mode")
+    for name in ("console_width", "console_back"):
+        if options.get(name) is not None:
+            click.echo(f"note: --{name} has no effect here (the debug listing is text)", err=True)
     if options["dry_run"] or debug_mode == "console":
         from wan_kernel.dataset.config import load_dataset_config
 
@@ -164,7 +185,10 @@ def _run(options: dict, *, latents: bool, text: bool) -> None:
         from wan_kernel.dataset.config import load_dataset_config
 
         written = write_debug_media(
-            load_dataset_config(options["dataset_config"]), mode=debug_mode, workers=settings.workers()
+            load_dataset_config(options["dataset_config"]),
+            mode=debug_mode,
+            workers=settings.workers(),
+            limit=options.get("console_num_images"),
         )
         for path in written:
             click.echo(str(path))
@@ -204,7 +228,7 @@ def _run(options: dict, *, latents: bool, text: bool) -> None:
 def cache(**options) -> None:
     """Write every cache training needs: latents (with --vae) and text (with --t5), in one run.
 
-    The VAE (and CLIP) is freed before the T5 is loaded.
+    One model at a time, each freed before the next: CLIP (image-to-video), the VAE, the T5.
     """
     if not options["vae"] and not options["t5"] and not options["dry_run"] and not options["debug_mode"]:
         raise InputError("nothing to cache: give --vae (latents) and/or --t5 (text), or --dry-run")

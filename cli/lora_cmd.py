@@ -13,6 +13,7 @@ import json
 import click
 from wan_cli.errors import handle_wan_errors
 from wan_cli.generate import expand_multi_value_options
+from wan_cli.types import FINITE_FLOAT
 
 from wan_kernel.errors import InputError
 
@@ -22,6 +23,17 @@ TARGET_HELP = (
     "diffusion_model.<module>.lora_A/B, alpha folded in), "
     "diffusers (transformer.<diffusers module>.lora_A/B)."
 )
+
+
+class _FiniteFloat(click.FloatRange):
+    """:data:`wan_cli.types.FINITE_FLOAT` (no NaN, no Inf) with a range; checked when the command line
+    is parsed (exit 2)."""
+
+    def convert(self, value, param, ctx):
+        return super().convert(FINITE_FLOAT.convert(value, param, ctx), param, ctx)
+
+
+FINITE = _FiniteFloat()
 
 
 class _SeedSpellingCommand(click.Command):
@@ -77,7 +89,7 @@ def convert(input_, output, target, diffusers_prefix, strict, overwrite) -> None
 @click.option(
     "--lora_weight", multiple=True, required=True, help="LoRA file (repeat, or list several after it)."
 )
-@click.option("--lora_multiplier", type=float, multiple=True, help="Strength per LoRA.  [default: 1.0 each]")
+@click.option("--lora_multiplier", type=FINITE, multiple=True, help="Strength per LoRA.  [default: 1.0 each]")
 @click.option("--include_patterns", multiple=True, help="Regex of LoRA modules to keep, one per LoRA.")
 @click.option("--exclude_patterns", multiple=True, help="Regex of LoRA modules to drop, one per LoRA.")
 @click.option(
@@ -177,7 +189,7 @@ def info(file, as_json, per_module) -> None:
 @click.command("resize")
 @click.option("--input", "input_", required=True, type=click.Path(dir_okay=False), help="LoRA file to read.")
 @click.option("--output", required=True, type=click.Path(dir_okay=False), help="LoRA file to write.")
-@click.option("--rank", type=int, required=True, help="The new (maximum) rank.")
+@click.option("--rank", type=click.IntRange(min=1), required=True, help="The new (maximum) rank.")
 @click.option(
     "--target", type=click.Choice(TARGETS), default=None, help="Output layout.  [default: the input's]"
 )
@@ -215,9 +227,16 @@ def resize(input_, output, rank, target, dtype, strict, overwrite) -> None:
     type=click.Path(dir_okay=False),
     help="LoRA file to write.",
 )
-@click.option("--beta", type=float, default=0.95, show_default=True, help="Decay rate.")
-@click.option("--beta2", type=float, default=None, help="Decay at the last checkpoint (linear from --beta).")
-@click.option("--sigma_rel", type=float, default=None, help="Power-function EMA width (overrides --beta).")
+@click.option(
+    "--beta", type=_FiniteFloat(0.0, 1.0), default=0.95, show_default=True, help="Decay rate (0 to 1)."
+)
+@click.option(
+    "--beta2",
+    type=_FiniteFloat(0.0, 1.0),
+    default=None,
+    help="Decay at the last checkpoint (linear from --beta; 0 to 1).",
+)
+@click.option("--sigma_rel", type=FINITE, default=None, help="Power-function EMA width (overrides --beta).")
 @click.option("--no_sort", is_flag=True, help="Merge in the order given, not by modification time.")
 @click.option("--overwrite", is_flag=True, help="Replace --output_file if it exists.")
 @handle_wan_errors

@@ -7,6 +7,7 @@ The VAE and T5 are the demo's tiny models saved to files and read back with ``lo
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -235,6 +236,66 @@ def test_i2v_conditioning_equals_the_generation_formula(tmp_path, vae):
     torch.testing.assert_close(tensors["clip"], clip_features(clip, first[None])[0], rtol=0, atol=0)
     with safe_open(str(tmp_path / "cache/vid/clip_00000-005_0048x0032_wan.safetensors"), framework="pt") as h:
         assert sorted(h.keys()) == ["clip_float32", "latents_2x2x4_float32", "latents_image_2x2x4_float32"]
+
+
+@skip_without_fixtures()
+def test_i2v_cache_job_holds_one_model_at_a_time_and_writes_the_same_values(tmp_path, vae, monkeypatch):
+    import gc
+    import weakref
+
+    import wan_kernel.models.clip as clip_module
+    import wan_kernel.models.vae_loading as vae_module
+    from wan_kernel.pipelines.cache import CacheJob, run_cache
+
+    clip_path = reference_case("clip_visual") / "weights.safetensors"
+    real_clip, real_vae = clip_module.load_clip_vision, vae_module.load_vae
+    clips: list = []
+    loads: list[str] = []
+
+    def load_clip(path, **kwargs):
+        model = real_clip(path, num_heads=4, **kwargs)
+        clips.append(weakref.ref(model))
+        loads.append("clip")
+        return model
+
+    def load_vae(path, **kwargs):
+        gc.collect()
+        assert all(ref() is None for ref in clips), "CLIP is still in memory while the VAE loads"
+        loads.append("vae")
+        return real_vae(path, **kwargs)
+
+    monkeypatch.setattr(clip_module, "load_clip_vision", load_clip)
+    monkeypatch.setattr(vae_module, "load_vae", load_vae)
+    vae_path = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.model.state_dict().items()}, vae_path)
+
+    def job(root: Path, **settings) -> CacheJob:
+        return CacheJob(
+            dataset_config=str(make_dataset(root, images=("a.png", "b.jpg"), videos=())),
+            vae=str(vae_path),
+            vae_dtype="float32",
+            clip=str(clip_path),
+            device="cpu",
+            settings=CacheSettings(num_workers=0, progress=False, **settings),
+        )
+
+    (report,) = run_cache(job(tmp_path / "two"), log=lambda m: None)
+    assert report.ok and report.cached == 2 and loads == ["clip", "vae"]
+    # the values are those of one pass with both models loaded (generation's own conditioning path)
+    one = cache_latents(
+        load_dataset_config(make_dataset(tmp_path / "one", images=("a.png", "b.jpg"), videos=())),
+        LatentEncoder(vae, clip=real_clip(clip_path, num_heads=4)),
+        SETTINGS,
+    )
+    assert one.ok
+    _assert_same(_cache_files(tmp_path / "two"), _cache_files(tmp_path / "one"))
+    # --skip_existing: only the missing cache is computed (CLIP included), to the same values
+    first = _cache_files(tmp_path / "two")
+    gone = tmp_path / "two/cache/img/b_0064x0064_wan.safetensors"
+    gone.unlink()
+    (again,) = run_cache(job(tmp_path / "two", skip_existing=True), log=lambda m: None)
+    assert (again.cached, again.skipped) == (1, 1) and gone.exists()
+    _assert_same(_cache_files(tmp_path / "two"), first)
 
 
 def test_non_finite_output_is_an_error_naming_the_item(tmp_path, vae):
@@ -542,6 +603,17 @@ def test_debug_mode_writes_the_bucketed_inputs(tmp_path):
     ]
     assert np.asarray(Image.open(debug / "img/.wan_debug/a_0040x0024_wan.png")).shape == (16, 32, 3)
     assert not list(debug.rglob("*.safetensors"))
+    # the seed's console options: --console_num_images limits the items, the other two are announced
+    shutil.rmtree(debug)
+    result = _cli(
+        "cache-latents", "--dataset_config", str(toml), "--debug_mode", "image", "--num_workers", "0",
+        "--console_num_images", "2", "--console_width", "120", "--console_back", "black",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(list(debug.rglob(".wan_debug/*"))) == 2
+    assert (
+        "--console_width has no effect" in result.output and "--console_back has no effect" in result.output
+    )
 
 
 @pytest.mark.parametrize("command", ["cache", "cache-latents", "cache-text"])
@@ -573,6 +645,9 @@ def test_help_documents_every_option(command):
             "--i2v",
             "--debug_mode",
             "--disable_cudnn_backend",
+            "--console_width",
+            "--console_back",
+            "--console_num_images",
         }
         if command != "cache-text"
         else set()

@@ -482,7 +482,7 @@ def test_cli_commands_and_clean_errors(tmp_path, base_sd):
     r = wan("lora", "info", tmp_path / "missing.safetensors")
     assert r.exit_code == 1 and "not found" in r.output
     r = wan("lora", "resize", "--input", src, "--output", tmp_path / "r.safetensors", "--rank", "0")
-    assert r.exit_code == 1 and "at least 1" in r.output
+    assert r.exit_code == 2 and "'--rank': 0 is not in the range x>=1" in r.output  # refused when parsed
 
 
 def test_generate_save_merged_model_writes_what_lora_merge_writes(tmp_path, base_sd):

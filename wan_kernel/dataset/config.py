@@ -286,6 +286,9 @@ def _repair_windows_paths(text: str) -> str:
 
 
 def _parse_toml(path: Path) -> dict:
+    if path.exists() and not path.is_file():  # a FIFO would block the read forever
+        kind = "a folder" if path.is_dir() else "not a regular file (a named pipe or device?)"
+        raise InputError(f"dataset config {path} is {kind}; give the dataset TOML file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

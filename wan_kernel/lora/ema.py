@@ -10,9 +10,7 @@ from pathlib import Path
 import torch
 
 from wan_kernel.errors import InputError, WeightsError
-from wan_kernel.lora.formats import (
-    save_lora_file,
-)
+from wan_kernel.lora.formats import check_finite_lora, parse_lora, save_lora_file
 from wan_kernel.models.weights import describe_keys, load_state_dict, read_safetensors_metadata
 
 __all__ = ["ema_betas", "ema_loras", "sigma_rel_to_gamma"]
@@ -77,12 +75,16 @@ def ema_loras(
         files.sort(key=lambda f: f.stat().st_mtime)
     betas = ema_betas(len(files), beta=beta, beta2=beta2, sigma_rel=sigma_rel)
     first = load_state_dict(files[0], what="LoRA")
+    parse_lora(first, path=files[0])  # a LoRA, not some other weights file
+    check_finite_lora(first, files[0])
     dtypes = {k: v.dtype for k, v in first.items()}
     avg = {k: v.float() if v.is_floating_point() else v.clone() for k, v in first.items()}
     for f, b in zip(files[1:], betas):
         if log is not None:
             log(f"{f.name}: beta {b:.4f}")
         sd = load_state_dict(f, what="LoRA")
+        parse_lora(sd, path=f)
+        check_finite_lora(sd, f)
         if sd.keys() != avg.keys():
             missing, extra = avg.keys() - sd.keys(), sd.keys() - avg.keys()
             raise WeightsError(

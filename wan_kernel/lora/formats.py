@@ -223,13 +223,30 @@ def parse_lora(
     )
 
 
+def check_finite_lora(sd: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse a LoRA holding NaN or Inf (a diverged training run): every tool that reads one
+    (merge, convert, resize, EMA, generation) would otherwise write or generate garbage.
+
+    :raises WeightsError: naming the file and the first such tensor.
+    """
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise WeightsError(
+            f"{path}: this LoRA holds NaN/Inf values in {bad[0]}{more}; it is unusable (a training run "
+            "that diverged?): take an earlier checkpoint"
+        )
+
+
 def read_lora(path: str | os.PathLike) -> LoraFile:
     """Parse a LoRA file of any supported layout (see the module docstring).
 
-    :raises WeightsError: the file is missing, unreadable, not a LoRA, or has an incomplete module.
+    :raises WeightsError: the file is missing, unreadable, not a LoRA, has an incomplete module, or
+        holds NaN/Inf values (merged or applied, they would turn every output black).
     """
     path = Path(path).expanduser()
     sd = load_state_dict(path, what="LoRA")
+    check_finite_lora(sd, path)
     metadata = read_safetensors_metadata(path) if path.suffix == ".safetensors" and path.is_file() else {}
     return parse_lora(sd, path=path, metadata=metadata)
 
@@ -398,14 +415,28 @@ def save_safetensors_atomic(
     :raises InputError: ``path`` exists and ``overwrite`` is false, or it is a folder.
     :raises OutputError: the folder cannot be written, or the disk filled up; no temporary is left.
     """
-    path = Path(path).expanduser()
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} exists; pass --overwrite to replace it")
-    if path.is_dir():
-        raise InputError(f"{path} is a folder; give a .safetensors file name")
+    path = check_output_file(path, overwrite=overwrite)
     # without --overwrite the name is published exclusively: a file another run made meanwhile is
     # never replaced (ours then gets a free ``_N`` name, which is returned)
     return save_safetensors(path, tensors, metadata, exclusive=not overwrite)
+
+
+def check_output_file(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """``path`` when a file can be written there (call it before the work, too).
+
+    :raises InputError: it exists and ``overwrite`` is false, or it is a folder.
+    :raises OutputError: its folder cannot take files (a part of the path is a file, read-only,
+        immutable, a full disk).
+    """
+    from wan_kernel.files import check_output_folder
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a .safetensors file name")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists; pass --overwrite to replace it")
+    check_output_folder(path.parent, what=f"folder for {path.name}")
+    return path
 
 
 def save_lora_file(

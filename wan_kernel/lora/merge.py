@@ -34,7 +34,7 @@ from torch import nn
 
 from wan_kernel.errors import InputError, WeightsError
 from wan_kernel.lora.adapters import LoraModule
-from wan_kernel.lora.formats import read_lora, save_safetensors_atomic
+from wan_kernel.lora.formats import check_output_file, read_lora, save_safetensors_atomic
 from wan_kernel.lora.keys import kohya_name, official_path
 from wan_kernel.lora.spec import LoraSpec, SpecLike
 from wan_kernel.models.weights import (
@@ -417,8 +417,7 @@ def merge_into_dit(
 
     dit = Path(dit).expanduser()
     output = Path(output).expanduser()
-    if output.exists() and not overwrite:
-        raise InputError(f"{output} exists; pass --overwrite to replace it")  # before any work
+    check_output_file(output, overwrite=overwrite)  # before any work
     if output.resolve() == dit.resolve():
         raise InputError(f"{output} is the input DiT; write the merged model to another file")
     raw = load_state_dict(dit, what="DiT")

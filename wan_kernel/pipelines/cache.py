@@ -7,7 +7,10 @@ What gets written is described in :mod:`wan_kernel.dataset.cache_files`. The flo
   (:func:`~wan_kernel.dataset.items.plan_source`), while the main process encodes batches of
   same-size items with the VAE and writes them. Image-to-video adds the first-frame conditioning
   and CLIP features computed by :func:`wan_kernel.pipelines.conditioning.encode_conditioning`,
-  the same function generation uses.
+  the same function generation uses. With CLIP, ``run_cache`` first runs a CLIP pass
+  (:func:`compute_clip_features`: CLIP loaded alone, the features of every item of this rank kept
+  in CPU memory in the stored dtype, about 0.66 MB per item in bfloat16, CLIP freed), then the VAE
+  pass, so the two models are never in memory together; each source is decoded once per pass.
 - Text: the captions, in batches, through :func:`wan_kernel.models.t5.encode_prompts` (real
   tokens only, as generation).
 
@@ -278,20 +281,72 @@ class MissingLatentCache:
         )
 
 
+def first_frame(pixels: np.ndarray) -> torch.Tensor:
+    """An item's first frame ``[3, H, W]`` float32 in [-1, 1] (CPU), exactly as :func:`pixels_to_video`
+    gives it: what the image conditioning and CLIP see."""
+    return pixels_to_video([pixels[:1]])[0, :, 0]
+
+
+def compute_clip_features(
+    group: DatasetGroupConfig,
+    clip,
+    settings: CacheSettings = CacheSettings(),
+    *,
+    store_dtype: torch.dtype = torch.float32,
+    ranks: Ranks | None = None,
+) -> dict[Path, torch.Tensor]:
+    """The CLIP pass of image-to-video caching: ``{cache path: [257, 1280] features}`` for every item
+    of this rank that the VAE pass will write (with ``skip_existing``: those without a complete i2v
+    cache), kept on the CPU in ``store_dtype`` (the cache's dtype; the cast is the one the cache
+    writer would do). Give the result to :class:`LatentEncoder` (``clip_features=``) once ``clip``
+    is freed. Sources that cannot be read are left out; the VAE pass reports them.
+    """
+    from wan_kernel.pipelines.conditioning import clip_features
+
+    ranks = ranks or Ranks.from_env()
+    sources, _ = list_all_sources(group)
+    mine = ranks.share([s for s in sources if s.caption is not None])
+    wanted = MissingLatentCache(image_conditioning=True, clip=True) if settings.skip_existing else None
+    features: dict[Path, torch.Tensor] = {}
+    with _progress(len(mine), "clip", settings.progress) as bar:
+        for planned in read_sources(mine, workers=settings.workers(), wanted=wanted):
+            bar.update(1)
+            if isinstance(planned, _Failure):
+                continue
+            for item, pixels in zip(planned.items, planned.pixels):
+                if pixels is not None:
+                    # one image per call, as generation: batching could change the last bits
+                    image = first_frame(pixels)[None]  # [1, 3, H, W]
+                    features[item.cache_path] = clip_features(clip, image)[0].to(store_dtype)
+    return features
+
+
 class LatentEncoder:
     """Encodes batches of :class:`LatentItem` s and writes their caches.
 
     :param vae: what ``load_vae`` returns (``encode(video)``; ``dtype`` is the stored dtype).
-    :param clip: a CLIP vision model (``load_clip_vision``) or ``None``.
+    :param clip: a CLIP vision model (``load_clip_vision``) run alongside the VAE, or ``None``.
+    :param clip_features: CLIP features computed beforehand by :func:`compute_clip_features` (so
+        CLIP and the VAE need not be loaded together), or ``None``; not with ``clip``.
     :param image_conditioning: also write ``latents_image`` (the i2v first-frame conditioning).
     """
 
     def __init__(
-        self, vae, *, clip=None, image_conditioning: bool = False, store_dtype: torch.dtype | None = None
+        self,
+        vae,
+        *,
+        clip=None,
+        clip_features: dict[Path, torch.Tensor] | None = None,
+        image_conditioning: bool = False,
+        store_dtype: torch.dtype | None = None,
     ):
+        if clip is not None and clip_features is not None:
+            raise InputError("give LatentEncoder either a CLIP model or precomputed clip_features, not both")
         self.vae = vae
         self.clip = clip
-        self.image_conditioning = image_conditioning or clip is not None
+        self.clip_features = clip_features
+        self.with_clip = clip is not None or clip_features is not None
+        self.image_conditioning = image_conditioning or self.with_clip
         self.store_dtype = store_dtype or getattr(vae, "dtype", torch.float32)
         self.device = getattr(vae, "device", torch.device("cpu"))
         self.seconds = 0.0
@@ -302,7 +357,7 @@ class LatentEncoder:
 
     def missing(self) -> MissingLatentCache:
         """A picklable ``item -> bool``: true when the item's cache lacks what this encoder writes."""
-        return MissingLatentCache(self.image_conditioning, self.clip is not None)
+        return MissingLatentCache(self.image_conditioning, self.with_clip)
 
     def encode(self, items: list[LatentItem], pixels: list[np.ndarray]) -> list[tuple[LatentItem, dict]]:
         """The tensors of each item: ``latents`` and, for i2v, ``image_latents`` / ``clip``."""
@@ -317,6 +372,11 @@ class LatentEncoder:
             if self.image_conditioning:
                 width, height = item.bucket
                 first = video[index, :, 0].cpu()  # [3, H, W], already at the bucket size (CPU, as generation)
+                clip_fea = None if self.clip is not None else torch.zeros(1, 257, 1280)
+                if self.clip_features is not None:
+                    if item.cache_path not in self.clip_features:
+                        raise InputError(f"{item.label}: no CLIP features (the CLIP pass could not read it)")
+                    clip_fea = self.clip_features[item.cache_path][None]
                 # encode_conditioning derives the latent size from an area and the image's aspect
                 # (official rounding); with the bare W*H, float error gives one latent pixel less
                 # for some buckets, so ask for W*H plus a margin that rounds back to W x H exactly
@@ -327,7 +387,7 @@ class LatentEncoder:
                     max_area=width * height + min(width, height),
                     clip=self.clip,
                     # without CLIP (--i2v alone) only y is kept; the placeholder is never stored
-                    clip_fea=None if self.clip is not None else torch.zeros(1, 257, 1280),
+                    clip_fea=clip_fea,
                 )
                 if (cond.lat_h, cond.lat_w) != tuple(latents.shape[-2:]):
                     raise InputError(
@@ -335,7 +395,7 @@ class LatentEncoder:
                         f"not the bucket {width}x{height}"
                     )
                 tensors["image_latents"] = cond.y
-                if self.clip is not None:
+                if self.with_clip:
                     tensors["clip"] = cond.clip_fea[0]  # [257, 1280]
             outputs.append((item, tensors))
         _sync(self.device)
@@ -596,8 +656,9 @@ def dry_run(group: DatasetGroupConfig, *, workers: int = 0, log: LogFn = print) 
 class CacheJob:
     """``wan run cache`` as data: which models (files) and how.
 
-    Latents are cached when ``vae`` is given, text when ``t5`` is given; the VAE (with CLIP for
-    image-to-video) is freed before the T5 is loaded, so peak memory is the larger of the two.
+    Latents are cached when ``vae`` is given, text when ``t5`` is given. One model at a time, each
+    freed before the next is loaded (CLIP for image-to-video, then the VAE, then the T5), so peak
+    memory is the largest of them.
     """
 
     dataset_config: str
@@ -621,6 +682,23 @@ def _device(name: str | None, ranks: Ranks) -> torch.device:
     return device
 
 
+def _check_set_up(job: CacheJob, group: DatasetGroupConfig) -> None:
+    """Everything that can fail before a model is loaded: the model files (present, regular files,
+    a readable safetensors header: a bad T5 is not found after the whole latent pass) and the
+    cache folders (writable)."""
+    from wan_kernel.files import check_output_folder
+    from wan_kernel.models.weights import check_readable_file, read_safetensors_header, resolve_weight_files
+
+    for path, what in ((job.clip, "CLIP"), (job.vae, "VAE"), (job.t5, "T5")):
+        if path:
+            for file in resolve_weight_files(path, what=what):
+                check_readable_file(file, what=what)
+                if file.suffix == ".safetensors":
+                    read_safetensors_header(file)
+    for directory in _cache_directories(group):
+        check_output_folder(directory, what="cache_directory")
+
+
 def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
     """Load the dataset config, then each model in turn, cache, free it. One report per pass.
 
@@ -633,6 +711,7 @@ def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
     if job.clip and not job.vae:
         raise InputError("--clip is used with the latent caches: give --vae too")
     group = load_dataset_config(job.dataset_config)
+    _check_set_up(job, group)
     for dataset in group.datasets:
         if dataset.unused:
             log(
@@ -645,21 +724,27 @@ def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
         from wan_kernel.models.clip import load_clip_vision
         from wan_kernel.models.vae_loading import load_vae
 
+        vae_dtype = resolve_compute_dtype(job.vae_dtype, device, "vae_dtype")
+        features = None
+        if job.clip:
+            clip = load_clip_vision(job.clip, device=device)
+            features = compute_clip_features(group, clip, job.settings, store_dtype=vae_dtype, ranks=ranks)
+            del clip
+            free_memory(device)
         vae = load_vae(
             job.vae,
             device=device,
-            dtype=resolve_compute_dtype(job.vae_dtype, device, "vae_dtype"),
+            dtype=vae_dtype,
             cache_device="cpu" if job.vae_cache_cpu else None,
         )
-        clip = load_clip_vision(job.clip, device=device) if job.clip else None
-        encoder = LatentEncoder(vae, clip=clip, image_conditioning=job.i2v)
+        encoder = LatentEncoder(vae, clip_features=features, image_conditioning=job.i2v)
         cudnn = torch.backends.cudnn.enabled
         torch.backends.cudnn.enabled = cudnn and not job.disable_cudnn
         try:
             report = cache_latents(group, encoder, job.settings, ranks=ranks, log=log)
         finally:
             torch.backends.cudnn.enabled = cudnn
-        del vae, clip, encoder
+        del vae, features, encoder
         free_memory(device)
         reports.append(report)
     if job.t5:
@@ -681,11 +766,14 @@ def run_cache(job: CacheJob, *, log: LogFn = _stderr) -> list[CacheReport]:
     return reports
 
 
-def write_debug_media(group: DatasetGroupConfig, *, mode: str, workers: int = 0) -> list[Path]:
+def write_debug_media(
+    group: DatasetGroupConfig, *, mode: str, workers: int = 0, limit: int | None = None
+) -> list[Path]:
     """``--debug_mode image|video``: write what the encoder would get, instead of caching.
 
     Each item's bucketed pixels go to ``<cache_directory>/.wan_debug/<cache name>.png`` (first frame)
-    or ``.mp4`` (the clip at 16 fps). No model is loaded.
+    or ``.mp4`` (the clip at 16 fps), at most ``limit`` items (``--console_num_images``). No model
+    is loaded.
     """
     from wan_kernel.pipelines.media import write_image, write_video
 
@@ -697,6 +785,8 @@ def write_debug_media(group: DatasetGroupConfig, *, mode: str, workers: int = 0)
         if isinstance(planned, _Failure):
             continue
         for item, pixels in zip(planned.items, planned.pixels):
+            if limit is not None and len(written) >= limit:
+                return written
             stem = item.cache_path.name.removesuffix(".safetensors")
             folder = item.source.dataset.cache_directory / ".wan_debug"  # hidden: never read back as data
             if mode == "video" and pixels.shape[0] > 1:
