@@ -398,13 +398,6 @@ def build_config(ctx: click.Context, options: dict[str, Any], log=print):
             "networks are not"
         )
     options["attn"] = _attention(options)
-    if options["timestep_sampling"] == "sigma" and any(
-        _given(ctx, n) for n in ("discrete_flow_shift", "min_timestep", "max_timestep")
-    ):
-        log(
-            "note: --timestep_sampling sigma (the seed's default) ignores --discrete_flow_shift and mirrors "
-            "--min/--max_timestep, as the seed; --timestep_sampling shift is the usual choice for Wan"
-        )
     fields = {a.name for a in attrs.fields(TrainConfig)}
     values = {k: v for k, v in options.items() if k in fields}
     if values.get("network_dim") is None:

@@ -220,7 +220,10 @@ class TimestepSampler(Implementation):
     tensor ``[batch_size]`` of noise levels ``t`` in ``[0, 1]`` (``sigma``; the model is fed
     ``t * 1000``), honouring ``config.min_timestep``/``max_timestep``. ``latent_shape`` is
     ``[B, C, F, H, W]`` of the latents, for resolution-dependent samplers. Pure functions of the
-    generator: the same seed gives the same draw.
+    generator: the same seed gives the same draw. ``uniform=`` (float32 ``[batch_size]`` in
+    ``[0, 1)``) replaces the sampler's own random numbers: it maps those ``u`` (samplers that need
+    normals use the inverse CDF ``sqrt(2) erfinv(2u - 1)``); the trainer passes its stratified
+    ``--num_timestep_buckets`` draws this way.
 
     ``sampler.loss_weights(sigmas, config=...)`` gives the per-sample loss weights the trainer
     multiplies the loss by (override it for a sampler that needs its own weighting).
@@ -235,6 +238,7 @@ class TimestepSampler(Implementation):
         latent_shape: tuple[int, ...] | None = None,
         generator: "torch.Generator | None" = None,
         device: Any = "cpu",
+        uniform: "torch.Tensor | None" = None,
     ) -> "torch.Tensor": ...
 
     def loss_weights(self, sigmas: "torch.Tensor", *, config: TimestepSamplingConfig) -> "torch.Tensor":

@@ -30,14 +30,22 @@ float32 rounding can produce exactly 0 or 1 for extreme normal draws. The range
 
 ``sigma`` (musubi's default) draws ``u`` from the weighting-scheme density (``logit_normal``:
 ``sigmoid(N(logit_mean, logit_std))``; ``mode``: ``u <- 1 - u - mode_scale (cos^2(pi u / 2) - 1 + u)``
-for uniform ``u``; otherwise uniform), takes the index ``i = floor(u (max - min) + min)`` with
-``min``/``max`` the timestep limits (defaults 0 and ``num_train_timesteps``), and returns the
-sigma of the discrete training schedule ``1000, 999, ..., 1``: ``t = (1000 - i) / 1000``. Exactly
-as in musubi, this schedule is *not* shifted by ``discrete_flow_shift`` (the discrete training
-scheduler ignores it), and because the schedule runs downwards the limits are mirrored:
-``min_timestep=0, max_timestep=200`` gives ``t`` in ``[0.801, 1.0]``, the high-noise end. Values
-lie in ``[0.001, 1]`` by default (1 inclusive, 0 never). ``preserve_distribution_shape`` has no
-effect in this mode (the index mapping always stays inside the limits).
+for uniform ``u``; otherwise uniform) and picks a level of the discrete training schedule: the
+levels ``k / N`` for ``k = N, N-1, ..., 1`` (``N = num_train_timesteps``), shifted by
+``s = discrete_flow_shift`` (``s sigma / (1 + (s - 1) sigma)``, as ``shift``), keeping only the
+``n`` levels with ``min_timestep <= N t <= max_timestep``; ``t`` is the level at index
+``floor(u n)`` of that downward list. Unlike musubi (which leaves this schedule unshifted and, by
+indexing the downward schedule with the limits, mirrors them), the shift is applied and the limits
+mean what they say: ``min_timestep=0, max_timestep=200`` gives ``t`` in ``[0.001, 0.2]``. Values lie
+in ``(0, 1]`` (1 inclusive, 0 never). ``preserve_distribution_shape`` has no effect in this mode
+(the draw always stays inside the limits); limits that hold no level are an ``InputError``.
+
+Every sampler also takes ``uniform=`` (float32 ``[B]`` in ``[0, 1)``, e.g. the trainer's
+stratified ``--num_timestep_buckets`` draws): it then uses those numbers instead of drawing from
+the generator, turning them into standard normals by the inverse CDF ``sqrt(2) erfinv(2 u - 1)``
+where the sampler needs normals (``uniform`` uses ``u`` itself; ``sigma`` uses it as its uniform or,
+for ``logit_normal``, its normal). Rejection sampling cannot use given numbers, so ``uniform=``
+with ``preserve_distribution_shape`` is an ``InputError`` in the continuous samplers.
 
 ``weighting_scheme`` ``cosmap`` and ``sigma_sqrt`` only change the loss weights
 (:func:`loss_weights`); ``logit_normal`` and ``mode`` only change ``sigma`` sampling.
@@ -81,6 +89,7 @@ __all__ = [
     "flux_shift_mu",
     "loss_weights",
     "shift_timesteps",
+    "sigma_levels",
     "validate_config",
 ]
 
@@ -195,6 +204,32 @@ def _rand(n: int, generator: "torch.Generator | None", device: Any) -> "torch.Te
     return torch.rand(n, generator=generator, device=_draw_device(generator, device), dtype=torch.float32)
 
 
+def _given_uniform(uniform: "torch.Tensor", batch_size: int) -> "torch.Tensor":
+    """Check the ``uniform=`` numbers of a sample call: float32 ``[batch_size]`` in ``[0, 1]``."""
+    import torch
+
+    if not isinstance(uniform, torch.Tensor) or tuple(uniform.shape) != (batch_size,):
+        shape = tuple(uniform.shape) if isinstance(uniform, torch.Tensor) else type(uniform).__name__
+        raise InputError(f"uniform must be a tensor of shape [{batch_size}] (the batch size), got {shape}.")
+    u = uniform.to(torch.float32)
+    if not bool(((u >= 0) & (u <= 1)).all()):
+        raise InputError("uniform must hold numbers in [0, 1).")
+    return u
+
+
+def _uniform_or_rand(u, n, generator, device) -> "torch.Tensor":
+    return _rand(n, generator, device) if u is None else u
+
+
+def _normal_or_randn(u, n, generator, device) -> "torch.Tensor":
+    """A standard normal draw, or the inverse normal CDF ``sqrt(2) erfinv(2 u - 1)`` of the given ``u``."""
+    import torch
+
+    if u is None:
+        return _randn(n, generator, device)
+    return math.sqrt(2.0) * torch.special.erfinv((2 * u - 1).clamp(-1 + 1e-7, 1 - 1e-7))
+
+
 # --------------------------------------------------------------------------------------------
 # Continuous samplers
 # --------------------------------------------------------------------------------------------
@@ -211,6 +246,7 @@ class _ContinuousSampler(TimestepSampler):
         latent_shape: tuple[int, ...] | None = None,
         generator: "torch.Generator | None" = None,
         device: Any = "cpu",
+        uniform: "torch.Tensor | None" = None,
     ) -> "torch.Tensor":
         """Draw ``[batch_size]`` float32 noise levels on ``device`` (see the module docstring)."""
         import torch
@@ -219,9 +255,15 @@ class _ContinuousSampler(TimestepSampler):
         t_min, t_max = validate_config(config)
         lo, hi = t_min / config.num_train_timesteps, t_max / config.num_train_timesteps
         self._check_inputs(config, latent_shape)
+        u = None if uniform is None else _given_uniform(uniform, batch_size)
+        if u is not None and config.preserve_distribution_shape:
+            raise InputError(
+                f"timestep sampling {self.name!r}: preserve_distribution_shape rejects draws, which "
+                "given uniform numbers (--num_timestep_buckets) cannot do; drop one of the two."
+            )
 
         def draw(n: int) -> "torch.Tensor":
-            return self._draw(n, config, latent_shape, generator, device)  # [n]
+            return self._draw(n, config, latent_shape, generator, device, u)  # [n]
 
         if not config.preserve_distribution_shape:
             t = draw(batch_size) * (hi - lo) + lo  # [B]
@@ -233,8 +275,8 @@ class _ContinuousSampler(TimestepSampler):
         """Sampler-specific input checks (none by default)."""
 
     @abc.abstractmethod
-    def _draw(self, n, config, latent_shape, generator, device) -> "torch.Tensor":
-        """``n`` float32 draws of ``t`` in ``[0, 1]``, before the timestep limits."""
+    def _draw(self, n, config, latent_shape, generator, device, u=None) -> "torch.Tensor":
+        """``n`` float32 draws of ``t`` in ``[0, 1]``, before the timestep limits (from ``u`` when given)."""
 
 
 def _rejection_sample(
@@ -266,24 +308,24 @@ class UniformSampler(_ContinuousSampler):
     name: ClassVar[str] = "uniform"
     description: ClassVar[str] = "t ~ U[0, 1)"
 
-    def _draw(self, n, config, latent_shape, generator, device):
-        return _rand(n, generator, device)  # [n]
+    def _draw(self, n, config, latent_shape, generator, device, u=None):
+        return _uniform_or_rand(u, n, generator, device)  # [n]
 
 
 class SigmoidSampler(_ContinuousSampler):
     name: ClassVar[str] = "sigmoid"
     description: ClassVar[str] = "t = sigmoid(sigmoid_scale * N(0, 1))"
 
-    def _draw(self, n, config, latent_shape, generator, device):
-        return (config.sigmoid_scale * _randn(n, generator, device)).sigmoid()  # [n]
+    def _draw(self, n, config, latent_shape, generator, device, u=None):
+        return (config.sigmoid_scale * _normal_or_randn(u, n, generator, device)).sigmoid()  # [n]
 
 
 class ShiftSampler(_ContinuousSampler):
     name: ClassVar[str] = "shift"
     description: ClassVar[str] = "sigmoid draw shifted by discrete_flow_shift: s t / (1 + (s - 1) t)"
 
-    def _draw(self, n, config, latent_shape, generator, device):
-        t = (config.sigmoid_scale * _randn(n, generator, device)).sigmoid()  # [n]
+    def _draw(self, n, config, latent_shape, generator, device, u=None):
+        t = (config.sigmoid_scale * _normal_or_randn(u, n, generator, device)).sigmoid()  # [n]
         return shift_timesteps(t, float(config.discrete_flow_shift))
 
 
@@ -302,9 +344,9 @@ class FluxShiftSampler(_ContinuousSampler):
             if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
                 raise InputError(f"latent {what} must be a positive integer, got {size!r}.")
 
-    def _draw(self, n, config, latent_shape, generator, device):
+    def _draw(self, n, config, latent_shape, generator, device, u=None):
         shift = math.exp(flux_shift_mu(*latent_shape[-2:]))
-        t = (config.sigmoid_scale * _randn(n, generator, device)).sigmoid()  # [n]
+        t = (config.sigmoid_scale * _normal_or_randn(u, n, generator, device)).sigmoid()  # [n]
         return shift_timesteps(t, shift)
 
 
@@ -312,8 +354,8 @@ class LogSnrSampler(_ContinuousSampler):
     name: ClassVar[str] = "logsnr"
     description: ClassVar[str] = "log-SNR lambda ~ N(logit_mean, logit_std), t = sigmoid(-lambda / 2)"
 
-    def _draw(self, n, config, latent_shape, generator, device):
-        logsnr = _randn(n, generator, device) * config.logit_std + config.logit_mean  # [n]
+    def _draw(self, n, config, latent_shape, generator, device, u=None):
+        logsnr = _normal_or_randn(u, n, generator, device) * config.logit_std + config.logit_mean  # [n]
         return (-logsnr / 2).sigmoid()
 
 
@@ -323,21 +365,42 @@ class LogSnrSampler(_ContinuousSampler):
 
 
 def _density_draw(
-    n: int, config: TimestepSamplingConfig, generator: "torch.Generator | None", device: Any
+    n: int, config: TimestepSamplingConfig, generator: "torch.Generator | None", device: Any, u=None
 ) -> "torch.Tensor":
-    """``u`` ``[n]`` from the weighting scheme's density (SD3's ``compute_density_for_timestep_sampling``)."""
+    """``u`` ``[n]`` from the weighting scheme's density (SD3's ``compute_density_for_timestep_sampling``),
+    from the given uniform numbers ``u`` when not None."""
     if config.weighting_scheme == "logit_normal":
-        return (_randn(n, generator, device) * config.logit_std + config.logit_mean).sigmoid()
-    u = _rand(n, generator, device)
+        return (_normal_or_randn(u, n, generator, device) * config.logit_std + config.logit_mean).sigmoid()
+    u = _uniform_or_rand(u, n, generator, device)
     if config.weighting_scheme == "mode":
         u = 1 - u - config.mode_scale * ((math.pi * u / 2).cos() ** 2 - 1 + u)
     return u
 
 
+def sigma_levels(config: TimestepSamplingConfig) -> "torch.Tensor":
+    """The levels ``sigma`` picks from (float64, downwards): ``k / N`` for ``k = N..1`` shifted by
+    ``discrete_flow_shift``, those with ``min_timestep <= N t <= max_timestep``."""
+    import torch
+
+    t_min, t_max = validate_config(config)
+    total = config.num_train_timesteps
+    base = torch.arange(total, 0, -1, dtype=torch.float64) / total  # [N], 1 .. 1/N
+    levels = shift_timesteps(base, float(config.discrete_flow_shift))
+    steps = levels * total
+    kept = levels[(steps >= t_min - 1e-9) & (steps <= t_max + 1e-9)]
+    if kept.numel() == 0:
+        raise InputError(
+            f"timestep sampling 'sigma': no level of the {total}-step schedule shifted by "
+            f"{config.discrete_flow_shift:g} lies in [{t_min:g}, {t_max:g}]; widen min_timestep/max_timestep."
+        )
+    return kept
+
+
 class SigmaSampler(TimestepSampler):
     name: ClassVar[str] = "sigma"
     description: ClassVar[str] = (
-        "discrete schedule 1000..1 indexed by a weighting-scheme draw (unshifted; limits mirrored, as musubi)"
+        "discrete schedule N..1 shifted by discrete_flow_shift, within the limits, indexed by a "
+        "weighting-scheme draw"
     )
 
     def sample(
@@ -348,21 +411,19 @@ class SigmaSampler(TimestepSampler):
         latent_shape: tuple[int, ...] | None = None,
         generator: "torch.Generator | None" = None,
         device: Any = "cpu",
+        uniform: "torch.Tensor | None" = None,
     ) -> "torch.Tensor":
         """Draw ``[batch_size]`` float32 noise levels on ``device`` (see the module docstring)."""
         import torch
 
         _check_batch_size(batch_size)
-        t_min, t_max = validate_config(config)
-        total = config.num_train_timesteps
-        u = _density_draw(batch_size, config, generator, device)  # [B]
-        # index into the schedule total, total-1, ..., 1; the clamp only matters for u == 1
-        # (logit_normal rounding) or a mode_scale that pushes u out of [0, 1]
-        first = min(math.floor(t_min), total - 1)
-        last = max(first, min(math.ceil(t_max) - 1, total - 1))
-        index = torch.floor(u * (t_max - t_min) + t_min).clamp(first, last)  # [B], float32 as musubi
-        sigma = (total - index.double()) / total  # [B], the schedule's sigma (timestep / total)
-        return sigma.to(device=device, dtype=torch.float32)
+        levels = sigma_levels(config)  # [n], downwards
+        u = None if uniform is None else _given_uniform(uniform, batch_size)
+        u = _density_draw(batch_size, config, generator, device, u)  # [B]
+        # the clamp only matters for u == 1 (logit_normal rounding) or a mode_scale that pushes u
+        # out of [0, 1]
+        index = torch.floor(u.double().cpu() * levels.numel()).clamp(0, levels.numel() - 1).long()  # [B]
+        return levels[index].to(device=device, dtype=torch.float32)
 
 
 SAMPLERS: tuple[type[TimestepSampler], ...] = (

@@ -142,13 +142,30 @@ def test_logsnr_moments(mean, std):
     assert abs(logsnr.std().item() - std) < 0.02
 
 
-def test_sigma_default_is_the_unshifted_discrete_schedule():
-    t = draw("sigma", discrete_flow_shift=5.0)  # the shift must not change anything
-    assert torch.equal(t, draw("sigma"))
+def sigma_closed_form(u, shift=1.0, lo=0.0, hi=1000.0, total=1000):
+    """The sigma sampler's level for uniform numbers ``u``, written out in plain Python."""
+    levels = [shift * (k / total) / (1 + (shift - 1) * (k / total)) for k in range(total, 0, -1)]
+    levels = [v for v in levels if lo - 1e-9 <= v * total <= hi + 1e-9]
+    return [levels[min(int(math.floor(x * len(levels))), len(levels) - 1)] for x in u]
+
+
+def test_sigma_default_is_the_discrete_schedule():
+    t = draw("sigma")
     steps = t.double() * 1000
     assert torch.allclose(steps, steps.round(), atol=1e-3)  # on the grid 0.001 .. 1.000
     assert t.min().item() == pytest.approx(0.001) and t.max().item() == pytest.approx(1.0)
     assert abs(t.mean().item() - 0.5005) < 0.005  # mean of (1000 - i) / 1000, i uniform in 0..999
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
+def test_sigma_applies_the_shift(shift):
+    u = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.77, 0.999], dtype=torch.float32)
+    cfg = TimestepSamplingConfig(discrete_flow_shift=shift)
+    t = BY_NAME["sigma"].sample(6, config=cfg, uniform=u)
+    assert torch.allclose(t.double(), torch.tensor(sigma_closed_form(u.tolist(), shift), dtype=torch.float64))
+    # the drawn distribution is the shifted one: median level shift(1/2) = s / (1 + s)
+    drawn = draw("sigma", discrete_flow_shift=shift)
+    assert abs(drawn.median().item() - shift / (1 + shift)) < 0.005
 
 
 def test_sigma_logit_normal():
@@ -217,22 +234,103 @@ def test_preserve_with_an_impossible_range_is_input_error():
 @pytest.mark.parametrize(
     "lo, hi, expected",
     [
-        (0, 200, (0.801, 1.0)),  # mirrored: low timesteps ask for the high-noise end
-        (100, 900, (0.101, 0.9)),
-        (800, 1000, (0.001, 0.2)),
+        (0, 200, (0.001, 0.2)),  # not mirrored: low timesteps are low noise
+        (100, 900, (0.1, 0.9)),
+        (800, 1000, (0.8, 1.0)),
     ],
 )
 @pytest.mark.parametrize("preserve", [False, True])
-def test_sigma_limits_are_mirrored(lo, hi, expected, preserve):
+def test_sigma_limits_are_not_mirrored(lo, hi, expected, preserve):
     t = draw("sigma", n=20_000, min_timestep=lo, max_timestep=hi, preserve_distribution_shape=preserve)
     assert t.min().item() == pytest.approx(expected[0], abs=1e-6)
     assert t.max().item() == pytest.approx(expected[1], abs=1e-6)
+
+
+def test_sigma_limits_apply_after_the_shift():
+    u = torch.linspace(0, 0.999, 50)
+    cfg = TimestepSamplingConfig(discrete_flow_shift=3.0, min_timestep=300, max_timestep=600)
+    t = BY_NAME["sigma"].sample(50, config=cfg, uniform=u)
+    assert bool(((t >= 0.3 - 1e-6) & (t <= 0.6 + 1e-6)).all())
+    expected = sigma_closed_form(u.tolist(), 3.0, 300, 600)
+    assert torch.allclose(t.double(), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_sigma_limits_without_a_level_are_input_error():
+    with pytest.raises(InputError, match="no level"):
+        draw("sigma", n=4, discrete_flow_shift=50.0, min_timestep=10, max_timestep=11)
 
 
 def test_sigma_ignores_preserve():
     kwargs = dict(min_timestep=100, max_timestep=400)
     preserved = draw("sigma", n=256, preserve_distribution_shape=True, **kwargs)
     assert torch.equal(draw("sigma", n=256, **kwargs), preserved)
+
+
+# -- given uniform numbers (--num_timestep_buckets) ----------------------------------------
+
+
+def normal_of(u):
+    return math.sqrt(2.0) * torch.special.erfinv(torch.tensor(2 * u - 1, dtype=torch.float64)).item()
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+U = [0.03, 0.2, 0.47, 0.64, 0.91]  # away from the 1/1000 grid the float32 floor rounds on
+
+
+@pytest.mark.parametrize(
+    "name, config, closed_form",
+    [
+        ("uniform", {}, lambda u: u),
+        ("sigmoid", dict(sigmoid_scale=1.7), lambda u: sigmoid(1.7 * normal_of(u))),
+        ("shift", dict(discrete_flow_shift=3.0), lambda u: 3 * sigmoid(normal_of(u)) / (1 + 2 * sigmoid(normal_of(u)))),
+        (
+            "flux_shift",
+            {},
+            lambda u: (lambda s, x: s * x / (1 + (s - 1) * x))(math.exp(flux_shift_mu(60, 104)), sigmoid(normal_of(u))),
+        ),
+        ("logsnr", dict(logit_mean=-1.0, logit_std=2.0), lambda u: sigmoid(-(normal_of(u) * 2.0 - 1.0) / 2)),
+        ("uniform", dict(min_timestep=200, max_timestep=500), lambda u: u * 0.3 + 0.2),
+        ("sigma", dict(discrete_flow_shift=2.0), lambda u: sigma_closed_form([u], 2.0)[0]),
+        (
+            "sigma",
+            dict(weighting_scheme="logit_normal", logit_mean=0.5, logit_std=1.2),
+            lambda u: sigma_closed_form([sigmoid(normal_of(u) * 1.2 + 0.5)])[0],
+        ),
+        (
+            "sigma",
+            dict(weighting_scheme="mode", mode_scale=1.29),
+            lambda u: sigma_closed_form([1 - u - 1.29 * (math.cos(math.pi * u / 2) ** 2 - 1 + u)])[0],
+        ),
+    ],
+)
+def test_given_uniform_maps_by_the_closed_form(name, config, closed_form):
+    u = torch.tensor(U, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    t = BY_NAME[name].sample(len(U), config=TimestepSamplingConfig(**config), latent_shape=LATENT,
+                             uniform=u, generator=generator)
+    expected = torch.tensor([closed_form(x) for x in u.tolist()], dtype=torch.float64)
+    assert torch.allclose(t.double(), expected, atol=2e-6), (t, expected)
+    # the generator is not used
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_given_uniform_is_checked(name):
+    sampler, cfg = BY_NAME[name], TimestepSamplingConfig()
+    with pytest.raises(InputError, match="uniform"):
+        sampler.sample(3, config=cfg, latent_shape=LATENT, uniform=torch.rand(4))
+    with pytest.raises(InputError, match="uniform"):
+        sampler.sample(2, config=cfg, latent_shape=LATENT, uniform=torch.tensor([0.5, 1.5]))
+
+
+@pytest.mark.parametrize("name", ["uniform", "sigmoid", "shift", "flux_shift", "logsnr"])
+def test_given_uniform_with_preserve_is_input_error(name):
+    cfg = TimestepSamplingConfig(min_timestep=100, preserve_distribution_shape=True)
+    with pytest.raises(InputError, match="preserve_distribution_shape"):
+        BY_NAME[name].sample(2, config=cfg, latent_shape=LATENT, uniform=torch.tensor([0.1, 0.6]))
 
 
 # -- validation -----------------------------------------------------------------------------
