@@ -177,7 +177,10 @@ OPTIONS: list[tuple[str, dict[str, Any]]] = [
         "preserve_distribution_shape",
         _flag("Keep the sampler's shape inside the min/max range (rejection sampling)."),
     ),
-    ("num_timestep_buckets", _val(int, None, "Not supported (an error when > 1).")),
+    (
+        "num_timestep_buckets",
+        _val(int, None, "Stratify each epoch's timestep draws into this many equal buckets (>= 2)."),
+    ),
     # saving
     (
         "save_precision",

@@ -209,8 +209,74 @@ def test_saved_lora_is_kohya_layout_with_metadata(files, tmp_path):
     assert "network_dim = 4" in effective and "seed = 3" in effective
 
 
+# --------------------------------------------------------------------------------------------
+# --num_timestep_buckets
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, buckets", [(12, 4), (10, 4), (7, 2), (1, 5)])
+def test_stratified_uniforms_fill_every_bucket_equally(n, buckets):
+    from wan_kernel.training.timestep_buckets import stratified_uniforms
+
+    u = stratified_uniforms(n, buckets, torch.Generator().manual_seed(0))
+    assert u.dtype == torch.float32 and u.numel() == math.ceil(n / buckets) * buckets
+    assert bool(((u >= 0) & (u < 1)).all())
+    counts = torch.bincount((u.double() * buckets).floor().long(), minlength=buckets)
+    assert counts.tolist() == [math.ceil(n / buckets)] * buckets
+    assert not torch.equal(u, u.sort().values) or n == 1  # shuffled
+
+
+def test_epoch_uniforms_are_sliced_per_batch_and_reproducible():
+    from wan_kernel.training.timestep_buckets import epoch_uniforms
+
+    sizes = [2, 3, 2, 1]
+    a = epoch_uniforms(sizes, 4, seed=3, epoch=1)
+    assert [len(x) for x in a] == sizes
+    counts = torch.bincount((torch.cat(a).double() * 4).floor().long(), minlength=4)
+    assert counts.tolist() == [2, 2, 2, 2]  # the 8 samples of the epoch, two per bucket
+    assert all(torch.equal(x, y) for x, y in zip(a, epoch_uniforms(sizes, 4, seed=3, epoch=1)))
+    assert not torch.equal(torch.cat(a), torch.cat(epoch_uniforms(sizes, 4, seed=3, epoch=2)))
+    assert not torch.equal(torch.cat(a), torch.cat(epoch_uniforms(sizes, 4, seed=3, epoch=1, rank=1)))
+
+
+def test_the_trainer_feeds_each_epochs_stratified_draws_to_the_sampler(files, tmp_path):
+    # 5 cached items, batches of 2, 2, 1: with 5 buckets each epoch draws one t per fifth of [0, 1)
+    # (independent uniform draws would do so in 2 epochs with probability (5! / 5^5)^2 ~ 0.15%)
+    config = _config(
+        files, tmp_path, timestep_sampling="uniform", num_timestep_buckets=5, max_train_steps=None,
+        max_train_epochs=2,
+    )
+    trainer = _setup(config)
+    drawn = []
+    sampler = trainer.sampler
+
+    class Spy:
+        def sample(self, *args, **kwargs):
+            drawn.append(sampler.sample(*args, **kwargs))
+            return drawn[-1]
+
+        def loss_weights(self, *args, **kwargs):
+            return sampler.loss_weights(*args, **kwargs)
+
+    trainer.sampler = Spy()
+    trainer.run()
+    assert trainer.data.num_items == 5
+    t = torch.cat(drawn)  # [10], the 5 draws of each epoch
+    for epoch in range(2):
+        buckets = (t[epoch * 5 : (epoch + 1) * 5].double() * 5).floor().long()
+        assert torch.bincount(buckets, minlength=5).tolist() == [1] * 5
+
+
 @pytest.mark.parametrize("every", [3, 4])  # a state in the middle of an epoch, and at its end
 def test_resume_equals_an_uninterrupted_run_to_the_bit(files, tmp_path, every):
+    _check_resume_equals_uninterrupted(files, tmp_path, every)
+
+
+def test_resume_with_timestep_buckets_equals_an_uninterrupted_run_to_the_bit(files, tmp_path):
+    _check_resume_equals_uninterrupted(files, tmp_path, 3, num_timestep_buckets=3)
+
+
+def _check_resume_equals_uninterrupted(files, tmp_path, every, **extra):
     base = dict(
         max_train_steps=7,
         gradient_accumulation_steps=2,
@@ -218,6 +284,7 @@ def test_resume_equals_an_uninterrupted_run_to_the_bit(files, tmp_path, every):
         network_args=["rank_dropout=0.2", "module_dropout=0.1"],
         lr_scheduler="cosine",
         lr_warmup_steps="2",
+        **extra,
     )
     whole = train(_config(files, tmp_path / "whole", **base), log=QUIET)
     train(_config(files, tmp_path / "first", save_every_n_steps=every, save_state=True, **base), log=QUIET)
@@ -481,7 +548,8 @@ def test_config_file_gives_defaults_and_the_command_line_wins(files, tmp_path):
         (["--optimizer_type", "NoSuchOptimizer"], "unknown --optimizer_type"),
         (["--lr_scheduler", "rex"], "unknown --lr_scheduler 'rex'"),
         (["--fp8_scaled"], "--fp8_scaled needs --fp8_base"),
-        (["--num_timestep_buckets", "4"], "--num_timestep_buckets is not supported"),
+        (["--num_timestep_buckets", "4", "--preserve_distribution_shape"], "--preserve_distribution_shape"),
+        (["--num_timestep_buckets", "-1"], "--num_timestep_buckets must be >= 0"),
     ],
 )
 def test_options_that_cannot_work_fail_with_a_message(files, tmp_path, extra, fragment):

@@ -170,10 +170,12 @@ class TrainConfig:
             len(self.base_weights),
         ):
             raise InputError("--base_weights_multiplier takes one value, or one per --base_weights file")
-        if self.num_timestep_buckets not in (None, 0, 1):
+        if self.num_timestep_buckets is not None and self.num_timestep_buckets < 0:
+            raise InputError("--num_timestep_buckets must be >= 0 (0 or 1: no buckets)")
+        if (self.num_timestep_buckets or 0) >= 2 and self.preserve_distribution_shape:
             raise InputError(
-                "--num_timestep_buckets is not supported: the timestep-sampling plugins draw their own "
-                "uniform numbers; leave it out"
+                "--num_timestep_buckets cannot be used with --preserve_distribution_shape (rejection "
+                "sampling cannot keep the stratified draws); drop one of the two"
             )
         if self.blocks_to_swap is not None and self.blocks_to_swap < 0:
             raise InputError("--blocks_to_swap must be >= 0")

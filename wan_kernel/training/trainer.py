@@ -37,6 +37,7 @@ from wan_kernel.interfaces import TimestepSamplingConfig
 from wan_kernel.training import checkpoint as ckpt
 from wan_kernel.training.config import SAVE_PRECISION, TrainConfig, dump_toml
 from wan_kernel.training.data import CacheSource, TrainingData, describe_sources, load_batch
+from wan_kernel.training.timestep_buckets import epoch_uniforms
 from wan_kernel.training.flow_matching import (
     flow_matching_loss,
     loss_weights,
@@ -433,13 +434,16 @@ class Trainer:
 
     # -- one step -----------------------------------------------------------------------------
 
-    def batch_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        """The flow-matching loss of one batch (noise and timesteps drawn from ``generator``)."""
+    def batch_loss(
+        self, batch: dict[str, Any], generator: torch.Generator, uniform: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The flow-matching loss of one batch (noise and timesteps drawn from ``generator``; the
+        timesteps from the stratified numbers ``uniform`` ``[B]`` instead when given)."""
         x0 = batch["latents"].float()  # [B, 16, F, H, W]
         b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
         t = self.sampler.sample(
-            b, config=self.timestep_config, latent_shape=tuple(x0.shape), generator=generator
+            b, config=self.timestep_config, latent_shape=tuple(x0.shape), generator=generator, uniform=uniform
         )
         weights = loss_weights(self.sampler, t, self.timestep_config)
         x0, noise, t, weights = (v.to(self.device) for v in (x0, noise, t, weights))
@@ -680,11 +684,13 @@ class Trainer:
         """Forward/backward of the batches ``group`` of this epoch, then one optimizer step; the mean loss."""
         acc, cfg = self.accelerator, self.config
         step_loss = torch.zeros((), device=self.device)
+        uniforms = self._timestep_uniforms(batches, epoch)
         for k, index in enumerate(group):
             generator = torch.Generator().manual_seed(_batch_seed(self.seed, epoch, index, acc.process_index))
             sync = contextlib.nullcontext() if k == len(group) - 1 else acc.no_sync(self.model)
             with sync:
-                loss = self.batch_loss(load_batch(batches[index]), generator) / len(group)
+                uniform = None if uniforms is None else uniforms[index]
+                loss = self.batch_loss(load_batch(batches[index]), generator, uniform) / len(group)
                 acc.backward(loss)
             step_loss += loss.detach()
         mean_loss = acc.reduce(step_loss.clone(), reduction="mean")
@@ -702,6 +708,20 @@ class Trainer:
             raise TrainingStopped(self._stop_message("the LoRA weights became non-finite", epoch))
         self.global_step += 1
         return float(mean_loss)
+
+    def _timestep_uniforms(self, batches, epoch: int) -> list[torch.Tensor] | None:
+        """``--num_timestep_buckets``: this process's stratified numbers of ``epoch``, one per batch
+        (built once per epoch; a pure function of the seed, epoch and process, so resume repeats them)."""
+        buckets = self.config.num_timestep_buckets or 0
+        if buckets < 2:
+            return None
+        if getattr(self, "_uniforms_epoch", None) != epoch:
+            self._uniforms = epoch_uniforms(
+                [len(b) for b in batches], buckets, seed=self.seed, epoch=epoch,
+                rank=self.accelerator.process_index,
+            )
+            self._uniforms_epoch = epoch
+        return self._uniforms
 
     def _report(self, progress, value: float, average: float, epoch: int) -> None:
         cfg, acc = self.config, self.accelerator

@@ -277,6 +277,10 @@ def sigmoid(x):
     return 1 / (1 + math.exp(-x))
 
 
+def shifted(s, x):
+    return s * x / (1 + (s - 1) * x)
+
+
 U = [0.03, 0.2, 0.47, 0.64, 0.91]  # away from the 1/1000 grid the float32 floor rounds on
 
 
@@ -285,12 +289,8 @@ U = [0.03, 0.2, 0.47, 0.64, 0.91]  # away from the 1/1000 grid the float32 floor
     [
         ("uniform", {}, lambda u: u),
         ("sigmoid", dict(sigmoid_scale=1.7), lambda u: sigmoid(1.7 * normal_of(u))),
-        ("shift", dict(discrete_flow_shift=3.0), lambda u: 3 * sigmoid(normal_of(u)) / (1 + 2 * sigmoid(normal_of(u)))),
-        (
-            "flux_shift",
-            {},
-            lambda u: (lambda s, x: s * x / (1 + (s - 1) * x))(math.exp(flux_shift_mu(60, 104)), sigmoid(normal_of(u))),
-        ),
+        ("shift", dict(discrete_flow_shift=3.0), lambda u: shifted(3.0, sigmoid(normal_of(u)))),
+        ("flux_shift", {}, lambda u: shifted(math.exp(flux_shift_mu(60, 104)), sigmoid(normal_of(u)))),
         ("logsnr", dict(logit_mean=-1.0, logit_std=2.0), lambda u: sigmoid(-(normal_of(u) * 2.0 - 1.0) / 2)),
         ("uniform", dict(min_timestep=200, max_timestep=500), lambda u: u * 0.3 + 0.2),
         ("sigma", dict(discrete_flow_shift=2.0), lambda u: sigma_closed_form([u], 2.0)[0]),
