@@ -118,3 +118,71 @@ def test_file_models_read_the_dit_file_once(monkeypatch):
     assert len(reads) == 1
     assert (info.model_type, info.dim) == (dit.config.model_type, dit.config.dim)
     assert torch.equal(dit.state_dict()["head.head.weight"], dit_loading.load_dit(path).head.head.weight)
+
+
+# -- the DiT stage, for generation and for training -------------------------------------------
+
+
+class InOrder:
+    """A block runner that runs the blocks where they are, recording that it was prepared."""
+
+    def __init__(self, blocks):
+        self.blocks, self.prepared = blocks, False
+
+    def forward_blocks(self):
+        yield from self.blocks
+
+    def prepare(self):
+        self.prepared = True
+
+
+class RecordingOffloader:
+    def __init__(self):
+        self.calls = []
+
+    def attach(self, blocks, **options):
+        self.calls.append(options)
+        self.runner = InOrder(blocks)
+        return self.runner
+
+
+@pytest.mark.parametrize("training, pin_memory", [(False, True), (True, False)])
+def test_build_dit_tells_the_offloader_whether_the_dit_will_be_trained(training, pin_memory):
+    from wan_kernel.pipelines.dit_builder import build_dit
+
+    offloader = RecordingOffloader()
+    dit = build_dit(
+        DemoModels(), device=torch.device("cpu"), dtype=torch.float32, attention=sdpa_attention,
+        offloader=offloader, blocks_to_swap=1, training=training, pin_memory=pin_memory,
+    )  # fmt: skip
+    assert offloader.calls == [
+        dict(device=torch.device("cpu"), blocks_to_swap=1, training=training, pin_memory=pin_memory)
+    ]
+    assert dit.block_runner is offloader.runner and offloader.runner.prepared
+
+
+@skip_without_fixtures()
+def test_a_read_dit_file_is_loaded_once_and_checked_against_its_task(monkeypatch):
+    from wan_kernel.errors import WeightsError
+    from wan_kernel.models import dit_loading
+    from wan_kernel.pipelines.dit_builder import build_dit
+    from wan_kernel.pipelines.model_sources import ReadDiT
+
+    reads = []
+    real = dit_loading.load_state_dict
+
+    def counting(path, **kwargs):
+        reads.append(path)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(dit_loading, "load_state_dict", counting)
+    path = reference_case("dit_t2v") / "weights.safetensors"
+    dit_file = dit_loading.read_dit(path)
+    dit = build_dit(ReadDiT(dit_file), device=torch.device("cpu"), dtype=torch.float32, attention=None)
+    assert len(reads) == 1
+    assert torch.equal(dit.state_dict()["head.head.weight"], dit_loading.load_dit(path).head.head.weight)
+    with pytest.raises(WeightsError, match="task i2v-14B needs a image-to-video DiT"):
+        build_dit(
+            ReadDiT(dit_loading.read_dit(path), task="i2v-14B"),
+            device=torch.device("cpu"), dtype=torch.float32, attention=None,
+        )  # fmt: skip

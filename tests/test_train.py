@@ -723,6 +723,31 @@ def test_network_weights_and_dim_from_weights_start_from_a_file(files, tmp_path)
         _setup(_config(files, tmp_path / "c", network_weights=first.final_lora))  # rank 4 != 8
 
 
+def test_the_frozen_dit_is_built_by_the_generation_stage_from_one_read(files, tmp_path, monkeypatch):
+    from wan_kernel.models import dit_loading
+    from wan_kernel.pipelines import dit_builder
+    from wan_kernel.pipelines.model_sources import ReadDiT
+
+    builds, reads = [], []
+    real_build, real_read = dit_builder.build_dit, dit_loading.load_state_dict
+
+    def recording_build(models, **options):
+        builds.append((models, options))
+        return real_build(models, **options)
+
+    def counting_read(path, **kwargs):
+        reads.append(path)
+        return real_read(path, **kwargs)
+
+    monkeypatch.setattr(dit_builder, "build_dit", recording_build)
+    monkeypatch.setattr(dit_loading, "load_state_dict", counting_read)
+    trainer = _setup(_config(files, tmp_path))
+    ((models, options),) = builds
+    assert isinstance(models, ReadDiT) and options["training"] is True
+    assert len(reads) == 1  # checked against the caches, then loaded: one read
+    assert trainer.dit.block_runner is None  # no --blocks_to_swap: no offloader
+
+
 def test_base_weights_are_merged_into_the_frozen_dit_before_training(files, tmp_path):
     from wan_kernel.lora import apply_loras
     from wan_kernel.models import load_dit

@@ -11,7 +11,7 @@ import torch
 
 from wan_kernel.errors import InputError
 from wan_kernel.models.weights import check_finite_weights
-from wan_kernel.pipelines.model_sources import ModelSource
+from wan_kernel.pipelines.model_sources import DiTSource
 
 
 def lora_support():
@@ -39,7 +39,7 @@ def lora_specs(
 
 
 def build_dit(
-    models: ModelSource,
+    models: DiTSource,
     *,
     device: torch.device,
     dtype: torch.dtype | None,
@@ -49,12 +49,15 @@ def build_dit(
     lora_strict: bool = False,
     offloader: Any = None,
     blocks_to_swap: int = 0,
+    training: bool = False,
+    pin_memory: bool = True,
     compile: bool = False,
     log: Callable[[str], None] = print,
 ) -> torch.nn.Module:
     """The DiT ready to denoise on ``device``.
 
-    :param models: where the DiT comes from (``models.load_dit``).
+    :param models: where the DiT comes from (``models.load_dit``): a :class:`ModelSource`, or a
+        :class:`~wan_kernel.pipelines.model_sources.ReadDiT` (a DiT file already read, for training).
     :param device: the compute device.
     :param dtype: the compute dtype (``None``: the file's).
     :param attention: a resolved attention implementation (``None``: the model's default, SDPA).
@@ -67,6 +70,10 @@ def build_dit(
         blocks_to_swap=, training=)``): the model is loaded on the CPU and only the non-block
         parts move to ``device``; the runner swaps blocks in during the forward.
     :param blocks_to_swap: blocks kept off ``device`` (with ``offloader``).
+    :param training: the DiT will be trained (backward passes): the offloader is told so, so that its
+        runner also swaps blocks during the backward. What else training needs (the trainable
+        network, gradient checkpointing) is the trainer's, set on the module this returns.
+    :param pin_memory: the offloader keeps the swapped weights in pinned host memory.
     :param compile: ``torch.compile`` each transformer block.
     :param log: receives the LoRA merge summaries.
     """
@@ -93,7 +100,9 @@ def build_dit(
         for name, child in dit.named_children():
             if name != "blocks":
                 child.to(device)
-        runner = offloader.attach(dit.blocks, device=device, blocks_to_swap=blocks_to_swap, training=False)
+        runner = offloader.attach(
+            dit.blocks, device=device, blocks_to_swap=blocks_to_swap, training=training, pin_memory=pin_memory
+        )
         dit.set_block_runner(runner)
         runner.prepare()
     if compile:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import torch
@@ -32,6 +32,45 @@ class ModelInfo:
     """Width of the text context the DiT takes (checked against the T5's output)."""
     head_dim: int | None = None
     """Attention head size (the attention plugin is probed with it at set-up)."""
+
+
+class DiTSource(Protocol):
+    """Anything :func:`~wan_kernel.pipelines.dit_builder.build_dit` can build a DiT from: every
+    :class:`ModelSource`, and :class:`ReadDiT` (training needs only the DiT)."""
+
+    def load_dit(
+        self, *, device: torch.device, dtype: torch.dtype | None, attention, quant, state_dict_transform=None
+    ) -> torch.nn.Module: ...
+
+
+class ReadDiT:
+    """A DiT file already read with :func:`~wan_kernel.models.dit_loading.read_dit` (its config
+    inspected first, e.g. training's check of the caches against it), loaded once by ``load_dit``:
+    the file is not read again.
+
+    :param dit_file: the :class:`~wan_kernel.models.dit_loading.DiTFile`.
+    :param task: the task the file must fit (``load_dit``'s ``task``), or ``None``.
+    """
+
+    def __init__(self, dit_file, *, task: str | None = None):
+        self._dit_file = dit_file
+        self.task = task
+
+    def load_dit(self, *, device, dtype, attention, quant, state_dict_transform=None):
+        from wan_kernel.models.dit_loading import load_dit
+
+        if self._dit_file is None:
+            raise RuntimeError("ReadDiT.load_dit was called twice: its file is loaded once")
+        dit_file, self._dit_file = self._dit_file, None  # its (maybe memory-mapped) tensors go with it
+        return load_dit(
+            dit_file,
+            device=device,
+            dtype=dtype,
+            quant=quant,
+            attention=attention,
+            task=self.task,
+            state_dict_transform=state_dict_transform,
+        )
 
 
 class ModelSource(abc.ABC):
@@ -235,4 +274,4 @@ def quantize_module(model: torch.nn.Module, quantizer, *, target: str, device) -
     return model
 
 
-__all__ = ["FileModels", "ModelInfo", "ModelSource", "PrebuiltDiT", "quantize_module"]
+__all__ = ["DiTSource", "FileModels", "ModelInfo", "ModelSource", "PrebuiltDiT", "ReadDiT", "quantize_module"]

@@ -3,10 +3,11 @@
 One optimizer step = ``gradient_accumulation_steps`` batches of this process (fewer at the end of
 an epoch), each a flow-matching step (:mod:`wan_kernel.training.flow_matching`) on the frozen DiT
 with the float32 LoRA (:mod:`wan_kernel.training.network`) hooked into its Linears. The DiT is
-built as generation builds it (``load_dit`` with the attention and quantization plugins resolved
-once; ``--base_weights`` merged before quantization; block swap through the offload plugin with
-``training=True``) and is not a submodule of what ``accelerate`` prepares: only the LoRA is
-wrapped for data parallelism, saved in state folders and given to the optimizer.
+built by generation's own stage, :func:`~wan_kernel.pipelines.dit_builder.build_dit` (attention and
+quantization plugins resolved once; ``--base_weights`` merged before quantization; block swap
+through the offload plugin with ``training=True``) and is not a submodule of what ``accelerate``
+prepares: only the LoRA is wrapped for data parallelism, saved in state folders and given to the
+optimizer.
 
 Determinism: the order of the batches of an epoch depends only on ``(seed, epoch)``; the noise and
 timesteps of a batch come from a generator seeded by ``(seed, epoch, batch index, process)``; the
@@ -232,10 +233,11 @@ class Trainer:
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
-        from wan_kernel.lora import LoraMerge, LoraSpec
+        from wan_kernel.lora import LoraSpec
         from wan_kernel.files import check_output_folder
-        from wan_kernel.models import load_dit
         from wan_kernel.models.dit_loading import read_dit
+        from wan_kernel.pipelines.dit_builder import build_dit
+        from wan_kernel.pipelines.model_sources import ReadDiT
         from wan_kernel.pipelines.plugin_setup import resolve_quantizer
         from wan_kernel.plugins import resolve
 
@@ -299,23 +301,29 @@ class Trainer:
         dit_file = read_dit(cfg.dit)
         self.task = cfg.task or task_of(dit_file.config)
         check_caches(self.data, dit_file.config, self.task)
+        num_layers = dit_file.config.num_layers
+        if swap and swap > num_layers - 1:  # refused before the model is loaded
+            raise InputError(
+                f"--blocks_to_swap {swap} is too many for {num_layers} blocks (max {num_layers - 1})"
+            )
         self.log(f"loading DiT {cfg.dit}" + (f" ({quant_name})" if quant_name else ""))
-        dit = load_dit(
-            dit_file,
-            device=torch.device("cpu") if swap else self.device,
+        # generation's DiT stage, so a training run and `wan run generate` build the DiT alike:
+        # --base_weights merged into the high-precision weights before any quantization, then the
+        # blocks handed to the offloader (told the model will be trained)
+        dit = build_dit(
+            ReadDiT(dit_file, task=cfg.task),
+            device=self.device,
             dtype=dtype,
             attention=attention,
-            quant=quant,
-            task=cfg.task,
-            # --base_weights: merged into the high-precision weights, before any quantization
-            state_dict_transform=LoraMerge(base, log=self.log) if base else None,
+            quantizer=quant,
+            loras=base,
+            offloader=offloader,
+            blocks_to_swap=swap,
+            training=True,
+            pin_memory=cfg.use_pinned_memory_for_block_swap,
+            log=self.log,
         )
         del dit_file
-        if swap and swap > dit.config.num_layers - 1:
-            raise InputError(
-                f"--blocks_to_swap {swap} is too many for {dit.config.num_layers} blocks "
-                f"(max {dit.config.num_layers - 1})"
-            )
 
         # the LoRA
         net_cfg = network_config_from_args(
@@ -339,19 +347,6 @@ class Trainer:
         network.to(self.device)
         network.attach(dit)
         dit.enable_gradient_checkpointing(cfg.gradient_checkpointing)
-        if swap:
-            for name, child in dit.named_children():
-                if name != "blocks":
-                    child.to(self.device)
-            runner = offloader.attach(
-                dit.blocks,
-                device=self.device,
-                blocks_to_swap=swap,
-                training=True,
-                pin_memory=cfg.use_pinned_memory_for_block_swap,
-            )
-            dit.set_block_runner(runner)
-            runner.prepare()
         self.dit, self.network, self.net_cfg = dit, network, net_cfg
         self.log(
             f"task {self.task}: LoRA rank {net_cfg.dim} alpha {net_cfg.alpha:g} "
