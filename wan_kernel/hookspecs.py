@@ -87,7 +87,7 @@ def wan_register_timestep_sampling(register: Callable[[TimestepSampler], None]) 
     Call ``register(sampler)`` once per method. ``sampler`` is a
     :class:`~wan_kernel.interfaces.TimestepSampler`: ``name`` (``"uniform"``, ``"sigmoid"``,
     ``"shift"``, ...), ``availability()`` and
-    ``sample(batch_size, config=, latent_shape=, generator=, device=)`` returning float32
+    ``sample(batch_size, config=, latent_shape=, generator=, device=, uniform=)`` returning float32
     ``[batch_size]`` noise levels in ``[0, 1]``.
 
     :param register: adds one sampler to the kernel's timestep-sampling table.
