@@ -403,6 +403,23 @@ class LatentEncoder:
         return outputs
 
 
+def _usable_sources(
+    group: DatasetGroupConfig, ranks: Ranks, report: CacheReport
+) -> tuple[list[Source], list[Source]]:
+    """``(usable, mine)``: the usable sources of ``group`` (dropped and unusable ones go into
+    ``report``) and this rank's share of them, once the main rank has removed what killed runs
+    left in the cache folders."""
+    sources, dropped = list_all_sources(group)
+    report.dropped += dropped
+    usable = _split_sources(sources, report)
+    mine = ranks.share(usable)
+    if ranks.is_main:
+        for directory in _cache_directories(group):
+            remove_partials(directory)
+    ranks.barrier()
+    return usable, mine
+
+
 def cache_latents(
     group: DatasetGroupConfig,
     encoder: LatentEncoder,
@@ -415,14 +432,7 @@ def cache_latents(
     ranks = ranks or Ranks.from_env()
     report = CacheReport("latent")
     wall = time.perf_counter()
-    sources, dropped = list_all_sources(group)
-    report.dropped += dropped
-    usable = _split_sources(sources, report)
-    mine = ranks.share(usable)
-    if ranks.is_main:
-        for directory in _cache_directories(group):
-            remove_partials(directory)
-    ranks.barrier()
+    _, mine = _usable_sources(group, ranks, report)
     for directory in _cache_directories(group):
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -531,14 +541,7 @@ def cache_text(
     ranks = ranks or Ranks.from_env()
     report = CacheReport("text")
     wall = time.perf_counter()
-    sources, dropped = list_all_sources(group)
-    report.dropped += dropped
-    usable = _split_sources(sources, report)
-    mine = ranks.share(usable)
-    if ranks.is_main:
-        for directory in _cache_directories(group):
-            remove_partials(directory)
-    ranks.barrier()
+    usable, mine = _usable_sources(group, ranks, report)
 
     todo: dict[int, list[Source]] = defaultdict(list)
     for source in mine:

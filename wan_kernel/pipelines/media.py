@@ -52,7 +52,7 @@ def read_image(path: str | os.PathLike, *, background: str = "white"):
     path = Path(path)
     if background not in BACKGROUNDS:
         raise InputError(f"unknown image background {background!r}; use one of {', '.join(BACKGROUNDS)}")
-    _check_input_file(path, "image")
+    check_input_file(path, "image")
     try:
         with Image.open(path) as opened:
             opened.load()
@@ -76,8 +76,9 @@ def read_image(path: str | os.PathLike, *, background: str = "white"):
     return image.convert("RGB")
 
 
-def _check_input_file(path: Path, what: str) -> None:
-    """A regular, readable file (never opened here: a FIFO would block), else an InputError."""
+def check_input_file(path: Path, what: str) -> None:
+    """A regular, readable input file (never opened here: a FIFO would block), else an InputError
+    naming ``what`` and the path (media, latent files, prompt files)."""
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -88,7 +89,7 @@ def _check_input_file(path: Path, what: str) -> None:
         raise InputError(f"{what} {path} is a folder, not a file")
     if not stat.S_ISREG(info.st_mode):
         kind = "a named pipe (FIFO)" if stat.S_ISFIFO(info.st_mode) else "not a regular file"
-        raise InputError(f"{what} {path} is {kind}; pass a regular file")
+        raise InputError(f"{what} {path} is {kind}, not a regular file; pass a regular file")
     if not os.access(path, os.R_OK):
         raise InputError(f"cannot read {what} {path}: permission denied")
 
@@ -309,7 +310,7 @@ def load_latent(path: str | os.PathLike):
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    _check_input_file(path, "latent file")
+    check_input_file(path, "latent file")
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())

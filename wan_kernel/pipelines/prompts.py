@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import re
-import stat
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -198,17 +197,10 @@ def read_prompt_file(path: str | Path) -> list[PromptSpec]:
     :raises InputError: the file is missing, not a regular readable file, not UTF-8, has a
         malformed line or a value out of range (naming the line), or holds no prompt.
     """
+    from wan_kernel.pipelines.media import check_input_file  # numpy: only when a file is read
+
     path = Path(path)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise InputError(f"prompt file not found: {path}") from None
-    except OSError as exc:
-        raise InputError(f"cannot read prompt file {path}: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise InputError(f"prompt file {path} is a folder; pass a text file with one prompt per line")
-    if not stat.S_ISREG(info.st_mode):
-        raise InputError(f"prompt file {path} is not a regular file (a pipe or device); pass a text file")
+    check_input_file(path, "prompt file")
     try:
         data = path.read_bytes()
     except OSError as exc:
